@@ -1,0 +1,247 @@
+"""Typed settings: one TOML file, overridden by MEDREID_<SECTION>_<KEY> environment variables.
+
+Loading fails fast with :class:`SettingsError`, whose message names the offending key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "MEDREID_"
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "medreid.toml"
+
+
+class SettingsError(ValueError):
+    """A configuration value is missing, unknown or invalid; the message names the key."""
+
+
+@dataclass(frozen=True)
+class ScpSettings:
+    ae_title: str = "MEDREID"
+    bind_address: str = "0.0.0.0"
+    port: int = 11112
+    allowed_peers: tuple[str, ...] = ()
+    require_called_ae: bool = True
+    max_associations: int = 16
+    max_pdu: int = 131072
+    acse_timeout_s: float = 30.0
+    dimse_timeout_s: float = 60.0
+    network_timeout_s: float = 60.0
+
+    def validate(self) -> None:
+        title = self.ae_title.strip()
+        if not 1 <= len(title) <= 16 or "\\" in title or not title.isprintable():
+            raise SettingsError(
+                f"scp.ae_title: {self.ae_title!r} is not a valid AE title (1-16 characters)"
+            )
+        _check_range("scp.port", self.port, 1, 65535)
+        _check_range("scp.max_associations", self.max_associations, 1, 1000)
+        if self.max_pdu != 0:
+            _check_range("scp.max_pdu", self.max_pdu, 4096, 2**32 - 1)
+        for key in ("acse_timeout_s", "dimse_timeout_s", "network_timeout_s"):
+            _check_range(f"scp.{key}", getattr(self, key), 0.1, 86400.0)
+        for peer in self.allowed_peers:
+            ae, _, host = peer.partition("@")
+            if not 1 <= len(ae.strip()) <= 16 or (("@" in peer) and not host):
+                raise SettingsError(f"scp.allowed_peers: {peer!r} is not 'AE' or 'AE@host'")
+
+
+@dataclass(frozen=True)
+class SpoolSettings:
+    dir: Path = Path("var/spool")
+    min_free_mb: int = 512
+    fsync: bool = True
+
+    def validate(self) -> None:
+        _check_range("spool.min_free_mb", self.min_free_mb, 0, 2**40)
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    url: str = "sqlite:///var/medreid.sqlite3"
+    busy_timeout_s: float = 30.0
+
+    def validate(self) -> None:
+        if "://" not in self.url:
+            raise SettingsError(f"database.url: {self.url!r} is not a database URL")
+        _check_range("database.busy_timeout_s", self.busy_timeout_s, 0.0, 3600.0)
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    processes: int = 1
+    batch_size: int = 8
+    poll_interval_s: float = 0.5
+    lease_s: float = 300.0
+    max_attempts: int = 3
+
+    def validate(self) -> None:
+        _check_range("workers.processes", self.processes, 0, 64)
+        _check_range("workers.batch_size", self.batch_size, 1, 1024)
+        _check_range("workers.poll_interval_s", self.poll_interval_s, 0.01, 60.0)
+        _check_range("workers.lease_s", self.lease_s, 1.0, 86400.0)
+        _check_range("workers.max_attempts", self.max_attempts, 1, 100)
+
+
+FRAME_POLICIES = ("first", "middle", "all")
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    frames: str = "middle"
+    max_frames: int = 16
+
+    def validate(self) -> None:
+        if self.frames not in FRAME_POLICIES:
+            raise SettingsError(
+                f"decode.frames: {self.frames!r} is not one of {', '.join(FRAME_POLICIES)}"
+            )
+        _check_range("decode.max_frames", self.max_frames, 1, 10000)
+
+
+@dataclass(frozen=True)
+class ClaheSettings:
+    clip_limit: float = 2.0
+    tile_grid: tuple[int, ...] = (8, 8)
+
+    def validate(self) -> None:
+        _check_range("clahe.clip_limit", self.clip_limit, 0.0, 1000.0)
+        if len(self.tile_grid) != 2 or any(not 1 <= t <= 256 for t in self.tile_grid):
+            raise SettingsError(
+                f"clahe.tile_grid: {list(self.tile_grid)} must be two integers from 1 to 256"
+            )
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+@dataclass(frozen=True)
+class LoggingSettings:
+    level: str = "INFO"
+
+    def validate(self) -> None:
+        if self.level.upper() not in LOG_LEVELS:
+            raise SettingsError(
+                f"logging.level: {self.level!r} is not one of {', '.join(LOG_LEVELS)}"
+            )
+
+
+@dataclass(frozen=True)
+class Settings:
+    scp: ScpSettings = field(default_factory=ScpSettings)
+    spool: SpoolSettings = field(default_factory=SpoolSettings)
+    database: DatabaseSettings = field(default_factory=DatabaseSettings)
+    workers: WorkerSettings = field(default_factory=WorkerSettings)
+    decode: DecodeSettings = field(default_factory=DecodeSettings)
+    clahe: ClaheSettings = field(default_factory=ClaheSettings)
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
+
+
+def _check_range(key: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise SettingsError(f"{key}: {value!r} is outside {low}..{high}")
+
+
+def _coerce(key: str, raw: Any, target: Any, from_env: bool) -> Any:
+    """Convert a TOML or environment value to the declared field type, or name the key."""
+    origin = typing.get_origin(target)
+    if origin is tuple:
+        (item_type, _ellipsis) = typing.get_args(target)
+        if from_env and isinstance(raw, str):
+            raw = [part.strip() for part in raw.split(",") if part.strip()]
+        if not isinstance(raw, list | tuple):
+            raise SettingsError(f"{key}: expected a list, got {raw!r}")
+        return tuple(_coerce(f"{key}[]", item, item_type, from_env) for item in raw)
+    if target is bool:
+        if isinstance(raw, bool):
+            return raw
+        if from_env and isinstance(raw, str) and raw.lower() in {"1", "true", "yes", "on"}:
+            return True
+        if from_env and isinstance(raw, str) and raw.lower() in {"0", "false", "no", "off"}:
+            return False
+        raise SettingsError(f"{key}: expected true or false, got {raw!r}")
+    if target is int or target is float:
+        noun = "an integer" if target is int else "a number"
+        if isinstance(raw, bool) or not (from_env or isinstance(raw, int | float)):
+            raise SettingsError(f"{key}: expected {noun}, got {raw!r}")
+        if target is int and isinstance(raw, float):
+            raise SettingsError(f"{key}: expected {noun}, got {raw!r}")
+        try:
+            return target(raw)
+        except (TypeError, ValueError):
+            raise SettingsError(f"{key}: expected {noun}, got {raw!r}") from None
+    if target is Path:
+        if not isinstance(raw, str) or not raw:
+            raise SettingsError(f"{key}: expected a path, got {raw!r}")
+        return Path(raw)
+    if target is str:
+        if not isinstance(raw, str):
+            raise SettingsError(f"{key}: expected a string, got {raw!r}")
+        return raw
+    raise SettingsError(f"{key}: unsupported setting type {target!r}")  # pragma: no cover
+
+
+def _build_section(
+    name: str, cls: type, file_values: Mapping[str, Any], env: Mapping[str, str]
+) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in file_values:
+        if key not in known:
+            raise SettingsError(f"{name}.{key}: unknown key (known: {', '.join(sorted(known))})")
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        key = f"{name}.{f.name}"
+        env_name = f"{ENV_PREFIX}{name}_{f.name}".upper()
+        if env_name in env:
+            values[f.name] = _coerce(key, env[env_name], hints[f.name], from_env=True)
+        elif f.name in file_values:
+            values[f.name] = _coerce(key, file_values[f.name], hints[f.name], from_env=False)
+    section = cls(**values)
+    section.validate()
+    return section
+
+
+def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Read the TOML file (the packaged defaults when ``path`` is None) and the environment."""
+    env = os.environ if env is None else env
+    config_path = path or (Path(env["MEDREID_CONFIG"]) if env.get("MEDREID_CONFIG") else None)
+    config_path = config_path or DEFAULT_CONFIG
+    try:
+        data = tomllib.loads(config_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SettingsError(f"config file {config_path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"config file {config_path}: {exc}") from None
+    sections = {f.name: f.type for f in dataclasses.fields(Settings)}
+    hints = typing.get_type_hints(Settings)
+    for name in data:
+        if name not in sections:
+            raise SettingsError(f"{name}: unknown section (known: {', '.join(sorted(sections))})")
+    built: dict[str, Any] = {}
+    for name in sections:
+        raw = data.get(name, {})
+        if not isinstance(raw, dict):
+            raise SettingsError(f"{name}: expected a table")
+        built[name] = _build_section(name, hints[name], raw, env)
+    return Settings(**built)
+
+
+def describe(settings: Settings) -> list[tuple[str, str]]:
+    """Every key and its effective value, for `medreid config`."""
+    rows: list[tuple[str, str]] = []
+    for section in dataclasses.fields(settings):
+        obj = getattr(settings, section.name)
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if isinstance(value, tuple):
+                value = list(value)
+            rows.append((f"{section.name}.{f.name}", str(value)))
+    return rows

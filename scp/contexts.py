@@ -1,0 +1,42 @@
+"""The SOP classes and transfer syntaxes the SCP accepts."""
+
+from __future__ import annotations
+
+from pydicom import uid
+from pynetdicom import sop_class
+
+# Storage SOP classes whose instances carry an image (pixel data a person would look at),
+# plus the pixel-bearing derived objects a PACS forwards with them.
+_EXTRA_PIXEL_CLASSES = (
+    "EnhancedUSVolumeStorage",
+    "SegmentationStorage",
+    "ParametricMapStorage",
+    "RTDoseStorage",
+)
+
+IMAGE_STORAGE_CLASSES: dict[str, str] = {
+    name: str(value)
+    for name, value in sop_class._STORAGE_CLASSES.items()
+    if "Image" in name or name in _EXTRA_PIXEL_CLASSES
+}
+
+TRANSFER_SYNTAXES: tuple[str, ...] = (
+    uid.ImplicitVRLittleEndian,
+    uid.ExplicitVRLittleEndian,
+    uid.ExplicitVRBigEndian,
+    uid.DeflatedExplicitVRLittleEndian,
+    uid.JPEGBaseline8Bit,
+    uid.JPEGExtended12Bit,
+    uid.JPEGLossless,
+    uid.JPEGLosslessSV1,
+    uid.JPEGLSLossless,
+    uid.JPEGLSNearLossless,
+    uid.JPEG2000Lossless,
+    uid.JPEG2000,
+    uid.HTJ2KLossless,
+    uid.HTJ2KLosslessRPCL,
+    uid.HTJ2K,
+    uid.RLELossless,
+)
+
+VERIFICATION_CLASS = "1.2.840.10008.1.1"

@@ -1,0 +1,356 @@
+"""The pynetdicom application entity and its thin event handlers."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydicom import Dataset
+from pynetdicom import AE, evt
+from pynetdicom.dsutils import encode_file_meta
+from pynetdicom.events import EventHandlerType
+from sqlalchemy.orm import Session, sessionmaker
+
+from medreid.settings import ScpSettings
+from scp.contexts import IMAGE_STORAGE_CLASSES, TRANSFER_SYNTAXES, VERIFICATION_CLASS
+from scp.records import Peer, StoreRequest
+from scp.status import StoreStatus, error_comment, status_for
+from scp.store import StoreService
+from storage import audit
+from storage.models import AssociationOutcome
+from storage.repository import append_audit, close_association, open_association
+
+log = logging.getLogger(__name__)
+
+# A-ASSOCIATE-RJ (result, source, diagnostic) triples, PS3.8 9.3.4.
+REJECT_CALLING_AE = (0x01, 0x01, 0x03)
+REJECT_CALLED_AE = (0x01, 0x01, 0x07)
+REJECT_DIAGNOSTICS = {
+    (0x01, 0x03): "calling AE title not recognised",
+    (0x01, 0x07): "called AE title not recognised",
+    (0x03, 0x02): "local limit exceeded: too many associations",
+    (0x03, 0x01): "temporary congestion",
+    (0x02, 0x02): "protocol version not supported",
+}
+
+
+@dataclass(frozen=True)
+class AllowedPeer:
+    ae_title: str
+    hosts: frozenset[str] | None  # None: any host
+
+
+def parse_allowed_peers(entries: tuple[str, ...]) -> list[AllowedPeer]:
+    """'AE' or 'AE@host' entries; host names are resolved once, at start."""
+    peers: list[AllowedPeer] = []
+    for entry in entries:
+        ae, _, host = entry.partition("@")
+        hosts: frozenset[str] | None = None
+        if host:
+            try:
+                addresses = {str(info[4][0]) for info in socket.getaddrinfo(host, None)}
+            except OSError:
+                log.warning("allowed peer %s: host %s does not resolve", entry, host)
+                addresses = set()
+            hosts = frozenset(addresses | {host})
+        peers.append(AllowedPeer(ae.strip(), hosts))
+    return peers
+
+
+def peer_allowed(peers: list[AllowedPeer], calling_ae: str, host: str) -> bool:
+    if not peers:
+        return True
+    return any(p.ae_title == calling_ae and (p.hosts is None or host in p.hosts) for p in peers)
+
+
+@dataclass
+class _AssociationState:
+    association_id: int | None
+    peer: Peer
+    stored: int = 0
+    duplicates: int = 0
+    failed: int = 0
+    bytes_stored: int = 0
+    released: bool = False
+    aborted: bool = False
+    # study UID -> [patient ID, instances stored]
+    studies: dict[str, list[Any]] = field(default_factory=dict)
+
+
+class DicomServer:
+    """Storage and Verification SCP. Handlers convert events to records and return statuses."""
+
+    def __init__(
+        self,
+        *,
+        settings: ScpSettings,
+        store: StoreService,
+        sessions: sessionmaker[Session],
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.sessions = sessions
+        self.allowed = parse_allowed_peers(settings.allowed_peers)
+        self._associations: dict[int, _AssociationState] = {}
+        self._lock = threading.Lock()
+        self._server: Any = None
+        self.ae = self._make_ae()
+
+    # ------------------------------------------------------------------ set-up
+
+    def _make_ae(self) -> AE:
+        ae = AE(ae_title=self.settings.ae_title)
+        ae.maximum_associations = self.settings.max_associations
+        ae.maximum_pdu_size = self.settings.max_pdu
+        ae.acse_timeout = self.settings.acse_timeout_s
+        ae.dimse_timeout = self.settings.dimse_timeout_s
+        ae.network_timeout = self.settings.network_timeout_s
+        # We check calling and called AE titles ourselves, to audit the reason.
+        ae.require_called_aet = False
+        ae.add_supported_context(VERIFICATION_CLASS)
+        for sop_class_uid in IMAGE_STORAGE_CLASSES.values():
+            ae.add_supported_context(sop_class_uid, list(TRANSFER_SYNTAXES))
+        return ae
+
+    def handlers(self) -> list[EventHandlerType]:
+        return [
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_ABORTED, self._on_aborted),
+            (evt.EVT_CONN_CLOSE, self._on_conn_close),
+            (evt.EVT_C_STORE, self._on_c_store),
+            (evt.EVT_C_ECHO, self._on_c_echo),
+        ]
+
+    def start(self) -> None:
+        address = (self.settings.bind_address, self.settings.port)
+        self._server = self.ae.start_server(address, block=False, evt_handlers=self.handlers())
+        log.info("listening as %s on %s:%d", self.settings.ae_title, address[0], self.port)
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            return self.settings.port
+        return int(self._server.server_address[1])
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    # ------------------------------------------------------------------ audit
+
+    def _audit(self, record: audit.AuditRecord) -> None:
+        try:
+            with self.sessions.begin() as session:
+                append_audit(session, record=record)
+        except Exception:
+            log.exception("could not write audit event %s", record.kind.event_type)
+
+    @staticmethod
+    def _peer(event: Any) -> Peer:
+        requestor = event.assoc.requestor
+        primitive = requestor.primitive
+        calling = getattr(primitive, "calling_ae_title", None) or requestor.ae_title or ""
+        called = getattr(primitive, "called_ae_title", None) or ""
+        return Peer(
+            calling_ae=str(calling).strip(),
+            called_ae=str(called).strip(),
+            host=str(requestor.address),
+            port=int(requestor.port or 0),
+        )
+
+    # ------------------------------------------------------------------ association events
+
+    def _on_requested(self, event: Any) -> None:
+        peer = self._peer(event)
+        reason: str | None = None
+        rejection: tuple[int, int, int] | None = None
+        if not peer_allowed(self.allowed, peer.calling_ae, peer.host):
+            reason, rejection = "calling AE title not recognised", REJECT_CALLING_AE
+        elif self.settings.require_called_ae and peer.called_ae != self.settings.ae_title:
+            reason, rejection = "called AE title not recognised", REJECT_CALLED_AE
+        if rejection is None:
+            return
+        assoc = event.assoc
+        assoc.acse.send_reject(*rejection)
+        assoc.is_rejected = True
+        assoc.kill()
+        log.warning("rejected %s@%s: %s", peer.calling_ae, peer.host, reason)
+        self._audit_rejection(peer, reason or "rejected")
+
+    def _on_rejected(self, event: Any) -> None:
+        # Rejections decided by pynetdicom itself (too many associations).
+        primitive = event.assoc.acceptor.primitive
+        key = (getattr(primitive, "result_source", 0), getattr(primitive, "diagnostic", 0))
+        self._audit_rejection(self._peer(event), REJECT_DIAGNOSTICS.get(key, "rejected"))
+
+    def _audit_rejection(self, peer: Peer, reason: str) -> None:
+        self._audit(
+            audit.AuditRecord(
+                kind=audit.ASSOCIATION_REJECTED,
+                outcome=audit.Outcome.MINOR_FAILURE,
+                actor_ae=peer.calling_ae,
+                actor_host=peer.host,
+                detail={"reason": reason, "called_ae": peer.called_ae, "port": peer.port},
+            )
+        )
+
+    def _on_accepted(self, event: Any) -> None:
+        peer = self._peer(event)
+        association_id: int | None = None
+        try:
+            with self.sessions.begin() as session:
+                association_id = open_association(
+                    session,
+                    calling_ae=peer.calling_ae,
+                    called_ae=peer.called_ae,
+                    peer_host=peer.host,
+                    peer_port=peer.port,
+                )
+                append_audit(
+                    session,
+                    record=audit.AuditRecord(
+                        kind=audit.ASSOCIATION_ACCEPTED,
+                        actor_ae=peer.calling_ae,
+                        actor_host=peer.host,
+                        detail={"association_id": association_id, "port": peer.port},
+                    ),
+                )
+        except Exception:
+            log.exception("could not record association from %s", peer.calling_ae)
+        with self._lock:
+            self._associations[id(event.assoc)] = _AssociationState(association_id, peer)
+
+    def _state(self, event: Any) -> _AssociationState | None:
+        with self._lock:
+            return self._associations.get(id(event.assoc))
+
+    def _on_released(self, event: Any) -> None:
+        state = self._state(event)
+        if state is not None:
+            state.released = True
+
+    def _on_aborted(self, event: Any) -> None:
+        state = self._state(event)
+        if state is not None:
+            state.aborted = True
+
+    def _on_conn_close(self, event: Any) -> None:
+        with self._lock:
+            state = self._associations.pop(id(event.assoc), None)
+        if state is None:
+            return
+        outcome = AssociationOutcome.RELEASED if state.released else AssociationOutcome.ABORTED
+        kind = audit.ASSOCIATION_RELEASED if state.released else audit.ASSOCIATION_ABORTED
+        summary = {
+            "association_id": state.association_id,
+            "stored": state.stored,
+            "duplicates": state.duplicates,
+            "failed": state.failed,
+            "bytes": state.bytes_stored,
+        }
+        try:
+            with self.sessions.begin() as session:
+                if state.association_id is not None:
+                    close_association(
+                        session,
+                        association_id=state.association_id,
+                        outcome=outcome,
+                        stored=state.stored,
+                        failed=state.failed,
+                        bytes_stored=state.bytes_stored,
+                        reason=None if state.released else "aborted before release",
+                    )
+                for study_uid, (patient_id, count) in state.studies.items():
+                    append_audit(
+                        session,
+                        record=audit.AuditRecord(
+                            kind=audit.INSTANCES_TRANSFERRED,
+                            actor_ae=state.peer.calling_ae,
+                            actor_host=state.peer.host,
+                            patient_id=patient_id,
+                            study_instance_uid=study_uid or None,
+                            detail={
+                                "association_id": state.association_id,
+                                "instances": count,
+                            },
+                        ),
+                    )
+                append_audit(
+                    session,
+                    record=audit.AuditRecord(
+                        kind=kind,
+                        outcome=audit.Outcome.SUCCESS
+                        if state.released
+                        else audit.Outcome.MINOR_FAILURE,
+                        actor_ae=state.peer.calling_ae,
+                        actor_host=state.peer.host,
+                        detail=summary,
+                    ),
+                )
+        except Exception:
+            log.exception("could not record the end of association %s", state.association_id)
+
+    # ------------------------------------------------------------------ DIMSE services
+
+    def _on_c_echo(self, event: Any) -> int:
+        return int(StoreStatus.SUCCESS)
+
+    def _on_c_store(self, event: Any) -> int | Dataset:
+        state = self._state(event)
+        peer = state.peer if state is not None else self._peer(event)
+        request = event.request
+        try:
+            store_request = StoreRequest(
+                association_key=id(event.assoc),
+                peer=peer,
+                sop_class_uid=str(request.AffectedSOPClassUID or ""),
+                sop_instance_uid=str(request.AffectedSOPInstanceUID or ""),
+                transfer_syntax_uid=str(event.context.transfer_syntax),
+                file_header=b"\x00" * 128 + b"DICM" + encode_file_meta(event.file_meta),
+                dataset=event.encoded_dataset(include_meta=False),
+            )
+            stored = self.store.store(
+                store_request,
+                association_id=state.association_id if state is not None else None,
+            )
+        except Exception as exc:
+            status, reason = status_for(exc)
+            if state is not None:
+                state.failed += 1
+            log.warning("C-STORE from %s refused with 0x%04X: %s", peer.calling_ae, status, reason)
+            self._audit(
+                audit.AuditRecord(
+                    kind=audit.INSTANCE_REFUSED,
+                    outcome=audit.Outcome.MINOR_FAILURE,
+                    actor_ae=peer.calling_ae,
+                    actor_host=peer.host,
+                    detail={
+                        "status": f"0x{int(status):04X}",
+                        "reason": reason,
+                        "sop_class_uid": str(request.AffectedSOPClassUID or "")[:64],
+                        "sop_instance_uid": str(request.AffectedSOPInstanceUID or "")[:80],
+                    },
+                )
+            )
+            response = Dataset()
+            response.Status = int(status)
+            response.ErrorComment = error_comment(reason)
+            return response
+        if state is not None:
+            if stored.duplicate:
+                state.duplicates += 1
+            else:
+                state.stored += 1
+                state.bytes_stored += stored.size_bytes
+                study = state.studies.setdefault(
+                    stored.study_instance_uid or "", [stored.patient_id, 0]
+                )
+                study[1] += 1
+        return int(StoreStatus.SUCCESS)

@@ -1,0 +1,94 @@
+"""The spool: each received dataset durably on disk, one file per SOP Instance UID version.
+
+A file is written to a temporary name, fsynced, renamed into place and its directory
+fsynced, so after a crash a path either holds the complete dataset or does not exist.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+
+# A UID is digits separated by single dots (PS3.5 9.1), at most 64 characters. Anything else
+# is refused before it comes near a path.
+_UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+UID_MAX_LENGTH = 64
+
+
+def is_valid_uid(uid: str) -> bool:
+    return 0 < len(uid) <= UID_MAX_LENGTH and _UID_PATTERN.fullmatch(uid) is not None
+
+
+class Spool:
+    def __init__(self, root: Path, *, fsync: bool = True) -> None:
+        self.root = root.resolve()
+        self.fsync = fsync
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    def path_for(self, sop_instance_uid: str, version: int, sha256: str) -> Path:
+        """Where a version lives. Fans out by a hash so no directory grows huge; the content
+        hash in the name keeps two different datasets from ever sharing a path."""
+        if not is_valid_uid(sop_instance_uid):
+            raise ValueError(f"not a valid UID: {sop_instance_uid!r}")
+        digest = hashlib.sha1(sop_instance_uid.encode("ascii")).hexdigest()
+        path = (
+            self.root
+            / digest[:2]
+            / digest[2:4]
+            / f"{sop_instance_uid}.v{version}.{sha256[:12]}.dcm"
+        )
+        # Defence in depth: the pattern above already makes escaping impossible.
+        if not path.resolve().is_relative_to(self.root):
+            raise ValueError(f"UID {sop_instance_uid!r} escapes the spool")
+        return path
+
+    def write(
+        self, sop_instance_uid: str, version: int, sha256: str, chunks: tuple[bytes, ...]
+    ) -> Path:
+        path = self.path_for(sop_instance_uid, version, sha256)
+        directory = path.parent
+        if not directory.is_dir():
+            directory.mkdir(parents=True, exist_ok=True)
+            if self.fsync:
+                _fsync_dir(directory.parent)
+                _fsync_dir(directory.parent.parent)
+        temporary = directory / f".{path.name}.{uuid.uuid4().hex}.part"
+        try:
+            with open(temporary, "wb") as handle:
+                for chunk in chunks:
+                    handle.write(chunk)
+                handle.flush()
+                if self.fsync:
+                    os.fsync(handle.fileno())
+            os.replace(temporary, path)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+        if self.fsync:
+            _fsync_dir(directory)
+        return path
+
+    def discard(self, path: Path) -> None:
+        """Remove a file that was written but never recorded (the database refused it)."""
+        path.unlink(missing_ok=True)
+
+    def relative(self, path: Path) -> str:
+        return str(path.relative_to(self.root))
+
+    def absolute(self, stored: str) -> Path:
+        return self.root / stored
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

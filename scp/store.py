@@ -1,0 +1,189 @@
+"""The C-STORE service behind the thin network handler: validate, write durably, record."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom import Dataset
+from pydicom.uid import UID
+from pynetdicom.dsutils import decode
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from scp.records import StoredInstance, StoreRequest
+from scp.spool import Spool, is_valid_uid
+from scp.status import (
+    DatasetMismatch,
+    DatasetUnreadable,
+    SopClassNotSupported,
+    SpoolFull,
+)
+from storage.models import Instance
+from storage.repository import (
+    NewInstance,
+    add_instance_with_job,
+    find_version_by_hash,
+    next_version,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class HeaderFields:
+    sop_instance_uid: str | None
+    sop_class_uid: str | None
+    study_instance_uid: str | None
+    series_instance_uid: str | None
+    patient_id: str | None
+    modality: str | None
+
+
+def _text(ds: Dataset, keyword: str, limit: int) -> str | None:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    text = str(value).strip()
+    return text[:limit] if text else None
+
+
+def read_header(dataset: bytes, transfer_syntax_uid: str) -> HeaderFields:
+    """Parse the received dataset (every element) and pick the fields we index by."""
+    syntax = UID(transfer_syntax_uid)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = decode(
+                io.BytesIO(dataset),
+                syntax.is_implicit_VR,
+                syntax.is_little_endian,
+                syntax.is_deflated,
+            )
+            # Touch every top-level element so a truncated or garbled dataset fails here,
+            # while the sender still waits for our answer, not later in a worker.
+            for _element in ds:
+                pass
+            return HeaderFields(
+                sop_instance_uid=_text(ds, "SOPInstanceUID", 64),
+                sop_class_uid=_text(ds, "SOPClassUID", 64),
+                study_instance_uid=_text(ds, "StudyInstanceUID", 64),
+                series_instance_uid=_text(ds, "SeriesInstanceUID", 64),
+                patient_id=_text(ds, "PatientID", 64),
+                modality=_text(ds, "Modality", 16),
+            )
+    except Exception as exc:
+        raise DatasetUnreadable(f"dataset cannot be parsed: {type(exc).__name__}") from exc
+
+
+class StoreService:
+    def __init__(
+        self,
+        *,
+        spool: Spool,
+        sessions: sessionmaker[Session],
+        min_free_bytes: int,
+        supported_sop_classes: frozenset[str],
+    ) -> None:
+        self.spool = spool
+        self.sessions = sessions
+        self.min_free_bytes = min_free_bytes
+        self.supported_sop_classes = supported_sop_classes
+        # Stores of one UID are serialised within this process, so that the version number
+        # and the duplicate check cannot race; different UIDs run in parallel.
+        self._uid_locks = [threading.Lock() for _ in range(64)]
+
+    def check_request(self, request: StoreRequest) -> HeaderFields:
+        if request.sop_class_uid not in self.supported_sop_classes:
+            raise SopClassNotSupported(f"SOP class {request.sop_class_uid} is not stored here")
+        if not is_valid_uid(request.sop_instance_uid):
+            raise DatasetUnreadable("invalid SOP Instance UID")
+        if self.spool.free_bytes() < self.min_free_bytes + len(request.dataset):
+            raise SpoolFull("spool disk below its free-space watermark")
+        header = read_header(request.dataset, request.transfer_syntax_uid)
+        if header.sop_instance_uid not in (None, request.sop_instance_uid):
+            raise DatasetMismatch("SOP Instance UID differs from the command's")
+        if header.sop_class_uid not in (None, request.sop_class_uid):
+            raise DatasetMismatch("SOP Class UID differs from the command's")
+        return header
+
+    def store(self, request: StoreRequest, *, association_id: int | None) -> StoredInstance:
+        """Write durably and record; raises a StoreRefused (or another error) otherwise."""
+        header = self.check_request(request)
+        sha256 = hashlib.sha256(request.dataset).hexdigest()
+        uid = request.sop_instance_uid
+        lock = self._uid_locks[hash(uid) % len(self._uid_locks)]
+        with lock:
+            for _attempt in range(3):
+                with self.sessions.begin() as session:
+                    existing = find_version_by_hash(session, sop_instance_uid=uid, sha256=sha256)
+                    version = (
+                        existing.version
+                        if existing
+                        else next_version(session, sop_instance_uid=uid)
+                    )
+                if existing is not None:
+                    return self._duplicate(header, version, len(request.dataset))
+                path = self.spool.write(
+                    uid, version, sha256, (request.file_header, request.dataset)
+                )
+                new = NewInstance(
+                    sop_instance_uid=uid,
+                    sop_class_uid=request.sop_class_uid,
+                    study_instance_uid=header.study_instance_uid,
+                    series_instance_uid=header.series_instance_uid,
+                    patient_id=header.patient_id,
+                    modality=header.modality,
+                    transfer_syntax_uid=request.transfer_syntax_uid,
+                    size_bytes=len(request.file_header) + len(request.dataset),
+                    sha256=sha256,
+                    calling_ae=request.peer.calling_ae,
+                    peer_host=request.peer.host,
+                    association_id=association_id,
+                )
+                try:
+                    with self.sessions.begin() as session:
+                        instance = add_instance_with_job(
+                            session,
+                            new=new,
+                            version=version,
+                            spool_path=self.spool.relative(path),
+                        )
+                except IntegrityError:
+                    # Another process recorded this UID meanwhile: look again from the top.
+                    self._discard_unless_recorded(path)
+                    continue
+                return StoredInstance(
+                    instance_id=instance.id,
+                    version=version,
+                    duplicate=False,
+                    patient_id=header.patient_id,
+                    study_instance_uid=header.study_instance_uid,
+                    size_bytes=new.size_bytes,
+                )
+        raise DatasetMismatch("SOP Instance UID is being stored concurrently; send it again")
+
+    def _duplicate(self, header: HeaderFields, version: int, size: int) -> StoredInstance:
+        return StoredInstance(
+            instance_id=None,
+            version=version,
+            duplicate=True,
+            patient_id=header.patient_id,
+            study_instance_uid=header.study_instance_uid,
+            size_bytes=size,
+        )
+
+    def _discard_unless_recorded(self, path: Path) -> None:
+        relative = self.spool.relative(path)
+        with self.sessions.begin() as session:
+            referenced = session.scalar(
+                select(Instance.id).where(Instance.spool_path == relative).limit(1)
+            )
+        if referenced is None:
+            self.spool.discard(path)

@@ -1,0 +1,63 @@
+"""The audit vocabulary (DICOM PS3.15 A.5 / IHE ATNA) and the record we append."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class Outcome(enum.IntEnum):
+    """EventOutcomeIndicator of PS3.15 A.5.3."""
+
+    SUCCESS = 0
+    MINOR_FAILURE = 4
+    SERIOUS_FAILURE = 8
+    MAJOR_FAILURE = 12
+
+
+@dataclass(frozen=True)
+class EventKind:
+    code: str  # EventID code (DCM scheme)
+    event: str  # EventID display name
+    event_type: str | None  # EventTypeCode display, or our own precise label
+    action: str  # EventActionCode: C, R, U, D, E
+
+
+APPLICATION_START = EventKind("110100", "Application Activity", "Application Start", "E")
+APPLICATION_STOP = EventKind("110100", "Application Activity", "Application Stop", "E")
+ASSOCIATION_ACCEPTED = EventKind("110108", "Network Entry", "Association Accepted", "E")
+ASSOCIATION_RELEASED = EventKind("110108", "Network Entry", "Association Released", "E")
+ASSOCIATION_ABORTED = EventKind("110108", "Network Entry", "Association Aborted", "E")
+ASSOCIATION_REJECTED = EventKind("110113", "Security Alert", "Association Rejected", "E")
+INSTANCES_TRANSFERRED = EventKind("110104", "DICOM Instances Transferred", None, "C")
+INSTANCE_REFUSED = EventKind("110104", "DICOM Instances Transferred", "Instance Refused", "C")
+PROCESSING_FAILED = EventKind("110103", "DICOM Instances Accessed", "Processing Failure", "R")
+AUDIT_LOG_USED = EventKind("110101", "Audit Log Used", None, "R")
+QUERY = EventKind("110112", "Query", None, "E")
+
+ALL_KINDS = (
+    APPLICATION_START,
+    APPLICATION_STOP,
+    ASSOCIATION_ACCEPTED,
+    ASSOCIATION_RELEASED,
+    ASSOCIATION_ABORTED,
+    ASSOCIATION_REJECTED,
+    INSTANCES_TRANSFERRED,
+    INSTANCE_REFUSED,
+    PROCESSING_FAILED,
+    AUDIT_LOG_USED,
+    QUERY,
+)
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    kind: EventKind
+    outcome: Outcome = Outcome.SUCCESS
+    actor_ae: str | None = None
+    actor_host: str | None = None
+    actor_user: str | None = None
+    patient_id: str | None = None
+    study_instance_uid: str | None = None
+    detail: dict[str, Any] = field(default_factory=dict)

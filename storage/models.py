@@ -1,0 +1,187 @@
+"""SQLAlchemy 2 models. Alembic (``migrations/``) is the only way the schema changes."""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    SmallInteger,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# SQLite only auto-increments INTEGER PRIMARY KEY, so big keys are plain integers there.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {
+        dict[str, Any]: JSON,
+        list[Any]: JSON,
+        dt.datetime: DateTime(timezone=True),
+    }
+
+
+class InstanceState(enum.StrEnum):
+    QUEUED = "queued"
+    PROCESSED = "processed"
+    FAILED = "failed"
+
+
+class JobState(enum.StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class AssociationOutcome(enum.StrEnum):
+    OPEN = "open"
+    RELEASED = "released"
+    ABORTED = "aborted"
+    REJECTED = "rejected"
+
+
+class Association(Base):
+    __tablename__ = "associations"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    calling_ae: Mapped[str] = mapped_column(String(16))
+    called_ae: Mapped[str] = mapped_column(String(16))
+    peer_host: Mapped[str] = mapped_column(String(255))
+    peer_port: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    ended_at: Mapped[dt.datetime | None]
+    outcome: Mapped[str] = mapped_column(String(16), default=AssociationOutcome.OPEN)
+    reason: Mapped[str | None] = mapped_column(Text)
+    instances_stored: Mapped[int] = mapped_column(Integer, default=0)
+    instances_failed: Mapped[int] = mapped_column(Integer, default=0)
+    bytes_stored: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class Instance(Base):
+    """One received version of one SOP instance, as it lies in the spool."""
+
+    __tablename__ = "instances"
+    __table_args__ = (
+        UniqueConstraint("sop_instance_uid", "version"),
+        UniqueConstraint("sop_instance_uid", "sha256", name="uq_instances_uid_sha256"),
+        Index("ix_instances_study_instance_uid", "study_instance_uid"),
+        Index("ix_instances_patient_id", "patient_id"),
+        Index("ix_instances_received_at", "received_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    study_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    series_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    patient_id: Mapped[str | None] = mapped_column(String(64))
+    modality: Mapped[str | None] = mapped_column(String(16))
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    spool_path: Mapped[str] = mapped_column(Text)
+    calling_ae: Mapped[str] = mapped_column(String(16))
+    peer_host: Mapped[str] = mapped_column(String(255))
+    association_id: Mapped[int | None] = mapped_column(
+        ForeignKey("associations.id", ondelete="SET NULL")
+    )
+    received_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    state: Mapped[str] = mapped_column(String(16), default=InstanceState.QUEUED)
+
+    jobs: Mapped[list[Job]] = relationship(back_populates="instance")
+
+
+class Job(Base):
+    """A unit of pipeline work; claimed by one worker at a time under a lease."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (Index("ix_jobs_state_id", "state", "id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id", ondelete="CASCADE"))
+    state: Mapped[str] = mapped_column(String(16), default=JobState.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    claimed_by: Mapped[str | None] = mapped_column(String(255))
+    claimed_at: Mapped[dt.datetime | None]
+    lease_expires_at: Mapped[dt.datetime | None]
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[dt.datetime | None]
+    error: Mapped[str | None] = mapped_column(Text)
+
+    instance: Mapped[Instance] = relationship(back_populates="jobs")
+
+
+class Result(Base):
+    """What the pipeline made of one job: exactly one row per finished job."""
+
+    __tablename__ = "results"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), unique=True)
+    instance_id: Mapped[int] = mapped_column(
+        ForeignKey("instances.id", ondelete="CASCADE"), index=True
+    )
+    status: Mapped[str] = mapped_column(String(16))
+    failed_stage: Mapped[str | None] = mapped_column(String(32))
+    failure_reason: Mapped[str | None] = mapped_column(Text)
+    shape: Mapped[list[Any] | None]
+    frames_total: Mapped[int | None] = mapped_column(Integer)
+    frames_analysed: Mapped[list[Any] | None]
+    photometric: Mapped[str | None] = mapped_column(String(32))
+    stats_decoded: Mapped[dict[str, Any] | None]
+    stats_clahe: Mapped[dict[str, Any] | None]
+    parameters: Mapped[dict[str, Any]]
+    timings_ms: Mapped[dict[str, Any]]
+    worker: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class AuditEvent(Base):
+    """An append-only audit record in the DICOM PS3.15 A.5 / IHE ATNA vocabulary."""
+
+    __tablename__ = "audit_events"
+    __table_args__ = (
+        Index("ix_audit_events_occurred_at", "occurred_at"),
+        Index("ix_audit_events_event", "event"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    occurred_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    event_code: Mapped[str] = mapped_column(String(16))
+    event: Mapped[str] = mapped_column(String(64))
+    event_type: Mapped[str | None] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(1))
+    outcome: Mapped[int] = mapped_column(SmallInteger)
+    actor_ae: Mapped[str | None] = mapped_column(String(16))
+    actor_host: Mapped[str | None] = mapped_column(String(255))
+    actor_user: Mapped[str | None] = mapped_column(String(255))
+    patient_id: Mapped[str | None] = mapped_column(String(64))
+    study_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    detail: Mapped[dict[str, Any]]

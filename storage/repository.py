@@ -1,0 +1,430 @@
+"""Repository functions. Each takes ``session`` keyword-only and never commits:
+the caller owns the transaction (``with Session.begin() as session: ...``)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.orm import Session, aliased
+
+from storage.audit import AuditRecord, Outcome
+from storage.models import (
+    Association,
+    AssociationOutcome,
+    AuditEvent,
+    Instance,
+    InstanceState,
+    Job,
+    JobState,
+    Result,
+    utcnow,
+)
+
+# --------------------------------------------------------------------------- instances
+
+
+@dataclass(frozen=True)
+class NewInstance:
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str | None
+    series_instance_uid: str | None
+    patient_id: str | None
+    modality: str | None
+    transfer_syntax_uid: str
+    size_bytes: int
+    sha256: str
+    calling_ae: str
+    peer_host: str
+    association_id: int | None
+
+
+def find_version_by_hash(
+    session: Session, *, sop_instance_uid: str, sha256: str
+) -> Instance | None:
+    return session.scalar(
+        select(Instance).where(
+            Instance.sop_instance_uid == sop_instance_uid, Instance.sha256 == sha256
+        )
+    )
+
+
+def next_version(session: Session, *, sop_instance_uid: str) -> int:
+    latest = session.scalar(
+        select(func.max(Instance.version)).where(Instance.sop_instance_uid == sop_instance_uid)
+    )
+    return (latest or 0) + 1
+
+
+def add_instance_with_job(
+    session: Session, *, new: NewInstance, version: int, spool_path: str
+) -> Instance:
+    """Record a received instance version and queue its job (one transaction, the caller's)."""
+    instance = Instance(
+        sop_instance_uid=new.sop_instance_uid,
+        version=version,
+        sop_class_uid=new.sop_class_uid,
+        study_instance_uid=new.study_instance_uid,
+        series_instance_uid=new.series_instance_uid,
+        patient_id=new.patient_id,
+        modality=new.modality,
+        transfer_syntax_uid=new.transfer_syntax_uid,
+        size_bytes=new.size_bytes,
+        sha256=new.sha256,
+        spool_path=spool_path,
+        calling_ae=new.calling_ae,
+        peer_host=new.peer_host,
+        association_id=new.association_id,
+        state=InstanceState.QUEUED,
+    )
+    session.add(instance)
+    session.flush()
+    session.add(Job(instance_id=instance.id, state=JobState.PENDING))
+    session.flush()
+    return instance
+
+
+# --------------------------------------------------------------------------- associations
+
+
+def open_association(
+    session: Session, *, calling_ae: str, called_ae: str, peer_host: str, peer_port: int
+) -> int:
+    row = Association(
+        calling_ae=calling_ae, called_ae=called_ae, peer_host=peer_host, peer_port=peer_port
+    )
+    session.add(row)
+    session.flush()
+    return row.id
+
+
+def close_association(
+    session: Session,
+    *,
+    association_id: int,
+    outcome: AssociationOutcome,
+    stored: int,
+    failed: int,
+    bytes_stored: int,
+    reason: str | None = None,
+) -> None:
+    session.execute(
+        update(Association)
+        .where(Association.id == association_id)
+        .values(
+            outcome=outcome,
+            ended_at=utcnow(),
+            instances_stored=stored,
+            instances_failed=failed,
+            bytes_stored=bytes_stored,
+            reason=reason,
+        )
+    )
+
+
+# --------------------------------------------------------------------------- audit
+
+
+def append_audit(session: Session, *, record: AuditRecord) -> AuditEvent:
+    row = AuditEvent(
+        event_code=record.kind.code,
+        event=record.kind.event,
+        event_type=record.kind.event_type,
+        action=record.kind.action,
+        outcome=int(record.outcome),
+        actor_ae=record.actor_ae,
+        actor_host=record.actor_host,
+        actor_user=record.actor_user,
+        patient_id=record.patient_id,
+        study_instance_uid=record.study_instance_uid,
+        detail=record.detail,
+    )
+    session.add(row)
+    session.flush()
+    return row
+
+
+@dataclass(frozen=True)
+class AuditFilter:
+    since: dt.datetime | None = None
+    until: dt.datetime | None = None
+    event: str | None = None
+    ae: str | None = None
+    host: str | None = None
+    patient: str | None = None
+    study: str | None = None
+    outcome: Outcome | None = None
+    limit: int = 1000
+
+
+def query_audit(session: Session, *, where: AuditFilter) -> Sequence[AuditEvent]:
+    stmt = select(AuditEvent)
+    if where.since is not None:
+        stmt = stmt.where(AuditEvent.occurred_at >= where.since)
+    if where.until is not None:
+        stmt = stmt.where(AuditEvent.occurred_at < where.until)
+    if where.event:
+        wanted = where.event.lower()
+        stmt = stmt.where(
+            or_(
+                func.lower(AuditEvent.event) == wanted,
+                func.lower(AuditEvent.event_type) == wanted,
+                AuditEvent.event_code == where.event,
+            )
+        )
+    if where.ae:
+        stmt = stmt.where(AuditEvent.actor_ae == where.ae)
+    if where.host:
+        stmt = stmt.where(AuditEvent.actor_host == where.host)
+    if where.patient:
+        stmt = stmt.where(AuditEvent.patient_id == where.patient)
+    if where.study:
+        stmt = stmt.where(AuditEvent.study_instance_uid == where.study)
+    if where.outcome is not None:
+        stmt = stmt.where(AuditEvent.outcome == int(where.outcome))
+    stmt = stmt.order_by(AuditEvent.id.desc()).limit(where.limit)
+    return list(reversed(session.scalars(stmt).all()))
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    job_id: int
+    instance_id: int
+    attempt: int
+    spool_path: str
+    sop_instance_uid: str
+    patient_id: str | None
+    study_instance_uid: str | None
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    """What a worker stores for a finished job."""
+
+    ok: bool
+    parameters: dict[str, Any]
+    timings_ms: dict[str, float]
+    failed_stage: str | None = None
+    failure_reason: str | None = None
+    shape: list[int] | None = None
+    frames_total: int | None = None
+    frames_analysed: list[int] | None = None
+    photometric: str | None = None
+    stats_decoded: dict[str, float] | None = None
+    stats_clahe: dict[str, float] | None = None
+
+
+def release_jobs_of(session: Session, *, claimant_prefix: str) -> int:
+    """Put back the running jobs of a node whose workers are known dead (a restart)."""
+    result = session.execute(
+        update(Job)
+        .where(Job.state == JobState.RUNNING, Job.claimed_by.startswith(claimant_prefix))
+        .values(state=JobState.PENDING, lease_expires_at=None)
+    )
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
+def claim_jobs(
+    session: Session, *, worker: str, limit: int, lease_s: float, max_attempts: int
+) -> list[ClaimedJob]:
+    """Claim up to ``limit`` jobs: pending ones, or running ones whose lease ran out.
+
+    On PostgreSQL ``FOR UPDATE SKIP LOCKED`` lets workers on many hosts claim side by side;
+    on SQLite the transaction began IMMEDIATE, which serialises claimers on one node.
+    A job whose workers died ``max_attempts`` times is failed instead of claimed again.
+    """
+    now = utcnow()
+    candidates = session.execute(
+        select(Job.id, Job.attempts, Job.instance_id)
+        .where(
+            or_(
+                Job.state == JobState.PENDING,
+                and_(Job.state == JobState.RUNNING, Job.lease_expires_at < now),
+            )
+        )
+        .order_by(Job.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    ).all()
+    claimable: list[int] = []
+    for job_id, attempts, instance_id in candidates:
+        if attempts >= max_attempts:
+            _fail_abandoned_job(session, job_id=job_id, instance_id=instance_id, attempts=attempts)
+        else:
+            claimable.append(job_id)
+    if not claimable:
+        return []
+    session.execute(
+        update(Job)
+        .where(Job.id.in_(claimable))
+        .values(
+            state=JobState.RUNNING,
+            attempts=Job.attempts + 1,
+            claimed_by=worker,
+            claimed_at=now,
+            lease_expires_at=now + dt.timedelta(seconds=lease_s),
+        )
+    )
+    rows = session.execute(
+        select(
+            Job.id,
+            Job.instance_id,
+            Job.attempts,
+            Instance.spool_path,
+            Instance.sop_instance_uid,
+            Instance.patient_id,
+            Instance.study_instance_uid,
+        )
+        .join(Instance, Instance.id == Job.instance_id)
+        .where(Job.id.in_(claimable))
+        .order_by(Job.id)
+    ).all()
+    return [ClaimedJob(*row) for row in rows]
+
+
+def _fail_abandoned_job(session: Session, *, job_id: int, instance_id: int, attempts: int) -> None:
+    reason = f"abandoned: its worker stopped {attempts} times while processing it"
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id)
+        .values(state=JobState.FAILED, finished_at=utcnow(), error=reason)
+    )
+    session.execute(
+        update(Instance).where(Instance.id == instance_id).values(state=InstanceState.FAILED)
+    )
+    session.add(
+        Result(
+            job_id=job_id,
+            instance_id=instance_id,
+            status="failed",
+            failed_stage="worker",
+            failure_reason=reason,
+            parameters={},
+            timings_ms={},
+            worker="claim",
+        )
+    )
+
+
+def finish_job(session: Session, *, job: ClaimedJob, worker: str, outcome: JobOutcome) -> bool:
+    """Store the job's single result and close it, if this worker still holds it.
+
+    Returns False (and writes nothing) when the lease was lost to another worker.
+    """
+    state = JobState.DONE if outcome.ok else JobState.FAILED
+    closed = session.execute(
+        update(Job)
+        .where(Job.id == job.job_id, Job.claimed_by == worker, Job.state == JobState.RUNNING)
+        .values(
+            state=state,
+            finished_at=utcnow(),
+            error=None if outcome.ok else outcome.failure_reason,
+        )
+    )
+    if closed.rowcount != 1:  # type: ignore[attr-defined]
+        return False
+    session.add(
+        Result(
+            job_id=job.job_id,
+            instance_id=job.instance_id,
+            status="ok" if outcome.ok else "failed",
+            failed_stage=outcome.failed_stage,
+            failure_reason=outcome.failure_reason,
+            shape=outcome.shape,
+            frames_total=outcome.frames_total,
+            frames_analysed=outcome.frames_analysed,
+            photometric=outcome.photometric,
+            stats_decoded=outcome.stats_decoded,
+            stats_clahe=outcome.stats_clahe,
+            parameters=outcome.parameters,
+            timings_ms=outcome.timings_ms,
+            worker=worker,
+        )
+    )
+    session.execute(
+        update(Instance)
+        .where(Instance.id == job.instance_id)
+        .values(state=InstanceState.PROCESSED if outcome.ok else InstanceState.FAILED)
+    )
+    session.flush()
+    return True
+
+
+def queue_depth(session: Session) -> dict[str, int]:
+    rows = session.execute(select(Job.state, func.count()).group_by(Job.state)).all()
+    return {str(state): int(count) for state, count in rows}
+
+
+# --------------------------------------------------------------------------- listing
+
+
+@dataclass(frozen=True)
+class InstanceFilter:
+    since: dt.datetime | None = None
+    until: dt.datetime | None = None
+    state: str | None = None
+    ae: str | None = None
+    patient: str | None = None
+    study: str | None = None
+    limit: int = 1000
+
+
+def list_instances(
+    session: Session, *, where: InstanceFilter
+) -> list[tuple[Instance, Result | None]]:
+    """Instances with their latest result (if any), oldest first."""
+    newer = aliased(Result)
+    latest_result = (
+        select(func.max(newer.id))
+        .where(newer.instance_id == Instance.id)
+        .correlate(Instance)
+        .scalar_subquery()
+    )
+    stmt = select(Instance, Result).outerjoin(Result, Result.id == latest_result)
+    if where.since is not None:
+        stmt = stmt.where(Instance.received_at >= where.since)
+    if where.until is not None:
+        stmt = stmt.where(Instance.received_at < where.until)
+    if where.state:
+        stmt = stmt.where(Instance.state == where.state)
+    if where.ae:
+        stmt = stmt.where(Instance.calling_ae == where.ae)
+    if where.patient:
+        stmt = stmt.where(Instance.patient_id == where.patient)
+    if where.study:
+        stmt = stmt.where(Instance.study_instance_uid == where.study)
+    stmt = stmt.order_by(Instance.id.desc()).limit(where.limit)
+    rows: list[tuple[Instance, Result | None]] = [
+        (inst, res) for inst, res in session.execute(stmt).all()
+    ]
+    rows.reverse()
+    return rows
+
+
+__all__ = [
+    "AssociationOutcome",
+    "AuditFilter",
+    "ClaimedJob",
+    "InstanceFilter",
+    "JobOutcome",
+    "NewInstance",
+    "add_instance_with_job",
+    "append_audit",
+    "claim_jobs",
+    "close_association",
+    "find_version_by_hash",
+    "finish_job",
+    "list_instances",
+    "next_version",
+    "open_association",
+    "query_audit",
+    "queue_depth",
+    "release_jobs_of",
+]
