@@ -25,6 +25,7 @@ from scp.status import (
     SopClassNotSupported,
     SpoolFull,
 )
+from scp.wellformed import MalformedDataset, check_well_formed
 from storage.models import Instance
 from storage.repository import (
     NewInstance,
@@ -57,6 +58,15 @@ def _text(ds: Dataset, keyword: str, limit: int) -> str | None:
 def read_header(dataset: bytes, transfer_syntax_uid: str) -> HeaderFields:
     """Parse the received dataset (every element) and pick the fields we index by."""
     syntax = UID(transfer_syntax_uid)
+    try:
+        check_well_formed(
+            dataset,
+            implicit=syntax.is_implicit_VR,
+            little=syntax.is_little_endian,
+            deflated=syntax.is_deflated,
+        )
+    except MalformedDataset as exc:
+        raise DatasetUnreadable(f"dataset cannot be parsed: {exc}") from exc
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -1,0 +1,88 @@
+"""Shared fixtures: databases at head on SQLite (always) and PostgreSQL (when configured)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from storage.db import make_engine, make_sessionmaker, upgrade
+
+PG_ENV = "MEDREID_TEST_DATABASE_URL"
+PG_SKIP_REASON = f"{PG_ENV} is not set: the PostgreSQL variant of this test is skipped"
+
+
+def _pg_url() -> str | None:
+    return os.environ.get(PG_ENV) or None
+
+
+def _with_search_path(url: str, schema: str) -> str:
+    separator = "&" if "?" in url else "?"
+    return f"{url}{separator}options=-csearch_path%3D{schema}"
+
+
+class Database:
+    """A migrated database of one backend, private to the test that asked for it."""
+
+    def __init__(self, backend: str, url: str, engine: Engine) -> None:
+        self.backend = backend
+        self.url = url
+        self.engine = engine
+        self.sessions: sessionmaker[Session] = make_sessionmaker(engine)
+
+
+def _make_database(backend: str, tmp_path: Path) -> Iterator[Database]:
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_path / 'medreid.sqlite3'}"
+        upgrade(url)
+        engine = make_engine(url)
+        yield Database(backend, url, engine)
+        engine.dispose()
+        return
+    base = _pg_url()
+    if base is None:
+        pytest.skip(PG_SKIP_REASON)
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = make_engine(base)
+    with admin.begin() as connection:
+        connection.execute(text(f'CREATE SCHEMA "{schema}"'))
+    url = _with_search_path(base, schema)
+    try:
+        upgrade(url)
+        engine = make_engine(url)
+        yield Database(backend, url, engine)
+        engine.dispose()
+    finally:
+        with admin.begin() as connection:
+            connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
+    """A fresh database at head, once per backend."""
+    yield from _make_database(request.param, tmp_path)
+
+
+@pytest.fixture
+def sqlite_database(tmp_path: Path) -> Iterator[Database]:
+    yield from _make_database("sqlite", tmp_path)
+
+
+@pytest.fixture
+def session(database: Database) -> Iterator[Session]:
+    """A session inside a transaction that is rolled back after the test."""
+    connection = database.engine.connect()
+    transaction = connection.begin()
+    session = Session(bind=connection, join_transaction_mode="create_savepoint")
+    try:
+        yield session
+    finally:
+        session.close()
+        transaction.rollback()
+        connection.close()

@@ -1,0 +1,106 @@
+"""The command line as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from medreid.cli import main
+from medreid.output import parse_when, render
+from storage import audit
+from storage.repository import append_audit
+from tests.conftest import Database
+
+
+def run(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "medreid.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=cwd,
+    )
+
+
+def test_an_invalid_value_stops_start_up_naming_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text("[scp]\nport = 0\n")
+    completed = run("--config", str(config), "serve")
+    assert completed.returncode == 2
+    assert "scp.port" in completed.stderr
+
+
+def test_serve_refuses_a_database_that_is_not_at_head(tmp_path: Path) -> None:
+    env = {
+        "MEDREID_DATABASE_URL": f"sqlite:///{tmp_path / 'empty.sqlite3'}",
+        "MEDREID_SPOOL_DIR": str(tmp_path / "spool"),
+        "PATH": "/usr/bin:/bin",
+    }
+    completed = run("serve", env=env, cwd=tmp_path)
+    assert completed.returncode == 3
+    assert "medreid db upgrade" in completed.stderr
+    upgraded = run("db", "upgrade", env=env, cwd=tmp_path)
+    assert upgraded.returncode == 0, upgraded.stderr
+    current = run("db", "current", env=env, cwd=tmp_path)
+    assert current.returncode == 0 and "up to date" in current.stdout
+
+
+def test_config_prints_every_effective_key(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("MEDREID_SCP_PORT", "4242")
+    assert main(["config"]) == 0
+    out = capsys.readouterr().out
+    assert "scp.port = 4242" in out and "clahe.tile_grid = [8, 8]" in out
+
+
+@pytest.mark.db
+def test_audit_listing_is_itself_audited(
+    database: Database, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("MEDREID_DATABASE_URL", database.url)
+    with database.sessions.begin() as session:
+        append_audit(
+            session,
+            record=audit.AuditRecord(
+                kind=audit.ASSOCIATION_REJECTED,
+                actor_ae="ROGUE",
+                outcome=audit.Outcome.MINOR_FAILURE,
+            ),
+        )
+    assert main(["audit", "--format", "json", "--event", "Security Alert"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert [e["actor_ae"] for e in first] == ["ROGUE"]
+    assert main(["audit", "--format", "csv"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("id,occurred_at,event")
+    assert any("Audit Log Used" in line for line in lines[1:])
+    assert main(["audit", "--since", "1h", "--format", "table"]) == 0
+    table = capsys.readouterr().out
+    assert "Security Alert" in table and "rows)" in table
+
+
+def test_relative_and_absolute_times() -> None:
+    import datetime as dt
+
+    now = dt.datetime(2026, 1, 2, 12, 0, tzinfo=dt.UTC)
+    assert parse_when("30m", now) == dt.datetime(2026, 1, 2, 11, 30, tzinfo=dt.UTC)
+    assert parse_when("2026-01-01", now) == dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    with pytest.raises(ValueError, match="relative time"):
+        parse_when("yesterday", now)
+
+
+def test_render_formats() -> None:
+    rows: list[dict[str, Any]] = [{"a": 1, "b": {"x": [1, 2]}}, {"a": None, "b": "text,with comma"}]
+    assert json.loads(render(rows, "json", ["a", "b"]))[0]["b"] == {"x": [1, 2]}
+    csv_text = render(rows, "csv", ["a", "b"])
+    assert csv_text.splitlines()[2] == ',"text,with comma"'
+    assert render(rows, "table", ["a", "b"]).endswith("(2 rows)")

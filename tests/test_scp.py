@@ -1,0 +1,302 @@
+"""The SCP through real loopback associations (pynetdicom SCU against our server)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import struct
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from pydicom import Dataset, dcmread
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
+from pynetdicom import _config as pynetdicom_config
+from sqlalchemy import create_engine, func, select
+from sqlalchemy.orm import sessionmaker
+
+from medreid.settings import ScpSettings
+from scp.contexts import IMAGE_STORAGE_CLASSES, VERIFICATION_CLASS
+from scp.server import DicomServer
+from scp.spool import Spool
+from scp.status import StoreStatus
+from scp.store import StoreService
+from storage.models import Association, AuditEvent, Instance, Job
+from tests.conftest import Database
+from tests.dicom_factory import CT_IMAGE_STORAGE, encode, make_dataset
+
+ServerFactory = Callable[..., DicomServer]
+
+
+@pytest.fixture
+def make_server(sqlite_database: Database, tmp_path: Path) -> Iterator[ServerFactory]:
+    servers: list[DicomServer] = []
+
+    def factory(
+        *, min_free_bytes: int = 0, sessions: sessionmaker[Any] | None = None, **scp: Any
+    ) -> DicomServer:
+        settings = dataclasses.replace(
+            ScpSettings(), port=0, bind_address="127.0.0.1", acse_timeout_s=5.0, **scp
+        )
+        store = StoreService(
+            spool=Spool(tmp_path / "spool"),
+            sessions=sessions or sqlite_database.sessions,
+            min_free_bytes=min_free_bytes,
+            supported_sop_classes=frozenset(IMAGE_STORAGE_CLASSES.values()),
+        )
+        server = DicomServer(
+            settings=settings, store=store, sessions=sessions or sqlite_database.sessions
+        )
+        server.start()
+        servers.append(server)
+        return server
+
+    yield factory
+    for server in servers:
+        server.stop()
+
+
+def ct(uid: str | None = None, value: int = 100) -> Dataset:
+    return make_dataset(
+        np.full((4, 4), value, dtype=np.uint16), sop_instance_uid=uid, patient_id="PX"
+    )
+
+
+def associate(
+    server: DicomServer,
+    calling: str = "STORESCU",
+    called: str = "MEDREID",
+    syntaxes: tuple[str, ...] = (ExplicitVRLittleEndian, ImplicitVRLittleEndian),
+) -> Any:
+    ae = AE(ae_title=calling)
+    ae.acse_timeout = 5
+    ae.add_requested_context(VERIFICATION_CLASS)
+    ae.add_requested_context(CT_IMAGE_STORAGE, list(syntaxes))
+    return ae.associate("127.0.0.1", server.port, ae_title=called)
+
+
+def store(server: DicomServer, *datasets: Any) -> list[int]:
+    assoc = associate(server)
+    assert assoc.is_established
+    statuses = []
+    for ds in datasets:
+        status = assoc.send_c_store(ds)
+        statuses.append(int(status.Status))
+    assoc.release()
+    return statuses
+
+
+def audit_types(db: Database) -> list[str | None]:
+    with db.sessions.begin() as session:
+        return list(session.scalars(select(AuditEvent.event_type).order_by(AuditEvent.id)))
+
+
+def count(db: Database, model: Any) -> int:
+    with db.sessions.begin() as session:
+        return int(session.scalar(select(func.count()).select_from(model)) or 0)
+
+
+def test_echo(make_server: ServerFactory) -> None:
+    assoc = associate(make_server())
+    assert assoc.is_established
+    assert assoc.send_c_echo().Status == 0x0000
+    assoc.release()
+
+
+def test_store_is_durable_and_recorded_before_success(
+    make_server: ServerFactory, sqlite_database: Database, tmp_path: Path
+) -> None:
+    ds = ct()
+    assert store(make_server(), ds) == [StoreStatus.SUCCESS]
+    with sqlite_database.sessions.begin() as session:
+        instance = session.scalars(select(Instance)).one()
+        job = session.scalars(select(Job)).one()
+        association = session.scalars(select(Association)).one()
+        assert (instance.sop_instance_uid, instance.patient_id, instance.modality) == (
+            ds.SOPInstanceUID,
+            "PX",
+            "CT",
+        )
+        assert job.instance_id == instance.id and job.state == "pending"
+        assert association.outcome == "released" and association.instances_stored == 1
+        spooled = (tmp_path / "spool" / instance.spool_path).read_bytes()
+    assert spooled[128:132] == b"DICM"
+    # the file holds the dataset bytes exactly as received: their hash is the recorded one
+    reread = dcmread(io.BytesIO(spooled))
+    assert reread.SOPInstanceUID == ds.SOPInstanceUID
+    assert reread.PixelData == ds.PixelData
+    body = spooled[file_header_length(spooled) :]
+    assert hashlib.sha256(body).hexdigest() == instance.sha256
+    assert audit_types(sqlite_database) == [
+        "Association Accepted",
+        None,  # DICOM Instances Transferred, one per study
+        "Association Released",
+    ]
+
+
+def file_header_length(part10: bytes) -> int:
+    """Preamble, prefix and file meta: (0002,0000) UL holds the rest of the group's length."""
+    group_length = struct.unpack("<I", part10[140:144])[0]
+    return 144 + int(group_length)
+
+
+def test_a_resent_identical_instance_is_not_duplicated(
+    make_server: ServerFactory, sqlite_database: Database
+) -> None:
+    ds = ct()
+    server = make_server()
+    assert store(server, ds, ds) == [0, 0]
+    assert store(server, ds) == [0]
+    assert count(sqlite_database, Instance) == 1
+    assert count(sqlite_database, Job) == 1
+
+
+def test_a_resent_instance_with_new_content_is_a_new_version(
+    make_server: ServerFactory, sqlite_database: Database
+) -> None:
+    uid = generate_uid()
+    assert store(make_server(), ct(uid, 100), ct(uid, 200)) == [0, 0]
+    with sqlite_database.sessions.begin() as session:
+        versions = session.scalars(select(Instance.version).order_by(Instance.version)).all()
+        paths = session.scalars(select(Instance.spool_path)).all()
+    assert versions == [1, 2]
+    assert len(set(paths)) == 2
+
+
+def test_unknown_calling_ae_is_rejected_and_audited(
+    make_server: ServerFactory, sqlite_database: Database
+) -> None:
+    server = make_server(allowed_peers=("PACS", "CT1@127.0.0.1", "MR1@10.255.255.1"))
+    rejected = associate(server, calling="ROGUE")
+    assert rejected.is_rejected
+    wrong_host = associate(server, calling="MR1")
+    assert wrong_host.is_rejected
+    accepted = associate(server, calling="CT1")
+    assert accepted.is_established
+    accepted.release()
+    with sqlite_database.sessions.begin() as session:
+        alerts = session.scalars(
+            select(AuditEvent).where(AuditEvent.event == "Security Alert")
+        ).all()
+        assert [(a.actor_ae, a.actor_host, a.outcome) for a in alerts] == [
+            ("ROGUE", "127.0.0.1", 4),
+            ("MR1", "127.0.0.1", 4),
+        ]
+        assert alerts[0].detail["reason"] == "calling AE title not recognised"
+
+
+def test_wrong_called_ae_is_rejected_unless_allowed(make_server: ServerFactory) -> None:
+    strict = make_server()
+    assert associate(strict, called="SOMEONE_ELSE").is_rejected
+    lenient = make_server(require_called_ae=False)
+    assoc = associate(lenient, called="SOMEONE_ELSE")
+    assert assoc.is_established
+    assoc.release()
+
+
+def test_too_many_associations_are_rejected_and_audited(
+    make_server: ServerFactory, sqlite_database: Database
+) -> None:
+    server = make_server(max_associations=1)
+    first = associate(server)
+    assert first.is_established
+    second = associate(server)
+    assert second.is_rejected
+    first.release()
+    with sqlite_database.sessions.begin() as session:
+        reasons = [
+            e.detail["reason"]
+            for e in session.scalars(select(AuditEvent).where(AuditEvent.event == "Security Alert"))
+        ]
+    assert reasons == ["local limit exceeded: too many associations"]
+
+
+def test_low_disk_answers_out_of_resources(
+    make_server: ServerFactory, sqlite_database: Database
+) -> None:
+    server = make_server(min_free_bytes=2**62)
+    assert store(server, ct()) == [StoreStatus.OUT_OF_RESOURCES]
+    assert count(sqlite_database, Instance) == 0
+    assert "Instance Refused" in audit_types(sqlite_database)
+
+
+def test_database_unavailable_is_never_success(make_server: ServerFactory, tmp_path: Path) -> None:
+    broken = create_engine(f"sqlite:///{tmp_path / 'no' / 'such' / 'dir' / 'db.sqlite3'}")
+    server = make_server(sessions=sessionmaker(broken))
+    assert store(server, ct()) == [StoreStatus.OUT_OF_RESOURCES_DATABASE]
+    assert not any(p.is_file() for p in (tmp_path / "spool").rglob("*"))
+
+
+def _send_file(server: DicomServer, path: Path) -> Dataset:
+    """Send a file's bytes as they are: no decoding and re-encoding by the sender."""
+    assoc = associate(server, syntaxes=(ExplicitVRLittleEndian,))
+    assert assoc.is_established
+    chunked = pynetdicom_config.STORE_SEND_CHUNKED_DATASET
+    pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        status = assoc.send_c_store(path)
+    finally:
+        pynetdicom_config.STORE_SEND_CHUNKED_DATASET = chunked
+        assoc.release()
+    return status
+
+
+def test_an_unparseable_dataset_gets_cannot_understand(
+    make_server: ServerFactory, sqlite_database: Database, tmp_path: Path
+) -> None:
+    good = encode(ct())
+    # Keep the elements up to the SOP Instance UID (the sender reads those), then an
+    # element whose length runs past the end of the data.
+    study_tag = good.index(b"\x20\x00\x0d\x00UI")  # (0020,000D)
+    garbage = good[:study_tag] + b"\x20\x00\x0d\x00UI\xff\x7f" + b"1.2" * 10
+    path = tmp_path / "garbage.dcm"
+    path.write_bytes(garbage)
+    status = _send_file(make_server(), path)
+    assert status.Status == StoreStatus.CANNOT_UNDERSTAND
+    assert "cannot be parsed" in status.ErrorComment
+    assert count(sqlite_database, Instance) == 0
+
+
+def test_a_dataset_that_contradicts_its_command_is_refused(
+    make_server: ServerFactory, sqlite_database: Database, tmp_path: Path
+) -> None:
+    ds = ct()
+    data = encode(ds)
+    # The file meta (which becomes the command) names another instance than the dataset.
+    uid = ds.SOPInstanceUID.encode()
+    other = uid[:-1] + (b"2" if uid[-1:] != b"2" else b"3")
+    path = tmp_path / "mismatch.dcm"
+    path.write_bytes(data.replace(uid, other, 1))
+    status = _send_file(make_server(), path)
+    assert status.Status == StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS
+    assert count(sqlite_database, Instance) == 0
+
+
+@pytest.mark.parametrize("uid", ["1.2.3/../../../../tmp/evil", "1.2.x", "1.2.3..", "/etc/passwd"])
+def test_uids_built_to_escape_the_spool_are_refused(
+    make_server: ServerFactory, sqlite_database: Database, tmp_path: Path, uid: str
+) -> None:
+    ds = ct()
+    ds.SOPInstanceUID = UID(uid)
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(uid)
+    path = tmp_path / "hostile.dcm"
+    path.write_bytes(encode(ds))
+    status = _send_file(make_server(), path)
+    assert status.Status == StoreStatus.CANNOT_UNDERSTAND
+    assert count(sqlite_database, Instance) == 0
+    assert not any(p.is_file() for p in tmp_path.parent.rglob("evil*"))
+
+
+def test_the_service_keeps_serving_after_refusals(make_server: ServerFactory) -> None:
+    server = make_server()
+    bad = ct()
+    bad.SOPInstanceUID = "1.2.x"
+    assoc = associate(server)
+    assert assoc.send_c_store(bad).Status != 0
+    assert assoc.send_c_store(ct()).Status == 0
+    assoc.release()
+    assert store(server, ct()) == [0]

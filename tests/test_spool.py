@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from scp.spool import Spool, is_valid_uid
+
+SHA = "ab" * 32
+
+
+@pytest.mark.parametrize(
+    "uid",
+    [
+        "../../etc/passwd",
+        "/etc/passwd",
+        "..",
+        "1.2..3",
+        "1.2.3.",
+        ".1.2",
+        "1.2.3/../../x",
+        "1.2.3\x00",
+        "1." + "2" * 70,
+        "",
+        "\uff11.\uff12",  # full-width digits
+        "1.2.3 ",
+    ],
+)
+def test_hostile_uids_are_not_uids(uid: str) -> None:
+    assert not is_valid_uid(uid)
+
+
+@pytest.mark.parametrize("uid", ["1.2.840.10008.1.1", "2.25.123456789", "0", "1" * 64])
+def test_real_uids_are_uids(uid: str) -> None:
+    assert is_valid_uid(uid)
+
+
+def test_a_hostile_uid_never_becomes_a_path(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    with pytest.raises(ValueError):
+        spool.path_for("../../escape", 1, SHA)
+
+
+def test_write_is_complete_and_inside_the_spool(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    path = spool.write("1.2.3.4", 1, SHA, (b"head", b"body"))
+    assert path.read_bytes() == b"headbody"
+    assert path.resolve().is_relative_to((tmp_path / "spool").resolve())
+    assert path.name == f"1.2.3.4.v1.{SHA[:12]}.dcm"
+    assert spool.absolute(spool.relative(path)) == path
+    # no temporary files are left behind
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+def test_versions_of_one_uid_get_different_files(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    first = spool.write("1.2.3.4", 1, "1" * 64, (b"one",))
+    second = spool.write("1.2.3.4", 2, "2" * 64, (b"two",))
+    assert first != second
+    assert first.read_bytes() == b"one" and second.read_bytes() == b"two"
+
+
+def test_a_failed_write_leaves_nothing(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+
+    class Boom(bytes):
+        pass
+
+    def chunks() -> tuple[bytes, ...]:
+        return (b"ok", Boom(b"x"), 42)  # type: ignore[return-value]
+
+    with pytest.raises(TypeError):
+        spool.write("1.2.3.5", 1, SHA, chunks())
+    assert not any(p.is_file() for p in (tmp_path / "spool").rglob("*"))
+
+
+def test_fsync_is_called_for_file_and_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    real_fsync = os.fsync
+
+    def counting_fsync(fd: int) -> None:
+        calls.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", counting_fsync)
+    spool = Spool(tmp_path / "spool")
+    spool.write("1.2.3.6", 1, SHA, (b"data",))
+    # the file, its new directory's two parents, and the directory after the rename
+    assert len(calls) >= 2
+    calls.clear()
+    Spool(tmp_path / "nosync", fsync=False).write("1.2.3.6", 1, SHA, (b"data",))
+    assert calls == []

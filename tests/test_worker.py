@@ -1,0 +1,105 @@
+"""A worker over the real queue and pipeline (in process), on each database backend."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sqlalchemy import select
+
+from pipeline.runner import PipelineConfig, run_pipeline
+from pipeline.worker import Worker
+from storage.models import AuditEvent, Instance, Job, Result
+from storage.repository import NewInstance, add_instance_with_job
+from tests.conftest import Database
+from tests.corpus import corpus_file
+from tests.dicom_factory import encode, make_dataset
+
+pytestmark = pytest.mark.db
+
+
+def enqueue(db: Database, spool: Path, name: str, data: bytes, uid: str) -> int:
+    (spool / name).write_bytes(data)
+    with db.sessions.begin() as session:
+        instance = add_instance_with_job(
+            session,
+            new=NewInstance(
+                sop_instance_uid=uid,
+                sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                study_instance_uid="1.2.3",
+                series_instance_uid="1.2.3.4",
+                patient_id="P1",
+                modality="CT",
+                transfer_syntax_uid="1.2.840.10008.1.2.1",
+                size_bytes=len(data),
+                sha256=f"{abs(hash(data)):064d}"[:64],
+                calling_ae="TEST",
+                peer_host="127.0.0.1",
+                association_id=None,
+            ),
+            version=1,
+            spool_path=name,
+        )
+        return instance.id
+
+
+def make_worker(db: Database, spool: Path) -> Worker:
+    return Worker(sessions=db.sessions, config=PipelineConfig(), name="test/1/0", spool_root=spool)
+
+
+def test_worker_stores_one_result_per_job(database: Database, tmp_path: Path) -> None:
+    pixels = (np.arange(64 * 48, dtype=np.uint16) % 4096).reshape(64, 48)
+    ds = make_dataset(pixels, RescaleSlope=1, RescaleIntercept=-1024)
+    good = enqueue(database, tmp_path, "good.dcm", encode(ds), ds.SOPInstanceUID)
+    rle = enqueue(
+        database, tmp_path, "rle.dcm", corpus_file("MR_small_RLE.dcm").read_bytes(), "1.9.1"
+    )
+    no_pixels = make_dataset(pixels)
+    del no_pixels.PixelData
+    bad = enqueue(database, tmp_path, "bad.dcm", encode(no_pixels), "1.9.2")
+    missing = enqueue(database, tmp_path, "gone.dcm", b"", "1.9.3")
+    (tmp_path / "gone.dcm").unlink()
+
+    worker = make_worker(database, tmp_path)
+    assert worker.run_once() == 4
+    assert worker.run_once() == 0
+
+    with database.sessions.begin() as session:
+        results = {r.instance_id: r for r in session.scalars(select(Result))}
+        states = {i.id: i.state for i in session.scalars(select(Instance))}
+        jobs = session.scalars(select(Job)).all()
+        alerts = session.scalars(select(AuditEvent)).all()
+    assert len(results) == 4
+    assert {j.state for j in jobs} == {"done", "failed"}
+    assert results[good].status == "ok" and results[good].shape == [1, 64, 48]
+    assert results[good].frames_analysed == [0] and results[good].frames_total == 1
+    assert set(results[good].timings_ms) == {"read", "decode", "clahe"}
+    assert results[good].parameters["clahe"]["clip_limit"] == 2.0
+    stats = results[good].stats_decoded
+    assert stats is not None and 0.0 <= stats["min"] <= stats["mean"] <= stats["max"] <= 1.0
+    assert results[rle].status == "ok" and results[rle].shape == [1, 64, 64]
+    assert (results[bad].failed_stage, results[bad].failure_reason) == (
+        "decode",
+        "the dataset has no Pixel Data",
+    )
+    assert results[missing].failed_stage == "read"
+    assert "missing" in (results[missing].failure_reason or "")
+    assert states == {good: "processed", rle: "processed", bad: "failed", missing: "failed"}
+    failures = [a for a in alerts if a.event_type == "Processing Failure"]
+    assert {a.detail["sop_instance_uid"] for a in failures} == {"1.9.2", "1.9.3"}
+
+
+def test_pipeline_on_a_multiframe_colour_image(tmp_path: Path) -> None:
+    frames = np.zeros((3, 8, 8, 3), dtype=np.uint8)
+    frames[1, :, :, 0] = 200
+    path = tmp_path / "rgb.dcm"
+    path.write_bytes(
+        encode(make_dataset(frames, photometric="RGB", sop_class_uid="1.2.840.10008.5.1.4.1.1.7"))
+    )
+    result = run_pipeline(path, PipelineConfig())
+    assert result.ok and result.decoded is not None and result.enhanced is not None
+    assert result.decoded.frames_analysed == (1,)
+    assert result.enhanced.shape == (1, 8, 8, 3)
+    # the red frame stays red after CLAHE on lightness
+    assert float(result.enhanced[0, :, :, 0].mean()) > float(result.enhanced[0, :, :, 1].mean())
