@@ -1,0 +1,1 @@
+"""Datasets: the synthetic hospital, the dataset-layout reader, offline augmentation."""

@@ -1,0 +1,149 @@
+"""Retrieval and verification metrics over embeddings with identity labels.
+
+Retrieval is leave-one-out: every item queries all the others. P@1 and mAP@R follow
+pytorch-metric-learning's definitions (Musgrave et al., "A Metric Learning Reality Check",
+2020): R is the number of other items with the query's label, and queries whose label has no
+other item are left out. Verification uses every pair of distinct items: genuine when the
+labels agree, impostor otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+Matrix = npt.NDArray[np.floating]
+
+
+def l2_normalise(vectors: Matrix) -> npt.NDArray[np.float32]:
+    vectors = np.asarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return np.asarray(vectors / np.maximum(norms, 1e-12), dtype=np.float32)
+
+
+def cosine_similarity(vectors: Matrix) -> npt.NDArray[np.float32]:
+    unit = l2_normalise(vectors)
+    return np.asarray(unit @ unit.T, dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class RetrievalScores:
+    p_at_1: float
+    map_at_r: float
+    queries: int
+
+
+def retrieval_scores(
+    similarity: Matrix, labels: Sequence[str], exclude: npt.NDArray[np.bool_] | None = None
+) -> RetrievalScores:
+    """Leave-one-out P@1 and mAP@R. ``exclude[i, j]`` hides item j from query i."""
+    sim = np.array(similarity, dtype=np.float64)
+    n = len(labels)
+    codes = np.unique(np.asarray(labels), return_inverse=True)[1]
+    hidden = np.eye(n, dtype=bool) if exclude is None else (exclude | np.eye(n, dtype=bool))
+    sim[hidden] = -np.inf
+    p1: list[float] = []
+    ap: list[float] = []
+    for i in range(n):
+        relevant = (codes == codes[i]) & ~hidden[i]
+        r = int(relevant.sum())
+        if r == 0:
+            continue
+        order = np.argsort(-sim[i], kind="stable")[:r]
+        hits = relevant[order]
+        p1.append(float(hits[0]))
+        precision_at_k = np.cumsum(hits) / np.arange(1, r + 1)
+        ap.append(float((precision_at_k * hits).sum() / r))
+    if not p1:
+        return RetrievalScores(float("nan"), float("nan"), 0)
+    return RetrievalScores(float(np.mean(p1)), float(np.mean(ap)), len(p1))
+
+
+@dataclass(frozen=True)
+class VerificationScores:
+    roc_auc: float
+    eer: float
+    eer_threshold: float
+    genuine_pairs: int
+    impostor_pairs: int
+
+
+def pair_scores(
+    similarity: Matrix, labels: Sequence[str]
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.bool_]]:
+    """The similarity of every pair i < j, and whether the pair is genuine."""
+    n = len(labels)
+    rows, cols = np.triu_indices(n, k=1)
+    codes = np.unique(np.asarray(labels), return_inverse=True)[1]
+    return np.asarray(similarity, dtype=np.float64)[rows, cols], codes[rows] == codes[cols]
+
+
+def roc_auc(scores: npt.NDArray[np.float64], genuine: npt.NDArray[np.bool_]) -> float:
+    """Area under the ROC curve: P(genuine score > impostor score), ties counting half."""
+    positives, negatives = int(genuine.sum()), int((~genuine).sum())
+    if positives == 0 or negatives == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores), dtype=np.float64)
+    sorted_scores = scores[order]
+    # average ranks for ties
+    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+    average = first + (counts - 1) / 2.0 + 1.0
+    ranks[order] = np.repeat(average, counts)
+    rank_sum = float(ranks[genuine].sum())
+    return (rank_sum - positives * (positives + 1) / 2.0) / (positives * negatives)
+
+
+def roc_curve(
+    scores: npt.NDArray[np.float64], genuine: npt.NDArray[np.bool_]
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """False-match rate, true-match rate and the thresholds (score >= threshold is a match)."""
+    order = np.argsort(-scores, kind="mergesort")
+    sorted_scores = scores[order]
+    hits = genuine[order].astype(np.float64)
+    distinct = np.r_[np.nonzero(np.diff(sorted_scores))[0], len(scores) - 1]
+    tp = np.cumsum(hits)[distinct]
+    fp = np.cumsum(1 - hits)[distinct]
+    tpr = np.r_[0.0, tp / max(hits.sum(), 1)]
+    fpr = np.r_[0.0, fp / max((1 - hits).sum(), 1)]
+    thresholds = np.r_[np.inf, sorted_scores[distinct]]
+    return fpr, tpr, thresholds
+
+
+def equal_error_rate(
+    scores: npt.NDArray[np.float64], genuine: npt.NDArray[np.bool_]
+) -> tuple[float, float]:
+    """The rate where false matches equal false non-matches, and the threshold there."""
+    fpr, tpr, thresholds = roc_curve(scores, genuine)
+    fnr = 1.0 - tpr
+    i = int(np.argmin(np.abs(fnr - fpr)))
+    return float((fpr[i] + fnr[i]) / 2.0), float(thresholds[i])
+
+
+def threshold_for_false_match_rate(
+    scores: npt.NDArray[np.float64], genuine: npt.NDArray[np.bool_], rate: float
+) -> float:
+    """The lowest threshold whose false-match rate on these pairs is at most ``rate``."""
+    impostors = np.sort(scores[~genuine])[::-1]
+    if len(impostors) == 0:
+        return float(scores.min())
+    allowed = int(np.floor(rate * len(impostors)))
+    if allowed >= len(impostors):
+        return float(impostors[-1])
+    # strictly above the (allowed+1)-th highest impostor score
+    return float(np.nextafter(impostors[allowed], np.inf))
+
+
+def verification_scores(similarity: Matrix, labels: Sequence[str]) -> VerificationScores:
+    scores, genuine = pair_scores(similarity, labels)
+    eer, threshold = equal_error_rate(scores, genuine)
+    return VerificationScores(
+        roc_auc=roc_auc(scores, genuine),
+        eer=eer,
+        eer_threshold=threshold,
+        genuine_pairs=int(genuine.sum()),
+        impostor_pairs=int((~genuine).sum()),
+    )

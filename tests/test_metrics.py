@@ -1,0 +1,103 @@
+"""Metrics against small cases computed by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.metrics import (
+    cosine_similarity,
+    equal_error_rate,
+    pair_scores,
+    retrieval_scores,
+    roc_auc,
+    threshold_for_false_match_rate,
+    verification_scores,
+)
+
+# Four items: a, a, b, b; R = 1 for every query, so AP@R equals P@1.
+#  item 0 ranks 2(b) 0.9, 1(a) 0.8, 3(b) 0.1 -> miss
+#  item 1 ranks 0(a) 0.8, 3(b) 0.7, 2(b) 0.3 -> hit
+#  item 2 ranks 0(a) 0.9, 3(b) 0.6, 1(a) 0.3 -> miss
+#  item 3 ranks 1(a) 0.7, 2(b) 0.6, 0(a) 0.1 -> miss
+SIM = np.array(
+    [
+        [1.0, 0.8, 0.9, 0.1],
+        [0.8, 1.0, 0.3, 0.7],
+        [0.9, 0.3, 1.0, 0.6],
+        [0.1, 0.7, 0.6, 1.0],
+    ]
+)
+LABELS = ["a", "a", "b", "b"]
+
+
+def test_precision_at_one_and_map_at_r() -> None:
+    scores = retrieval_scores(SIM, LABELS)
+    assert scores.p_at_1 == pytest.approx(0.25)
+    assert scores.map_at_r == pytest.approx(0.25)
+    assert scores.queries == 4
+
+
+def test_map_at_r_counts_precision_at_each_relevant_rank() -> None:
+    # three of class a: query 0 ranks 3(b), 1(a), 2(a) among R=2 -> hits [0, 1] -> AP = (1/2)/2
+    sim = np.array(
+        [
+            [1.0, 0.5, 0.4, 0.9],
+            [0.5, 1.0, 0.8, 0.0],
+            [0.4, 0.8, 1.0, 0.0],
+            [0.9, 0.0, 0.0, 1.0],
+        ]
+    )
+    labels = ["a", "a", "a", "b"]
+    scores = retrieval_scores(sim, labels)
+    # query 0: AP 0.25, P@1 0; query 1: ranks 2(a),0(a) -> AP 1; query 2: ranks 1,0 -> AP 1;
+    # query 3: no other b -> left out
+    assert scores.queries == 3
+    assert scores.p_at_1 == pytest.approx(2 / 3)
+    assert scores.map_at_r == pytest.approx((0.25 + 1 + 1) / 3)
+
+
+def test_excluded_items_are_hidden_from_queries() -> None:
+    exclude = np.zeros((4, 4), dtype=bool)
+    # hide each query's best impostor: every query then finds its own class first
+    exclude[0, 2] = exclude[2, 0] = exclude[3, 1] = True
+    scores = retrieval_scores(SIM, LABELS, exclude=exclude)
+    assert scores.p_at_1 == pytest.approx(1.0)
+
+
+def test_roc_auc_by_hand() -> None:
+    scores, genuine = pair_scores(SIM, LABELS)
+    # genuine pairs: (0,1)=0.8, (2,3)=0.6; impostors: 0.9, 0.1, 0.3, 0.7
+    # P(genuine > impostor): 0.8 beats 3 of 4, 0.6 beats 2 of 4 -> 5/8
+    assert sorted(scores[genuine].tolist()) == [0.6, 0.8]
+    assert roc_auc(scores, genuine) == pytest.approx(5 / 8)
+    ties = np.array([0.5, 0.5])
+    assert roc_auc(ties, np.array([True, False])) == pytest.approx(0.5)
+
+
+def test_equal_error_rate_separable_and_not() -> None:
+    scores = np.array([0.9, 0.8, 0.2, 0.1])
+    genuine = np.array([True, True, False, False])
+    eer, threshold = equal_error_rate(scores, genuine)
+    assert eer == pytest.approx(0.0)
+    assert 0.2 < threshold <= 0.8
+    flipped_eer, _ = equal_error_rate(scores, ~genuine)
+    assert flipped_eer == pytest.approx(1.0)
+    half = verification_scores(SIM, LABELS)
+    assert half.genuine_pairs == 2 and half.impostor_pairs == 4
+    assert 0.0 <= half.eer <= 1.0
+
+
+def test_threshold_for_a_false_match_rate() -> None:
+    scores = np.array([0.95, 0.9, 0.8, 0.7, 0.6, 0.5])
+    genuine = np.array([True, False, False, False, False, False])
+    # five impostors: a 20% rate allows one above the threshold
+    t = threshold_for_false_match_rate(scores, genuine, 0.2)
+    assert (scores[~genuine] >= t).sum() == 1
+    assert threshold_for_false_match_rate(scores, genuine, 0.0) > 0.9
+
+
+def test_cosine_similarity_is_scale_free() -> None:
+    vectors = np.array([[1.0, 0.0], [10.0, 0.0], [0.0, 3.0]])
+    sim = cosine_similarity(vectors)
+    np.testing.assert_allclose(sim, [[1, 1, 0], [1, 1, 0], [0, 0, 1]], atol=1e-6)
