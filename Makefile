@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CONFIG ?= config/medreid.toml
 
-.PHONY: install run migrate test lint typecheck check clean
+.PHONY: install run migrate test lint typecheck check clean models
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,26 @@ lint: install
 	$(BIN)/mypy .
 
 check: lint test
+
+# The default models: COMPA and one re-identification model per modality, trained on a
+# generated hospital (seed 21: never used for evaluation) plus, for COMPA, the real images
+# beside the checkout when they are there. ImageNet initialisation from IMAGENET when it exists.
+MODELS_DIR  ?= models
+MODELS_DATA ?= var/models-data
+MODELS_VERSION ?= v1
+IMAGENET ?= ../shared/weights/mobilenet_v2_1.0_224_torchvision_imagenet.weights.h5
+REAL ?= ../shared/data/real
+models: install
+	$(BIN)/medreid synth --out $(MODELS_DATA)/train --patients 300 --visits 3 --slices 1 --seed 21
+	weights=$$(test -f $(IMAGENET) && echo $(IMAGENET) || echo none); \
+	real=$$(test -d $(REAL) && echo $(REAL)); \
+	$(BIN)/medreid train compa $(MODELS_DATA)/train $$real --out $(MODELS_DIR) \
+		--backbone-weights $$weights --version $(MODELS_VERSION) && \
+	for modality in xray ct mri dermoscopy; do \
+		$(BIN)/medreid train reid --modality $$modality $(MODELS_DATA)/train/$$modality \
+			--out $(MODELS_DIR) --backbone-weights $$weights --epochs 15 \
+			--version $(MODELS_VERSION) || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) var build *.egg-info

@@ -145,6 +145,63 @@ def build_parser() -> argparse.ArgumentParser:
     augment.add_argument("--brightness", help="range, e.g. 0.8,1.2 (default: none)")
     augment.add_argument("--seed", type=int, default=0)
 
+    train = commands.add_parser("train", help="train COMPA or a re-identification model")
+    train_kinds = train.add_subparsers(dest="kind", required=True, metavar="MODEL")
+    compa = train_kinds.add_parser("compa", help="the modality model, from modality folders")
+    compa.add_argument("datasets", type=Path, nargs="+", help="DATASET/<modality>/<patient>/...")
+    compa.add_argument("--out", type=Path, required=True, help="folder for the model folder")
+    compa.add_argument("--backbone-weights", default="none", help="PATH, imagenet or none")
+    compa.add_argument("--size", type=int, default=128)
+    compa.add_argument("--prototypes", type=int, default=4, help="references per modality")
+    compa.add_argument("--seed", type=int, default=0)
+    compa.add_argument("--version", help="version label (default: the time)")
+    reid = train_kinds.add_parser("reid", help="a re-identification model for one modality")
+    reid.add_argument("dataset", type=Path, help="DATASET/<modality> (patient folders)")
+    reid.add_argument("--modality", required=True)
+    reid.add_argument("--out", type=Path, required=True, help="folder for the model folder")
+    reid.add_argument(
+        "--backbone",
+        default="mobilenet_v2",
+        choices=["mobilenet_v2", "mobilenet_v1", "mobilenet_v3_small"],
+    )
+    reid.add_argument("--alpha", type=float, default=1.0)
+    reid.add_argument("--size", type=int, default=128)
+    reid.add_argument("--backbone-weights", default="none", help="PATH, imagenet or none")
+    reid.add_argument("--epochs", type=int, default=12)
+    reid.add_argument("--batch-size", type=int, default=32)
+    reid.add_argument("--learning-rate", type=float, default=5e-4)
+    reid.add_argument("--rotation", type=float, default=15.0)
+    reid.add_argument("--zoom", type=float, default=0.1)
+    reid.add_argument("--flip", choices=["yes", "no"], help="default: only for dermoscopy")
+    reid.add_argument("--brightness", default="0.8,1.2", help="LOW,HIGH or none")
+    reid.add_argument("--false-match-rate", type=float, default=0.01)
+    reid.add_argument("--seed", type=int, default=0)
+    reid.add_argument("--version", help="version label (default: the time)")
+
+    evaluate = commands.add_parser("evaluate", help="evaluate a model beside baselines")
+    evaluate_kinds = evaluate.add_subparsers(dest="kind", required=True, metavar="MODEL")
+    for kind in ("compa", "reid"):
+        parser_kind = evaluate_kinds.add_parser(kind, help=f"evaluate a {kind} model")
+        parser_kind.add_argument("--model", type=Path, required=True, help="model folder")
+        parser_kind.add_argument("dataset", type=Path)
+        parser_kind.add_argument("--json", action="store_true", help="print JSON")
+        parser_kind.add_argument("--plots", type=Path, help="folder for PNG plots")
+        if kind == "reid":
+            parser_kind.add_argument(
+                "--imagenet-weights", help="weights for the ImageNet-feature baseline"
+            )
+            parser_kind.add_argument(
+                "--max-per-patient",
+                type=int,
+                help="cap images per patient (so few patients can't dominate)",
+            )
+
+    models = commands.add_parser("models", help="installed models")
+    models_commands = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    listing = models_commands.add_parser("list", help="list model folders")
+    listing.add_argument("--dir", type=Path, help="default: models.dir of the configuration")
+    listing.add_argument("--format", choices=FORMATS, default="table")
+
     baseline = commands.add_parser(
         "baseline", help="raw-pixel cosine re-identification baseline of a dataset"
     )
@@ -465,6 +522,175 @@ def cmd_baseline(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _brightness(text: str | None) -> tuple[float, float] | None:
+    if not text or text == "none":
+        return None
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise SystemExit("medreid: --brightness takes LOW,HIGH, e.g. 0.8,1.2") from None
+    return (low, high)
+
+
+class _TrainProgress:
+    def __init__(self) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(desc="training", unit="batch", disable=None)
+
+    def __call__(self, phase: str, done: int, total: int, record: dict[str, float]) -> None:
+        if phase == "train":
+            self.bar.total = total
+            self.bar.n = done
+            self.bar.set_postfix(epoch=int(record["epoch"]), loss=f"{record['loss']:.3f}")
+        else:
+            shown = {k: round(v, 4) for k, v in record.items()}
+            self.bar.write(f"epoch {done}/{total}: {shown}")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
+    from pipeline.models.backbone import BackboneError
+
+    try:
+        if args.kind == "compa":
+            from pipeline.models.compa import CompaConfig, train_compa
+
+            progress = _Progress("features")
+            try:
+                trained = train_compa(
+                    CompaConfig(args.backbone_weights, args.size, args.prototypes, seed=args.seed),
+                    args.datasets,
+                    args.out,
+                    version=args.version,
+                    pipeline=_pipeline_config(settings),
+                    progress=lambda _phase, done, total: progress(done, total),
+                )
+            finally:
+                progress.close()
+            print(
+                f"COMPA: validation accuracy {trained.description['metrics']['accuracy']:.4f}"
+                f"; model in {trained.folder}"
+            )
+            return 0
+        from pipeline.models.reid import ReidConfig, train_reid
+
+        config = ReidConfig(
+            modality=args.modality,
+            backbone=args.backbone,
+            alpha=args.alpha,
+            size=args.size,
+            backbone_weights=args.backbone_weights,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            learning_rate=args.learning_rate,
+            false_match_rate=args.false_match_rate,
+            rotation_deg=args.rotation,
+            zoom=args.zoom,
+            horizontal_flip=None if args.flip is None else args.flip == "yes",
+            brightness=_brightness(args.brightness),
+            seed=args.seed,
+        )
+        train_progress = _TrainProgress()
+        try:
+            result = train_reid(
+                config,
+                args.dataset,
+                args.out,
+                version=args.version,
+                pipeline=_pipeline_config(settings),
+                progress=train_progress,
+            )
+        finally:
+            train_progress.close()
+    except (BackboneError, FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"medreid train: {exc}") from None
+    metrics = result.description["metrics"]
+    print(
+        f"{args.modality}: validation P@1 {metrics['p_at_1']:.3f}, mAP@R "
+        f"{metrics['map_at_r']:.3f}, ROC AUC {metrics['roc_auc']:.4f}; threshold "
+        f"{result.description['threshold']:.4f}; {result.description['training_seconds']} s; "
+        f"model in {result.folder}"
+    )
+    return 0
+
+
+def cmd_evaluate(settings: Settings, args: argparse.Namespace) -> int:
+    import json
+
+    from pipeline.models import evaluate
+
+    try:
+        if args.kind == "compa":
+            report = evaluate.evaluate_compa(
+                args.model, args.dataset, pipeline=_pipeline_config(settings)
+            )
+            if args.plots:
+                evaluate.plot_confusion(report, args.plots)
+            if args.json:
+                print(json.dumps(report, indent=2))
+            else:
+                print(f"accuracy {report['accuracy']:.4f} on {report['n_images']} images")
+                rows = [
+                    {
+                        "true": label,
+                        **dict(zip(report["labels"], counts, strict=True)),
+                        "recall": report["per_class_recall"].get(label),
+                    }
+                    for label, counts in zip(
+                        report["labels"], report["confusion_matrix"], strict=True
+                    )
+                ]
+                print(render(rows, "table", ["true", *report["labels"], "recall"]))
+            return 0
+        evaluation = evaluate.evaluate_reid(
+            args.model,
+            args.dataset,
+            pipeline=_pipeline_config(settings),
+            imagenet_weights=args.imagenet_weights,
+            max_per_patient=args.max_per_patient,
+        )
+    except (FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"medreid evaluate: {exc}") from None
+    report = evaluation.report
+    if args.plots:
+        evaluate.plot_reid(evaluation, args.plots)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    keys = ["p_at_1", "map_at_r", "roc_auc", "eer"]
+    rows = [{"method": "model", **{k: report[k] for k in keys}}]
+    for name, scores in report["baselines"].items():
+        if isinstance(scores, dict):
+            rows.append({"method": name, **{k: scores[k] for k in keys}})
+    print(f"{report['model']} on {report['n_patients']} patients, {report['n_images']} images")
+    print(render(rows, "table", ["method", *keys]))
+    return 0
+
+
+def cmd_models(settings: Settings, args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from pipeline.models.artifacts import list_models
+
+    root = args.dir or settings.models.dir
+    rows = [
+        {k: str(v) if isinstance(v, Path) else v for k, v in asdict(m).items()}
+        for m in list_models(root)
+    ]
+    print(
+        render(
+            rows,
+            args.format,
+            ["name", "kind", "modality", "version", "size_mb", "headline"],
+            max_width=60,
+        )
+    )
+    return 0
+
+
 COMMANDS = {
     "serve": cmd_serve,
     "worker": cmd_worker,
@@ -475,6 +701,9 @@ COMMANDS = {
     "synth": cmd_synth,
     "augment": cmd_augment,
     "baseline": cmd_baseline,
+    "train": cmd_train,
+    "evaluate": cmd_evaluate,
+    "models": cmd_models,
 }
 
 

@@ -119,6 +119,14 @@ class ClaheSettings:
             )
 
 
+@dataclass(frozen=True)
+class ModelsSettings:
+    dir: Path = Path("models")
+
+    def validate(self) -> None:
+        pass
+
+
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
@@ -141,6 +149,7 @@ class Settings:
     workers: WorkerSettings = field(default_factory=WorkerSettings)
     decode: DecodeSettings = field(default_factory=DecodeSettings)
     clahe: ClaheSettings = field(default_factory=ClaheSettings)
+    models: ModelsSettings = field(default_factory=ModelsSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
 
 

@@ -1,0 +1,163 @@
+"""The model figures of docs/models.md, in one run.
+
+    python -m benchmarks.evaluate_models [--models models] [--out var/evaluation]
+        [--imagenet PATH] [--real PATH]
+
+1. Synthetic, seeds never used in training (99): each default re-identification model beside
+   the raw-pixel and ImageNet-feature baselines; COMPA's accuracy.
+2. Real images (the folder given by --real, layout <modality>/<patient>/...): COMPA on X-ray, CT
+   and MRI plus the ultrasound and nuclear-medicine images of the pydicom corpora as `other`.
+   COMPA is retrained here on the synthetic training hospital plus half of the real patients,
+   and measured on the other half, so no tested patient was seen in training.
+3. Chest X-ray re-identification on real patients: trained on half of the patients, evaluated on
+   the other half (patient-disjoint), with all images and with at most 5 per patient.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.datasets.synthetic import SynthOptions, generate
+from pipeline.models.compa import CompaConfig, train_compa
+from pipeline.models.evaluate import evaluate_compa, evaluate_reid, plot_confusion, plot_reid
+from pipeline.models.reid import ReidConfig, train_reid
+
+OTHER_MODALITIES = {"US", "NM"}
+
+
+def corpus_other(destination: Path) -> int:
+    """Link the decodable US and NM images of the pydicom corpora as other/<name>/<file>."""
+    from pydicom import dcmread
+
+    from pipeline.decode import DecodeParams, decode_dataset
+    from tests.corpus import corpus_files
+
+    count = 0
+    for path in corpus_files():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ds = dcmread(path)
+                if str(ds.get("Modality", "")) not in OTHER_MODALITIES or "PixelData" not in ds:
+                    continue
+                decode_dataset(ds, DecodeParams())
+        except Exception:
+            continue
+        folder = destination / "other" / path.stem
+        folder.mkdir(parents=True, exist_ok=True)
+        os.symlink(path, folder / f"{path.stem}.dcm")
+        count += 1
+    return count
+
+
+def split_patients(source: Path, modality: str, train: Path, test: Path, seed: int) -> None:
+    patients = sorted(p for p in (source / modality).iterdir() if p.is_dir())
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(patients))
+    for rank, index in enumerate(order):
+        side = train if rank % 2 == 0 else test
+        target = side / modality / patients[index].name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(patients[index].resolve(), target)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", type=Path, default=Path("models"))
+    parser.add_argument("--version", default="v1")
+    parser.add_argument("--out", type=Path, default=Path("var/evaluation"))
+    parser.add_argument(
+        "--imagenet",
+        default=str(
+            Path("..")
+            / "shared"
+            / "weights"
+            / "mobilenet_v2_1.0_224_torchvision_imagenet.weights.h5"
+        ),
+    )
+    parser.add_argument("--real", type=Path, default=Path("..") / "shared" / "data" / "real")
+    parser.add_argument("--train-data", type=Path, default=Path("var/models-data/train"))
+    args = parser.parse_args()
+    report: dict[str, Any] = {}
+    out = args.out
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    started = time.monotonic()
+
+    unseen = out / "synthetic-seed99"
+    generate(SynthOptions(out=unseen, patients=50, visits=3, seed=99, slices=3))
+    report["synthetic"] = {"dataset": "seed 99, 50 patients x 3 visits, 3 CT/MR slices"}
+    for modality in ("xray", "ct", "mri", "dermoscopy"):
+        model = args.models / f"reid-{modality}-{args.version}"
+        evaluation = evaluate_reid(model, unseen, imagenet_weights=args.imagenet)
+        plot_reid(evaluation, out / "plots" / f"synthetic-{modality}")
+        report["synthetic"][modality] = evaluation.report
+        print(
+            json.dumps(
+                {
+                    modality: {
+                        k: evaluation.report[k] for k in ("p_at_1", "map_at_r", "roc_auc", "eer")
+                    }
+                }
+            ),
+            flush=True,
+        )
+    compa_synthetic = evaluate_compa(args.models / f"compa-{args.version}", unseen)
+    plot_confusion(compa_synthetic, out / "plots" / "synthetic-compa")
+    report["synthetic"]["compa"] = compa_synthetic
+    print("COMPA synthetic", compa_synthetic["accuracy"], flush=True)
+
+    if args.real.is_dir():
+        halves = out / "real-halves"
+        for modality in ("xray", "ct", "mri"):
+            split_patients(args.real, modality, halves / "train", halves / "test", seed=5)
+        others = corpus_other(halves / "test")
+        compa = train_compa(
+            CompaConfig(backbone_weights=args.imagenet),
+            [args.train_data, halves / "train"],
+            out / "models",
+            version="real-split",
+        )
+        compa_real = evaluate_compa(compa.folder, halves / "test")
+        plot_confusion(compa_real, out / "plots" / "real-compa")
+        report["real_compa"] = {
+            **compa_real,
+            "other_images": others,
+            "trained_on": "synthetic seed 21 + half of the real patients",
+        }
+        print("COMPA real", compa_real["accuracy"], compa_real["per_class_recall"], flush=True)
+
+        trained = train_reid(
+            ReidConfig(modality="xray", backbone_weights=args.imagenet, epochs=15, size=128),
+            halves / "train" / "xray",
+            out / "models",
+            version="real-half",
+        )
+        report["real_xray_reid"] = {
+            "training": trained.description["metrics"],
+            "training_seconds": trained.description["training_seconds"],
+        }
+        for cap in (None, 5):
+            evaluation = evaluate_reid(
+                trained.folder, halves / "test", imagenet_weights=args.imagenet, max_per_patient=cap
+            )
+            key = "all_images" if cap is None else f"at_most_{cap}_per_patient"
+            plot_reid(evaluation, out / "plots" / f"real-xray-{key}")
+            report["real_xray_reid"][key] = evaluation.report
+            print("real xray", key, json.dumps(evaluation.report), flush=True)
+    report["seconds"] = round(time.monotonic() - started, 1)
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    print(f"report: {out / 'report.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Verdicts: what the pixels say against what the header says. Pure functions."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+# Header Modality (0008,0060) codes -> the modality the models know.
+DEFAULT_TAG_MAP: Mapping[str, str] = {
+    "CR": "xray",
+    "DX": "xray",
+    "RG": "xray",
+    "CT": "ct",
+    "MR": "mri",
+    "DMS": "dermoscopy",
+    "XC": "dermoscopy",
+}
+
+
+class ModalityVerdict(enum.StrEnum):
+    AGREE = "agree"
+    MISMATCH = "mismatch"
+    TAG_MISSING = "tag_missing"
+    UNSUPPORTED = "unsupported"
+
+
+class IdentityVerdict(enum.StrEnum):
+    CONSISTENT = "consistent"
+    MISMATCH = "mismatch"
+    NEW_PATIENT = "new_patient"
+    UNVERIFIABLE = "unverifiable"
+
+
+def modality_verdict(
+    predicted: str, header_modality: str | None, tag_map: Mapping[str, str]
+) -> ModalityVerdict:
+    """Compare COMPA's prediction with the header's Modality through the tag map."""
+    code = (header_modality or "").strip().upper()
+    if not code:
+        return ModalityVerdict.TAG_MISSING
+    expected = tag_map.get(code)
+    if expected is None:
+        return ModalityVerdict.UNSUPPORTED
+    return ModalityVerdict.AGREE if expected == predicted else ModalityVerdict.MISMATCH
+
+
+def route(
+    predicted: str,
+    header_modality: str | None,
+    verdict: ModalityVerdict,
+    tag_map: Mapping[str, str],
+    *,
+    on_disagreement: str = "prediction",
+) -> str | None:
+    """The re-identification model to use, or None to hold the image.
+
+    Agreeing images go to their modality's model. Where the tag is missing or disagrees,
+    ``on_disagreement`` decides: "prediction" routes by what the pixels show, "hold" routes
+    nowhere (the image waits for a person)."""
+    if verdict is ModalityVerdict.AGREE:
+        return predicted
+    if verdict is ModalityVerdict.UNSUPPORTED and predicted not in tag_map.values():
+        return None
+    if on_disagreement == "hold":
+        return None
+    return predicted if predicted in set(tag_map.values()) else None
+
+
+@dataclass(frozen=True)
+class Match:
+    patient_id: str
+    score: float
+
+
+@dataclass(frozen=True)
+class IdentityDecision:
+    verdict: IdentityVerdict
+    matched_patient: str | None
+    best_score: float | None
+    header_score: float | None
+
+
+def identity_verdict(
+    matches: Sequence[Match],
+    header_patient: str | None,
+    threshold: float,
+    *,
+    header_enrolled: bool,
+    header_score: float | None = None,
+) -> IdentityDecision:
+    """Decide from the gallery's best matches (best first, one per patient).
+
+    - consistent: the header's patient matches (at or above the threshold);
+    - mismatch: another enrolled patient matches and the header's patient does not: a possible
+      wrong-patient error;
+    - new_patient: nobody matches and the header's patient is not enrolled;
+    - unverifiable: nobody matches although the header's patient is enrolled, or there is no
+      gallery or header patient to compare with.
+    """
+    best = matches[0] if matches else None
+    if header_score is None and header_patient is not None:
+        header_score = next((m.score for m in matches if m.patient_id == header_patient), None)
+    best_score = best.score if best else None
+    if header_score is not None and header_score >= threshold:
+        return IdentityDecision(
+            IdentityVerdict.CONSISTENT, header_patient, best_score, header_score
+        )
+    if best is not None and best.score >= threshold and best.patient_id != header_patient:
+        return IdentityDecision(IdentityVerdict.MISMATCH, best.patient_id, best_score, header_score)
+    if not header_enrolled and header_patient:
+        return IdentityDecision(IdentityVerdict.NEW_PATIENT, None, best_score, header_score)
+    return IdentityDecision(IdentityVerdict.UNVERIFIABLE, None, best_score, header_score)

@@ -1,0 +1,94 @@
+"""Verdicts and the gallery index on tiny cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.gallery import GalleryIndex
+from pipeline.verdicts import (
+    DEFAULT_TAG_MAP,
+    IdentityVerdict,
+    Match,
+    ModalityVerdict,
+    identity_verdict,
+    modality_verdict,
+    route,
+)
+
+
+@pytest.mark.parametrize(
+    ("predicted", "header", "verdict"),
+    [
+        ("xray", "CR", ModalityVerdict.AGREE),
+        ("xray", "dx", ModalityVerdict.AGREE),
+        ("ct", "MR", ModalityVerdict.MISMATCH),
+        ("other", "CT", ModalityVerdict.MISMATCH),
+        ("mri", None, ModalityVerdict.TAG_MISSING),
+        ("mri", "  ", ModalityVerdict.TAG_MISSING),
+        ("other", "US", ModalityVerdict.UNSUPPORTED),
+    ],
+)
+def test_modality_verdict(predicted: str, header: str | None, verdict: ModalityVerdict) -> None:
+    assert modality_verdict(predicted, header, DEFAULT_TAG_MAP) is verdict
+
+
+def test_routing_by_prediction_or_hold() -> None:
+    assert route("ct", "CT", ModalityVerdict.AGREE, DEFAULT_TAG_MAP) == "ct"
+    assert route("ct", "MR", ModalityVerdict.MISMATCH, DEFAULT_TAG_MAP) == "ct"
+    assert (
+        route("ct", "MR", ModalityVerdict.MISMATCH, DEFAULT_TAG_MAP, on_disagreement="hold") is None
+    )
+    assert route("mri", None, ModalityVerdict.TAG_MISSING, DEFAULT_TAG_MAP) == "mri"
+    assert route("other", "US", ModalityVerdict.UNSUPPORTED, DEFAULT_TAG_MAP) is None
+
+
+def test_identity_verdicts() -> None:
+    t = 0.8
+    alice = [Match("A", 0.95), Match("B", 0.5)]
+    assert (
+        identity_verdict(alice, "A", t, header_enrolled=True).verdict is IdentityVerdict.CONSISTENT
+    )
+    swapped = identity_verdict(alice, "B", t, header_enrolled=True)
+    assert swapped.verdict is IdentityVerdict.MISMATCH and swapped.matched_patient == "A"
+    nobody = [Match("A", 0.4)]
+    assert (
+        identity_verdict(nobody, "C", t, header_enrolled=False).verdict
+        is IdentityVerdict.NEW_PATIENT
+    )
+    assert (
+        identity_verdict(nobody, "A", t, header_enrolled=True).verdict
+        is IdentityVerdict.UNVERIFIABLE
+    )
+    assert (
+        identity_verdict([], None, t, header_enrolled=False).verdict is IdentityVerdict.UNVERIFIABLE
+    )
+    # both above the threshold: the header's patient wins
+    both = [Match("B", 0.97), Match("A", 0.9)]
+    assert (
+        identity_verdict(both, "A", t, header_enrolled=True).verdict is IdentityVerdict.CONSISTENT
+    )
+
+
+def test_gallery_search_returns_one_entry_per_patient_best_first() -> None:
+    index = GalleryIndex(dim=3)
+    index.add(
+        ["A", "A", "B", "C"],
+        np.array([[1, 0, 0], [0.9, 0.1, 0], [0, 1, 0], [0, 0, 1]], dtype=np.float32),
+    )
+    matches = index.search(np.array([1, 0.2, 0], dtype=np.float32), k=2)
+    assert [m.patient_id for m in matches] == ["A", "B"]
+    assert matches[0].score == pytest.approx(
+        max(
+            np.dot([1, 0, 0], [1, 0.2, 0]),
+            np.dot([0.9, 0.1, 0], [1, 0.2, 0]) / np.linalg.norm([0.9, 0.1, 0]),
+        )
+        / np.linalg.norm([1, 0.2, 0]),
+        abs=1e-5,
+    )
+    assert index.is_enrolled("C") and not index.is_enrolled("D")
+    assert index.patient_score(np.array([0, 0, 1], np.float32), "C") == pytest.approx(1.0)
+    grown = GalleryIndex(dim=2)
+    for i in range(3000):
+        grown.add([f"P{i}"], np.array([[np.cos(i), np.sin(i)]], dtype=np.float32))
+    assert len(grown) == 3000 and len(grown.search(np.array([1, 0], np.float32), k=5)) == 5
