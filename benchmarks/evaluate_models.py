@@ -86,6 +86,7 @@ def main() -> None:
     )
     parser.add_argument("--real", type=Path, default=Path("..") / "shared" / "data" / "real")
     parser.add_argument("--train-data", type=Path, default=Path("var/models-data/train"))
+    parser.add_argument("--volumes-data", type=Path, default=Path("var/models-data/volumes"))
     args = parser.parse_args()
     report: dict[str, Any] = {}
     out = args.out
@@ -123,7 +124,7 @@ def main() -> None:
         others = corpus_other(halves / "test")
         compa = train_compa(
             CompaConfig(backbone_weights=args.imagenet),
-            [args.train_data, halves / "train"],
+            [args.train_data, args.volumes_data, halves / "train"],
             out / "models",
             version="real-split",
         )
@@ -132,7 +133,7 @@ def main() -> None:
         report["real_compa"] = {
             **compa_real,
             "other_images": others,
-            "trained_on": "synthetic seed 21 + half of the real patients",
+            "trained_on": "synthetic seeds 21 and 22 + half of the real patients",
         }
         print("COMPA real", compa_real["accuracy"], compa_real["per_class_recall"], flush=True)
 

@@ -4,13 +4,16 @@ An image's features are compared with learned per-modality references:
 
 - features: a frozen ImageNet MobileNetV2 (global average pooled, centred on the training mean,
   unit length) beside a few intensity and colour statistics;
-- references: a handful of prototypes per modality (k-means on that modality's training
-  features), so that, say, axial and coronal CT each have their own;
+- references: a handful of prototypes per modality and per source dataset (k-means on that
+  modality's training features from each source), so that, say, axial and coronal CT each
+  have their own, and a small real set is not drowned by a large generated one;
 - similarity to a modality: the cosine to its nearest prototype;
 - scores: a softmax over the modalities' similarities and one more logit, the `other`
-  reference, all divided by a temperature. The temperature and the `other` reference are fitted
-  on validation images (negative log-likelihood), so a score of 0.9 means right about nine times
-  in ten on data like the training data; an image far from every reference scores `other`.
+  reference, all divided by a temperature. The `other` reference sits at the 0.2nd percentile of
+  held-out known images' best similarity (or, where the training data has an `other` folder,
+  is fitted with the temperature); the temperature is fitted on held-out images by negative
+  log-likelihood, so a score of 0.9 means right about nine times in ten on data like the
+  training data. An image far from every reference scores `other`.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ class CompaConfig:
     size: int = 128
     prototypes: int = 4
     validation_fraction: float = 0.25
+    other_quantile: float = 0.002  # share of known images the `other` reference may reject
     seed: int = 0
 
 
@@ -166,21 +170,30 @@ def kmeans(
     return centres
 
 
-def fit_calibration(
-    similarity: npt.NDArray[np.float32], labels: npt.NDArray[np.int64]
-) -> tuple[float, float]:
-    """Temperature and `other` logit minimising the validation negative log-likelihood.
+def _nll(probabilities: npt.NDArray[np.float64], labels: npt.NDArray[np.int64]) -> float:
+    return float(-np.log(probabilities[np.arange(len(labels)), labels] + 1e-12).mean())
 
-    ``labels`` index KNOWN, or len(KNOWN) for `other` examples (if any were given)."""
-    best = (float("inf"), 0.05, 0.0)
-    known_best = similarity.max(axis=1)[labels < len(KNOWN)]
-    low = float(np.quantile(known_best, 0.001)) if len(known_best) else 0.0
-    for temperature in np.geomspace(0.005, 0.5, 40):
-        for other in np.linspace(low - 0.3, low + 0.05, 36):
+
+def fit_calibration(
+    similarity: npt.NDArray[np.float32], labels: npt.NDArray[np.int64], other_quantile: float
+) -> tuple[float, float]:
+    """Temperature and `other` logit from held-out images.
+
+    ``labels`` index KNOWN, or len(KNOWN) for `other` examples. Without `other` examples the
+    `other` logit is the ``other_quantile`` of the known images' best similarity and only the
+    temperature is fitted; with them, both minimise the negative log-likelihood."""
+    known = labels < len(KNOWN)
+    anchor = float(np.quantile(similarity.max(axis=1)[known], other_quantile))
+    others = np.array([anchor])
+    if (~known).any():
+        others = np.linspace(anchor - 0.2, anchor + 0.2, 41)
+    best = (float("inf"), 0.05, anchor)
+    for temperature in np.geomspace(0.002, 0.5, 50):
+        for other in others:
             probabilities = _softmax_with_other(similarity, float(temperature), float(other))
-            nll = -np.log(probabilities[np.arange(len(labels)), labels] + 1e-12).mean()
+            nll = _nll(probabilities, labels)
             if nll < best[0]:
-                best = (float(nll), float(temperature), float(other))
+                best = (nll, float(temperature), float(other))
     return best[1], best[2]
 
 
@@ -217,7 +230,13 @@ def train_compa(
     quiet_tensorflow()
     started = time.monotonic()
     pipeline = pipeline or PipelineConfig()
-    items = [i for root in datasets for i in scan(root) if i.modality in (*KNOWN, OTHER)]
+    items: list[DatasetItem] = []
+    source_of: dict[Path, int] = {}
+    for number, root in enumerate(datasets):
+        for item in scan(root):
+            if item.modality in (*KNOWN, OTHER):
+                items.append(item)
+                source_of[item.path] = number
     missing = [m for m in KNOWN if not any(i.modality == m for i in items)]
     if missing:
         raise ValueError(f"no images for {', '.join(missing)} in {', '.join(map(str, datasets))}")
@@ -237,13 +256,19 @@ def train_compa(
     scale = feats[known_train].std(axis=0) + 1e-3
     model = CompaModel(extractor, mean, scale, {}, 0.05, 0.0)
     unit = model.embed(feats)
+    source = np.array([source_of[i.path] for i in data.items])
     for m in KNOWN:
-        members = [n for n in known_train if modality[n] == m]
-        model.prototypes[m] = kmeans(unit[members], config.prototypes, config.seed)
+        per_source = []
+        for s in sorted(set(source[[n for n in known_train if modality[n] == m]])):
+            members = [n for n in known_train if modality[n] == m and source[n] == s]
+            per_source.append(kmeans(unit[members], config.prototypes, config.seed))
+        model.prototypes[m] = np.concatenate(per_source)
     label_index = {m: i for i, m in enumerate((*KNOWN, OTHER))}
     val_labels = np.array([label_index[modality[n]] for n in val_idx])
     similarity = model.similarities(feats[val_idx])
-    model.temperature, model.other_logit = fit_calibration(similarity, val_labels)
+    model.temperature, model.other_logit = fit_calibration(
+        similarity, val_labels, config.other_quantile
+    )
     predictions = np.argmax(model.probabilities(similarity), axis=1)
     accuracy = float((predictions == val_labels).mean())
     backbone.set_weights(artifacts.quantise(backbone.get_weights()))
@@ -290,7 +315,8 @@ def compa_card(d: dict[str, Any]) -> str:
 
 **What it does.** Predicts the modality of an enhanced image from its pixels (xray, ct, mri,
 dermoscopy, or other) with calibrated scores, by comparing ImageNet MobileNetV2 features and
-intensity statistics with {d["config"]["prototypes"]} learned references per modality.
+intensity statistics with {d["config"]["prototypes"]} learned references per modality and
+source dataset.
 
 **Trained on** {", ".join(d["data"]["datasets"])} ({counts} images), created {d["created"]}
 by `{d["command"]}` in {d["training_seconds"]} s. Validation accuracy (patients held out per
