@@ -21,8 +21,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from medreid import __version__
 from medreid.settings import Settings, load_settings
+from pipeline.analysis import AnalysisSettings
 from pipeline.clahe import ClaheParams
 from pipeline.decode import DecodeParams
+from pipeline.modelstore import Analyser, discover
 from pipeline.runner import PipelineConfig
 from pipeline.worker import Worker
 from scp.contexts import IMAGE_STORAGE_CLASSES
@@ -139,8 +141,29 @@ def worker_process_main(
     )
 
 
+def build_analyser(settings: Settings, sessions: sessionmaker[Session]) -> Analyser | None:
+    """The worker's models and galleries, when analysis is on and models are installed."""
+    if not settings.analysis.enabled:
+        return None
+    if not discover(settings.models.dir):
+        log.warning("no models under %s: images are decoded and enhanced only", settings.models.dir)
+        return None
+    return Analyser(
+        sessions,
+        settings.models.dir,
+        AnalysisSettings(
+            tag_map=settings.analysis.tag_mapping(),
+            on_disagreement=settings.analysis.on_disagreement,
+            top_k=settings.analysis.top_k,
+        ),
+    )
+
+
 def run_worker(settings: Settings, *, name: str, should_stop: Callable[[], bool]) -> None:
     engine, sessions = build_database(settings)
+    analyser = build_analyser(settings, sessions)
+    if analyser is not None:
+        analyser.refresh()  # load the models once, before the first job
     worker = Worker(
         sessions=sessions,
         config=pipeline_config(settings),
@@ -150,6 +173,7 @@ def run_worker(settings: Settings, *, name: str, should_stop: Callable[[], bool]
         lease_s=settings.workers.lease_s,
         max_attempts=settings.workers.max_attempts,
         poll_interval_s=settings.workers.poll_interval_s,
+        analyser=analyser,
     )
     try:
         worker.run(should_stop)

@@ -201,6 +201,29 @@ def build_parser() -> argparse.ArgumentParser:
     listing = models_commands.add_parser("list", help="list model folders")
     listing.add_argument("--dir", type=Path, help="default: models.dir of the configuration")
     listing.add_argument("--format", choices=FORMATS, default="table")
+    activate = models_commands.add_parser(
+        "activate", help="serve this model version from now on (workers switch without restart)"
+    )
+    activate.add_argument("name", help="model folder name, e.g. reid-xray-v2, or a path")
+    activate.add_argument("--dir", type=Path, help="default: models.dir of the configuration")
+
+    enroll = commands.add_parser("enroll", help="enroll images in the re-identification gallery")
+    enroll.add_argument(
+        "dataset",
+        type=Path,
+        nargs="?",
+        help="DATASET/<modality>/<patient_id>/... (the folder is the identity)",
+    )
+    enroll.add_argument("--study", help="enroll received instances of this study")
+    enroll.add_argument("--patient", help="enroll received instances of this header patient ID")
+
+    results = commands.add_parser("results", help="list pipeline results and verdicts")
+    results.add_argument("--verdict", help="e.g. mismatch, consistent, new_patient, agree")
+    results.add_argument("--study", help="Study Instance UID")
+    results.add_argument("--patient", help="header or matched patient ID")
+    results.add_argument("--since", help="ISO date/time, or relative: 30m, 12h, 7d")
+    results.add_argument("--limit", type=int, default=1000)
+    results.add_argument("--format", choices=FORMATS, default="table")
 
     baseline = commands.add_parser(
         "baseline", help="raw-pixel cosine re-identification baseline of a dataset"
@@ -673,9 +696,43 @@ def cmd_evaluate(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_models(settings: Settings, args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from pipeline.models.artifacts import list_models
+    from pipeline.models.artifacts import ArtifactError, list_models, read_model
 
     root = args.dir or settings.models.dir
+    if args.models_command == "activate":
+        from medreid.app import build_database, os_user
+        from pipeline.modelstore import slot_of
+        from storage import audit
+        from storage.repository import activate_model, append_audit
+
+        folder = Path(args.name) if Path(args.name).is_dir() else root / args.name
+        try:
+            description = read_model(folder)
+        except ArtifactError as exc:
+            raise SystemExit(f"medreid models activate: {exc}") from None
+        slot = slot_of(description)
+        engine, sessions = build_database(settings)
+        try:
+            with sessions.begin() as session:
+                activate_model(
+                    session,
+                    slot=slot,
+                    version=folder.name,
+                    path=str(folder.resolve()),
+                    by=os_user(),
+                )
+                append_audit(
+                    session,
+                    record=audit.AuditRecord(
+                        kind=audit.MODEL_ACTIVATED,
+                        actor_user=os_user(),
+                        detail={"slot": slot, "model": folder.name},
+                    ),
+                )
+        finally:
+            engine.dispose()
+        print(f"{slot}: {folder.name} is active; workers switch at their next batch")
+        return 0
     rows = [
         {k: str(v) if isinstance(v, Path) else v for k, v in asdict(m).items()}
         for m in list_models(root)
@@ -688,6 +745,111 @@ def cmd_models(settings: Settings, args: argparse.Namespace) -> int:
             max_width=60,
         )
     )
+    return 0
+
+
+def cmd_enroll(settings: Settings, args: argparse.Namespace) -> int:
+    from medreid.app import build_database, os_user
+    from medreid.enrollment import enroll_folder, enroll_received
+
+    if (args.dataset is None) == (args.study is None and args.patient is None):
+        raise SystemExit("medreid enroll: give a DATASET folder, or --study / --patient")
+    engine, sessions = build_database(settings)
+    progress = _Progress("enroll")
+    try:
+        if args.dataset is not None:
+            counts = enroll_folder(settings, sessions, args.dataset, os_user(), progress)
+        else:
+            counts = enroll_received(
+                settings, sessions, os_user(), study=args.study, patient=args.patient
+            )
+    except (FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"medreid enroll: {exc}") from None
+    finally:
+        progress.close()
+        engine.dispose()
+    for model, count in counts.items():
+        print(f"{model}: {count} embeddings enrolled")
+    if not counts:
+        print("nothing enrolled: no images, or no re-identification model for their modality")
+    return 0
+
+
+RESULT_COLUMNS = (
+    "id",
+    "created_at",
+    "calling_ae",
+    "patient_id",
+    "modality",
+    "predicted_modality",
+    "modality_verdict",
+    "identity_verdict",
+    "matched_patient_id",
+    "best_score",
+    "status",
+)
+
+
+def cmd_results(settings: Settings, args: argparse.Namespace) -> int:
+    from medreid.app import build_database, os_user
+    from storage import audit
+    from storage.repository import ResultFilter, append_audit, list_results
+
+    where = ResultFilter(
+        since=_when(args.since, "--since"),
+        verdict=args.verdict,
+        study=args.study,
+        patient=args.patient,
+        limit=args.limit,
+    )
+    engine, sessions = build_database(settings)
+    try:
+        with sessions.begin() as session:
+            rows = []
+            for result, instance in list_results(session, where=where):
+                matches = result.top_matches or []
+                rows.append(
+                    {
+                        "id": result.id,
+                        "created_at": result.created_at,
+                        "calling_ae": instance.calling_ae,
+                        "patient_id": instance.patient_id,
+                        "modality": instance.modality,
+                        "study_instance_uid": instance.study_instance_uid,
+                        "sop_instance_uid": instance.sop_instance_uid,
+                        "status": result.status,
+                        "failure_reason": result.failure_reason,
+                        "predicted_modality": result.predicted_modality,
+                        "modality_scores": result.modality_scores,
+                        "modality_verdict": result.modality_verdict,
+                        "identity_verdict": result.identity_verdict,
+                        "matched_patient_id": result.matched_patient_id,
+                        "best_score": matches[0]["score"] if matches else None,
+                        "top_matches": matches,
+                        "identity_threshold": result.identity_threshold,
+                        "model_versions": result.model_versions,
+                        "timings_ms": result.timings_ms,
+                    }
+                )
+            append_audit(
+                session,
+                record=audit.AuditRecord(
+                    kind=audit.QUERY,
+                    actor_user=os_user(),
+                    actor_host=os.uname().nodename,
+                    patient_id=args.patient,
+                    study_instance_uid=args.study,
+                    detail={
+                        "interface": "cli",
+                        "listing": "results",
+                        "rows": len(rows),
+                        "verdict": args.verdict,
+                    },
+                ),
+            )
+    finally:
+        engine.dispose()
+    print(render(rows, args.format, RESULT_COLUMNS))
     return 0
 
 
@@ -704,6 +866,8 @@ COMMANDS = {
     "train": cmd_train,
     "evaluate": cmd_evaluate,
     "models": cmd_models,
+    "enroll": cmd_enroll,
+    "results": cmd_results,
 }
 
 

@@ -127,6 +127,43 @@ class ModelsSettings:
         pass
 
 
+KNOWN_MODALITIES = ("xray", "ct", "mri", "dermoscopy")
+
+
+@dataclass(frozen=True)
+class AnalysisSettingsSection:
+    enabled: bool = True
+    tag_map: tuple[str, ...] = (
+        "CR=xray",
+        "DX=xray",
+        "RG=xray",
+        "CT=ct",
+        "MR=mri",
+        "DMS=dermoscopy",
+        "XC=dermoscopy",
+    )
+    on_disagreement: str = "prediction"
+    top_k: int = 5
+
+    def validate(self) -> None:
+        for entry in self.tag_map:
+            code, _, modality = entry.partition("=")
+            if not code.strip() or modality.strip() not in KNOWN_MODALITIES:
+                raise SettingsError(
+                    f"analysis.tag_map: {entry!r} is not CODE=modality with modality one of "
+                    f"{', '.join(KNOWN_MODALITIES)}"
+                )
+        if self.on_disagreement not in ("prediction", "hold"):
+            raise SettingsError(
+                f"analysis.on_disagreement: {self.on_disagreement!r} is not prediction or hold"
+            )
+        _check_range("analysis.top_k", self.top_k, 1, 100)
+
+    def tag_mapping(self) -> dict[str, str]:
+        pairs = (entry.partition("=") for entry in self.tag_map)
+        return {code.strip().upper(): modality.strip() for code, _, modality in pairs}
+
+
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
@@ -150,6 +187,7 @@ class Settings:
     decode: DecodeSettings = field(default_factory=DecodeSettings)
     clahe: ClaheSettings = field(default_factory=ClaheSettings)
     models: ModelsSettings = field(default_factory=ModelsSettings)
+    analysis: AnalysisSettingsSection = field(default_factory=AnalysisSettingsSection)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
 
 

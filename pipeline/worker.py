@@ -6,10 +6,15 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy.exc import SQLAlchemyError
+
+if TYPE_CHECKING:
+    from pipeline.modelstore import Analyser
 from sqlalchemy.orm import Session, sessionmaker
 
+from pipeline.analysis import Analysis, HeaderFacts
 from pipeline.runner import PipelineConfig, PipelineResult, run_pipeline
 from storage import audit
 from storage.repository import ClaimedJob, JobOutcome, append_audit, claim_jobs, finish_job
@@ -17,11 +22,25 @@ from storage.repository import ClaimedJob, JobOutcome, append_audit, claim_jobs,
 log = logging.getLogger(__name__)
 
 
-def job_outcome(result: PipelineResult, config: PipelineConfig) -> JobOutcome:
-    """The result row's content for a pipeline run."""
+def job_outcome(
+    result: PipelineResult, config: PipelineConfig, analysis: Analysis | None = None
+) -> JobOutcome:
+    """The result row's content for a pipeline run (and the models' analysis, if any)."""
     before, after = result.stats()
     decoded = result.decoded
+    identity = analysis.identity if analysis is not None else None
     return JobOutcome(
+        predicted_modality=analysis.predicted_modality if analysis else None,
+        modality_scores=analysis.modality_scores if analysis else None,
+        modality_verdict=str(analysis.modality_verdict)
+        if analysis and analysis.modality_verdict
+        else None,
+        routed_to=analysis.routed_to if analysis else None,
+        top_matches=analysis.top_matches if analysis else None,
+        identity_threshold=analysis.threshold if analysis else None,
+        identity_verdict=str(identity.verdict) if identity else None,
+        matched_patient_id=identity.matched_patient if identity else None,
+        model_versions=analysis.versions if analysis else None,
         ok=result.ok,
         parameters=config.as_parameters(),
         timings_ms=result.timings_ms,
@@ -36,6 +55,57 @@ def job_outcome(result: PipelineResult, config: PipelineConfig) -> JobOutcome:
     )
 
 
+def audit_records(job: ClaimedJob, outcome: JobOutcome, worker: str) -> list[audit.AuditRecord]:
+    """Failures and mismatches a person must see, as audit events."""
+    records = []
+    common = {"sop_instance_uid": job.sop_instance_uid}
+    if not outcome.ok:
+        records.append(
+            audit.AuditRecord(
+                kind=audit.PROCESSING_FAILED,
+                outcome=audit.Outcome.MINOR_FAILURE,
+                actor_user=worker,
+                patient_id=job.patient_id,
+                study_instance_uid=job.study_instance_uid,
+                detail={**common, "stage": outcome.failed_stage, "reason": outcome.failure_reason},
+            )
+        )
+    if outcome.modality_verdict == "mismatch":
+        records.append(
+            audit.AuditRecord(
+                kind=audit.MODALITY_MISMATCH,
+                outcome=audit.Outcome.MINOR_FAILURE,
+                actor_user=worker,
+                patient_id=job.patient_id,
+                study_instance_uid=job.study_instance_uid,
+                detail={
+                    **common,
+                    "header_modality": job.modality,
+                    "predicted": outcome.predicted_modality,
+                    "scores": outcome.modality_scores,
+                },
+            )
+        )
+    if outcome.identity_verdict == "mismatch":
+        records.append(
+            audit.AuditRecord(
+                kind=audit.PATIENT_MISMATCH,
+                outcome=audit.Outcome.MINOR_FAILURE,
+                actor_user=worker,
+                patient_id=job.patient_id,
+                study_instance_uid=job.study_instance_uid,
+                detail={
+                    **common,
+                    "header_patient": job.patient_id,
+                    "looks_like": outcome.matched_patient_id,
+                    "top_matches": outcome.top_matches,
+                    "threshold": outcome.identity_threshold,
+                },
+            )
+        )
+    return records
+
+
 class Worker:
     def __init__(
         self,
@@ -48,6 +118,7 @@ class Worker:
         lease_s: float = 300.0,
         max_attempts: int = 3,
         poll_interval_s: float = 0.5,
+        analyser: Analyser | None = None,
     ) -> None:
         self.sessions = sessions
         self.config = config
@@ -57,6 +128,7 @@ class Worker:
         self.lease_s = lease_s
         self.max_attempts = max_attempts
         self.poll_interval_s = poll_interval_s
+        self.analyser = analyser
         self.processed = 0
 
     def claim(self) -> list[ClaimedJob]:
@@ -69,27 +141,38 @@ class Worker:
                 max_attempts=self.max_attempts,
             )
 
-    def process(self, job: ClaimedJob) -> bool:
-        result = run_pipeline(self.spool_root / job.spool_path, self.config)
-        outcome = job_outcome(result, self.config)
+    def analyse(self, jobs: list[ClaimedJob], results: list[PipelineResult]) -> dict[int, Analysis]:
+        """The models over every decoded image of the batch at once."""
+        if self.analyser is None:
+            return {}
+        ready = [(j, r) for j, r in zip(jobs, results, strict=True) if r.enhanced is not None]
+        if not ready:
+            return {}
+        started = time.perf_counter()
+        self.analyser.refresh()
+        analyses = self.analyser.analyse(
+            [r.enhanced[0] for _, r in ready if r.enhanced is not None],
+            [HeaderFacts(j.patient_id, j.modality) for j, _ in ready],
+        )
+        per_image = round((time.perf_counter() - started) * 1000.0 / len(ready), 3)
+        for _, result in ready:
+            result.timings_ms["models"] = per_image
+        return {j.job_id: a for (j, _), a in zip(ready, analyses, strict=True)}
+
+    def process(
+        self,
+        job: ClaimedJob,
+        result: PipelineResult | None = None,
+        analysis: Analysis | None = None,
+    ) -> bool:
+        if result is None:
+            result = run_pipeline(self.spool_root / job.spool_path, self.config)
+        outcome = job_outcome(result, self.config, analysis)
         with self.sessions.begin() as session:
             stored = finish_job(session, job=job, worker=self.name, outcome=outcome)
-            if stored and not outcome.ok:
-                append_audit(
-                    session,
-                    record=audit.AuditRecord(
-                        kind=audit.PROCESSING_FAILED,
-                        outcome=audit.Outcome.MINOR_FAILURE,
-                        actor_user=self.name,
-                        patient_id=job.patient_id,
-                        study_instance_uid=job.study_instance_uid,
-                        detail={
-                            "sop_instance_uid": job.sop_instance_uid,
-                            "stage": outcome.failed_stage,
-                            "reason": outcome.failure_reason,
-                        },
-                    ),
-                )
+            if stored:
+                for record in audit_records(job, outcome, self.name):
+                    append_audit(session, record=record)
         if not stored:
             log.warning("job %s: lease lost to another worker; result discarded", job.job_id)
         return stored
@@ -97,8 +180,10 @@ class Worker:
     def run_once(self) -> int:
         """Claim and process one batch; the number of jobs claimed."""
         jobs = self.claim()
-        for job in jobs:
-            if self.process(job):
+        results = [run_pipeline(self.spool_root / job.spool_path, self.config) for job in jobs]
+        analyses = self.analyse(jobs, results)
+        for job, result in zip(jobs, results, strict=True):
+            if self.process(job, result, analyses.get(job.job_id)):
                 self.processed += 1
         return len(jobs)
 

@@ -33,6 +33,10 @@ ASSOCIATION_REJECTED = EventKind("110113", "Security Alert", "Association Reject
 INSTANCES_TRANSFERRED = EventKind("110104", "DICOM Instances Transferred", None, "C")
 INSTANCE_REFUSED = EventKind("110104", "DICOM Instances Transferred", "Instance Refused", "C")
 PROCESSING_FAILED = EventKind("110103", "DICOM Instances Accessed", "Processing Failure", "R")
+MODALITY_MISMATCH = EventKind("110113", "Security Alert", "Modality Mismatch", "E")
+PATIENT_MISMATCH = EventKind("110113", "Security Alert", "Patient Mismatch", "E")
+GALLERY_ENROLLMENT = EventKind("110103", "DICOM Instances Accessed", "Gallery Enrollment", "C")
+MODEL_ACTIVATED = EventKind("110100", "Application Activity", "Model Activated", "U")
 AUDIT_LOG_USED = EventKind("110101", "Audit Log Used", None, "R")
 QUERY = EventKind("110112", "Query", None, "E")
 
@@ -46,6 +50,10 @@ ALL_KINDS = (
     INSTANCES_TRANSFERRED,
     INSTANCE_REFUSED,
     PROCESSING_FAILED,
+    MODALITY_MISMATCH,
+    PATIENT_MISMATCH,
+    GALLERY_ENROLLMENT,
+    MODEL_ACTIVATED,
     AUDIT_LOG_USED,
     QUERY,
 )

@@ -13,6 +13,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     SmallInteger,
     String,
@@ -161,6 +162,48 @@ class Result(Base):
     timings_ms: Mapped[dict[str, Any]]
     worker: Mapped[str] = mapped_column(String(255))
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    # What the models said (null where no model ran): the modality check...
+    predicted_modality: Mapped[str | None] = mapped_column(String(16))
+    modality_scores: Mapped[dict[str, Any] | None]
+    modality_verdict: Mapped[str | None] = mapped_column(String(16), index=True)
+    routed_to: Mapped[str | None] = mapped_column(String(16))
+    # ...and the identity check against the enrolled gallery.
+    top_matches: Mapped[list[Any] | None]
+    identity_threshold: Mapped[float | None]
+    identity_verdict: Mapped[str | None] = mapped_column(String(16), index=True)
+    matched_patient_id: Mapped[str | None] = mapped_column(String(64))
+    model_versions: Mapped[dict[str, Any] | None]
+
+
+class GalleryEntry(Base):
+    """An enrolled embedding: this image shows this patient, for one model version."""
+
+    __tablename__ = "gallery"
+    __table_args__ = (Index("ix_gallery_model_version_id", "model_version", "id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    patient_id: Mapped[str] = mapped_column(String(64), index=True)
+    modality: Mapped[str] = mapped_column(String(16))
+    model_version: Mapped[str] = mapped_column(String(128))
+    embedding: Mapped[bytes] = mapped_column(LargeBinary)
+    source_instance_id: Mapped[int | None] = mapped_column(
+        ForeignKey("instances.id", ondelete="SET NULL")
+    )
+    source_path: Mapped[str | None] = mapped_column(Text)
+    enrolled_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    enrolled_by: Mapped[str] = mapped_column(String(255))
+
+
+class ActiveModel(Base):
+    """Which model version serves each slot ("compa", "reid:xray", ...)."""
+
+    __tablename__ = "active_models"
+
+    slot: Mapped[str] = mapped_column(String(32), primary_key=True)
+    version: Mapped[str] = mapped_column(String(128))
+    path: Mapped[str] = mapped_column(Text)
+    activated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    activated_by: Mapped[str] = mapped_column(String(255))
 
 
 class AuditEvent(Base):

@@ -13,9 +13,11 @@ from sqlalchemy.orm import Session, aliased
 
 from storage.audit import AuditRecord, Outcome
 from storage.models import (
+    ActiveModel,
     Association,
     AssociationOutcome,
     AuditEvent,
+    GalleryEntry,
     Instance,
     InstanceState,
     Job,
@@ -202,6 +204,7 @@ class ClaimedJob:
     sop_instance_uid: str
     patient_id: str | None
     study_instance_uid: str | None
+    modality: str | None = None
 
 
 @dataclass(frozen=True)
@@ -219,6 +222,15 @@ class JobOutcome:
     photometric: str | None = None
     stats_decoded: dict[str, float] | None = None
     stats_clahe: dict[str, float] | None = None
+    predicted_modality: str | None = None
+    modality_scores: dict[str, float] | None = None
+    modality_verdict: str | None = None
+    routed_to: str | None = None
+    top_matches: list[dict[str, Any]] | None = None
+    identity_threshold: float | None = None
+    identity_verdict: str | None = None
+    matched_patient_id: str | None = None
+    model_versions: dict[str, str] | None = None
 
 
 def release_jobs_of(session: Session, *, claimant_prefix: str) -> int:
@@ -281,6 +293,7 @@ def claim_jobs(
             Instance.sop_instance_uid,
             Instance.patient_id,
             Instance.study_instance_uid,
+            Instance.modality,
         )
         .join(Instance, Instance.id == Job.instance_id)
         .where(Job.id.in_(claimable))
@@ -346,6 +359,15 @@ def finish_job(session: Session, *, job: ClaimedJob, worker: str, outcome: JobOu
             parameters=outcome.parameters,
             timings_ms=outcome.timings_ms,
             worker=worker,
+            predicted_modality=outcome.predicted_modality,
+            modality_scores=outcome.modality_scores,
+            modality_verdict=outcome.modality_verdict,
+            routed_to=outcome.routed_to,
+            top_matches=outcome.top_matches,
+            identity_threshold=outcome.identity_threshold,
+            identity_verdict=outcome.identity_verdict,
+            matched_patient_id=outcome.matched_patient_id,
+            model_versions=outcome.model_versions,
         )
     )
     session.execute(
@@ -404,6 +426,107 @@ def list_instances(
     rows: list[tuple[Instance, Result | None]] = [
         (inst, res) for inst, res in session.execute(stmt).all()
     ]
+    rows.reverse()
+    return rows
+
+
+# --------------------------------------------------------------------------- gallery
+
+
+@dataclass(frozen=True)
+class NewGalleryEntry:
+    patient_id: str
+    modality: str
+    model_version: str
+    embedding: bytes  # float32, little-endian
+    source_instance_id: int | None
+    source_path: str | None
+    enrolled_by: str
+
+
+def add_gallery_entries(session: Session, *, entries: list[NewGalleryEntry]) -> int:
+    session.add_all(
+        GalleryEntry(
+            patient_id=e.patient_id,
+            modality=e.modality,
+            model_version=e.model_version,
+            embedding=e.embedding,
+            source_instance_id=e.source_instance_id,
+            source_path=e.source_path,
+            enrolled_by=e.enrolled_by,
+        )
+        for e in entries
+    )
+    session.flush()
+    return len(entries)
+
+
+def gallery_after(
+    session: Session, *, model_version: str, after_id: int
+) -> list[tuple[int, str, bytes]]:
+    """Entries of one model version newer than ``after_id``: (id, patient, embedding)."""
+    rows = session.execute(
+        select(GalleryEntry.id, GalleryEntry.patient_id, GalleryEntry.embedding)
+        .where(GalleryEntry.model_version == model_version, GalleryEntry.id > after_id)
+        .order_by(GalleryEntry.id)
+    ).all()
+    return [(int(i), str(p), bytes(e)) for i, p, e in rows]
+
+
+def gallery_counts(session: Session) -> dict[str, int]:
+    rows = session.execute(
+        select(GalleryEntry.model_version, func.count()).group_by(GalleryEntry.model_version)
+    ).all()
+    return {str(version): int(count) for version, count in rows}
+
+
+# --------------------------------------------------------------------------- models
+
+
+def active_models(session: Session) -> dict[str, tuple[str, str]]:
+    """slot -> (version, path) of the activated models."""
+    rows = session.execute(select(ActiveModel.slot, ActiveModel.version, ActiveModel.path)).all()
+    return {str(slot): (str(version), str(path)) for slot, version, path in rows}
+
+
+def activate_model(session: Session, *, slot: str, version: str, path: str, by: str) -> None:
+    existing = session.get(ActiveModel, slot)
+    if existing is None:
+        session.add(ActiveModel(slot=slot, version=version, path=path, activated_by=by))
+    else:
+        existing.version, existing.path, existing.activated_by = version, path, by
+        existing.activated_at = utcnow()
+    session.flush()
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class ResultFilter:
+    since: dt.datetime | None = None
+    verdict: str | None = None  # a modality or identity verdict
+    study: str | None = None
+    patient: str | None = None
+    limit: int = 1000
+
+
+def list_results(session: Session, *, where: ResultFilter) -> list[tuple[Result, Instance]]:
+    stmt = select(Result, Instance).join(Instance, Instance.id == Result.instance_id)
+    if where.since is not None:
+        stmt = stmt.where(Result.created_at >= where.since)
+    if where.verdict:
+        stmt = stmt.where(
+            or_(Result.identity_verdict == where.verdict, Result.modality_verdict == where.verdict)
+        )
+    if where.study:
+        stmt = stmt.where(Instance.study_instance_uid == where.study)
+    if where.patient:
+        stmt = stmt.where(
+            or_(Instance.patient_id == where.patient, Result.matched_patient_id == where.patient)
+        )
+    stmt = stmt.order_by(Result.id.desc()).limit(where.limit)
+    rows = [(r, i) for r, i in session.execute(stmt).all()]
     rows.reverse()
     return rows
 

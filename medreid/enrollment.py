@@ -1,0 +1,141 @@
+"""Enrollment: embeddings of known patients into the gallery, from a dataset folder or from
+instances already received."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from medreid.app import pipeline_config
+from medreid.settings import Settings
+from pipeline.datasets.reader import DatasetItem, iter_images, scan
+from pipeline.modelstore import embedding_bytes, load_model, resolve
+from pipeline.records import StageError
+from storage import audit
+from storage.models import Instance
+from storage.repository import (
+    NewGalleryEntry,
+    active_models,
+    add_gallery_entries,
+    append_audit,
+)
+
+
+def _embedders(settings: Settings, sessions: sessionmaker[Session]) -> dict[str, object]:
+    with sessions.begin() as session:
+        wanted = resolve(settings.models.dir, active_models(session))
+    return {slot.split(":", 1)[1]: folder for slot, folder in wanted.items() if slot != "compa"}
+
+
+def _enroll(
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    work: dict[str, list[tuple[DatasetItem, int | None]]],
+    enrolled_by: str,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, int]:
+    folders = _embedders(settings, sessions)
+    counts: dict[str, int] = {}
+    total = sum(len(v) for m, v in work.items() if m in folders)
+    done = 0
+    config = pipeline_config(settings)
+    for modality, entries in work.items():
+        if modality not in folders:
+            continue
+        model = load_model(f"reid:{modality}", Path(str(folders[modality])))
+        for start in range(0, len(entries), 64):
+            chunk = entries[start : start + 64]
+            loaded = [
+                (item, instance_id, image)
+                for (item, instance_id), (_, image, _) in zip(
+                    chunk, iter_images([c[0] for c in chunk], config), strict=True
+                )
+                if image is not None
+            ]
+            done += len(chunk)
+            if progress:
+                progress(done, total)
+            if not loaded:
+                continue
+            vectors = model.embed([image for _, _, image in loaded])
+            with sessions.begin() as session:
+                add_gallery_entries(
+                    session,
+                    entries=[
+                        NewGalleryEntry(
+                            patient_id=item.patient_id,
+                            modality=modality,
+                            model_version=model.version,
+                            embedding=embedding_bytes(vector),
+                            source_instance_id=instance_id,
+                            source_path=str(item.path),
+                            enrolled_by=enrolled_by,
+                        )
+                        for (item, instance_id, _), vector in zip(loaded, vectors, strict=True)
+                    ],
+                )
+                append_audit(
+                    session,
+                    record=audit.AuditRecord(
+                        kind=audit.GALLERY_ENROLLMENT,
+                        actor_user=enrolled_by,
+                        detail={
+                            "model": model.version,
+                            "embeddings": len(loaded),
+                            "patients": sorted({i.patient_id for i, _, _ in loaded})[:50],
+                        },
+                    ),
+                )
+            counts[model.version] = counts.get(model.version, 0) + len(loaded)
+    return counts
+
+
+def enroll_folder(
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    dataset: Path,
+    enrolled_by: str,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, int]:
+    """Every image of DATASET/<modality>/<patient_id>/, the folder giving the identity."""
+    work: dict[str, list[tuple[DatasetItem, int | None]]] = {}
+    for item in scan(dataset):
+        work.setdefault(item.modality, []).append((item, None))
+    return _enroll(settings, sessions, work, enrolled_by, progress)
+
+
+def enroll_received(
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    enrolled_by: str,
+    *,
+    study: str | None,
+    patient: str | None,
+) -> dict[str, int]:
+    """Received instances of a study or header patient, identified by their header PatientID
+    and routed by their header Modality through the tag map."""
+    tag_map = settings.analysis.tag_mapping()
+    spool = settings.spool.dir.resolve()
+    with sessions.begin() as session:
+        stmt = select(Instance)
+        if study:
+            stmt = stmt.where(Instance.study_instance_uid == study)
+        if patient:
+            stmt = stmt.where(Instance.patient_id == patient)
+        instances = list(session.scalars(stmt))
+    if not instances:
+        raise ValueError("no received instances match")
+    work: dict[str, list[tuple[DatasetItem, int | None]]] = {}
+    for instance in instances:
+        modality = tag_map.get((instance.modality or "").upper())
+        if modality is None or not instance.patient_id:
+            continue
+        item = DatasetItem(spool / instance.spool_path, modality, instance.patient_id)
+        work.setdefault(modality, []).append((item, instance.id))
+    try:
+        return _enroll(settings, sessions, work, enrolled_by)
+    except StageError as exc:
+        raise ValueError(exc.reason) from None

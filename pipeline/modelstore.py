@@ -1,0 +1,126 @@
+"""Which models serve, loaded once per worker, and the galleries kept in step with the
+database (so several worker processes see every enrollment)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy.orm import Session, sessionmaker
+
+from pipeline.analysis import (
+    Analysis,
+    AnalysisSettings,
+    Embedder,
+    HeaderFacts,
+    ModalityClassifier,
+    ModelSet,
+    analyse,
+)
+from pipeline.gallery import GalleryIndex
+from pipeline.records import FloatImage
+from storage.repository import active_models, gallery_after
+
+log = logging.getLogger(__name__)
+MODALITIES = ("xray", "ct", "mri", "dermoscopy")
+
+
+def slot_of(description: dict[str, Any]) -> str:
+    return "compa" if description["kind"] == "compa" else f"reid:{description['modality']}"
+
+
+def discover(models_dir: Path) -> dict[str, Path]:
+    """The newest model folder per slot (by creation time) under ``models_dir``."""
+    newest: dict[str, tuple[str, Path]] = {}
+    if not models_dir.is_dir():
+        return {}
+    for folder in sorted(models_dir.iterdir()):
+        described = folder / "model.json"
+        if not described.is_file():
+            continue
+        description = json.loads(described.read_text())
+        slot = slot_of(description)
+        created = str(description.get("created", ""))
+        if slot not in newest or created > newest[slot][0]:
+            newest[slot] = (created, folder)
+    return {slot: folder for slot, (_, folder) in newest.items()}
+
+
+def resolve(models_dir: Path, active: dict[str, tuple[str, str]]) -> dict[str, Path]:
+    """Activated models where a slot has one, else the newest."""
+    chosen = discover(models_dir)
+    for slot, (_version, path) in active.items():
+        chosen[slot] = Path(path)
+    return chosen
+
+
+def load_model(slot: str, folder: Path) -> Any:
+    if slot == "compa":
+        from pipeline.models.compa import load_compa
+
+        return load_compa(folder)
+    from pipeline.models.reid import ReidModel
+
+    return ReidModel(folder)
+
+
+def embedding_bytes(vector: np.ndarray) -> bytes:
+    return np.asarray(vector, dtype="<f4").tobytes()
+
+
+class Analyser:
+    """Models and galleries for one worker process."""
+
+    def __init__(
+        self, sessions: sessionmaker[Session], models_dir: Path, settings: AnalysisSettings
+    ) -> None:
+        self.sessions = sessions
+        self.models_dir = models_dir
+        self.settings = settings
+        self.loaded: dict[str, Path] = {}
+        self.models = ModelSet(compa=None)
+        self.galleries: dict[str, GalleryIndex] = {}
+        self._gallery_versions: dict[str, str] = {}
+        self._last_id: dict[str, int] = {}
+
+    def refresh(self) -> None:
+        """Pick up an activated model and new enrollments (cheap when nothing changed)."""
+        with self.sessions.begin() as session:
+            wanted = resolve(self.models_dir, active_models(session))
+            for slot, folder in wanted.items():
+                if self.loaded.get(slot) != folder:
+                    model = load_model(slot, folder)
+                    if slot == "compa":
+                        self.models.compa = model  # a ModalityClassifier
+                    else:
+                        self.models.reid[slot.split(":", 1)[1]] = model
+                    self.loaded[slot] = folder
+                    log.info("model %s: %s", slot, model.version)
+            for modality, embedder in self.models.reid.items():
+                self._sync_gallery(session, modality, embedder)
+
+    def _sync_gallery(self, session: Session, modality: str, embedder: Embedder) -> None:
+        if self._gallery_versions.get(modality) != embedder.version:
+            self.galleries.pop(modality, None)
+            self._last_id[modality] = 0
+            self._gallery_versions[modality] = embedder.version
+        rows = gallery_after(
+            session, model_version=embedder.version, after_id=self._last_id[modality]
+        )
+        if not rows:
+            return
+        vectors = np.stack([np.frombuffer(blob, dtype="<f4") for _, _, blob in rows])
+        index = self.galleries.get(modality)
+        if index is None:
+            index = self.galleries[modality] = GalleryIndex(dim=vectors.shape[1])
+        index.add([patient for _, patient, _ in rows], vectors.astype(np.float32))
+        self._last_id[modality] = rows[-1][0]
+
+    def analyse(self, images: list[FloatImage], headers: list[HeaderFacts]) -> list[Analysis]:
+        return analyse(images, headers, self.models, self.galleries, self.settings)
+
+
+__all__ = ["Analyser", "Embedder", "ModalityClassifier", "discover", "embedding_bytes"]

@@ -1,0 +1,108 @@
+"""The analysis stage with fake models: routing, batching and verdicts, without TensorFlow."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pipeline.analysis import AnalysisSettings, HeaderFacts, ModelSet, analyse
+from pipeline.gallery import GalleryIndex
+from pipeline.verdicts import IdentityVerdict, ModalityVerdict
+
+
+@dataclass
+class FakePrediction:
+    modality: str
+    scores: dict[str, float]
+
+
+class FakeCompa:
+    """Calls an image by its mean: dark is CT, bright is X-ray."""
+
+    version = "compa-fake"
+
+    def predict(self, images: list[np.ndarray]) -> list[FakePrediction]:
+        return [
+            FakePrediction("ct" if float(i.mean()) < 0.5 else "xray", {"ct": 0.5, "xray": 0.5})
+            for i in images
+        ]
+
+
+@dataclass
+class FakeEmbedder:
+    """Embeds an image as its first row: the test decides who looks like whom."""
+
+    version: str
+    threshold: float = 0.9
+    calls: list[int] = field(default_factory=list)
+
+    def embed(self, images: list[np.ndarray]) -> np.ndarray:
+        self.calls.append(len(images))
+        vectors = np.stack([i[0, :3] for i in images]).astype(np.float32)
+        return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def image(level: float, signature: tuple[float, float, float]) -> np.ndarray:
+    pixels = np.full((4, 4), level, dtype=np.float32)
+    pixels[0, :3] = signature
+    return pixels
+
+
+def test_batch_is_routed_embedded_once_per_model_and_judged() -> None:
+    ct = FakeEmbedder("reid-ct-fake")
+    xray = FakeEmbedder("reid-xray-fake")
+    gallery = GalleryIndex(dim=3)
+    gallery.add(["ALICE", "BOB"], np.array([[1, 0, 0], [0, 1, 0]], dtype=np.float32))
+    images = [
+        image(0.2, (1, 0.01, 0)),  # CT that looks like Alice, filed as Alice
+        image(0.2, (1, 0.02, 0)),  # CT that looks like Alice, filed as Bob: a swap
+        image(0.2, (0, 0.1, 1)),  # CT of someone new, filed as Carol
+        image(0.9, (1, 0, 0)),  # an X-ray tagged CT: wrong tag, routed to the X-ray model
+    ]
+    headers = [
+        HeaderFacts("ALICE", "CT"),
+        HeaderFacts("BOB", "CT"),
+        HeaderFacts("CAROL", "CT"),
+        HeaderFacts("ALICE", "CT"),
+    ]
+    analyses = analyse(
+        images,
+        headers,
+        ModelSet(FakeCompa(), {"ct": ct, "xray": xray}),
+        {"ct": gallery},
+        AnalysisSettings(),
+    )
+    assert ct.calls == [3] and xray.calls == [1]
+    assert [a.modality_verdict for a in analyses] == [ModalityVerdict.AGREE] * 3 + [
+        ModalityVerdict.MISMATCH
+    ]
+    assert [a.routed_to for a in analyses] == ["ct", "ct", "ct", "xray"]
+    verdicts = [a.identity.verdict for a in analyses if a.identity]
+    assert verdicts == [
+        IdentityVerdict.CONSISTENT,
+        IdentityVerdict.MISMATCH,
+        IdentityVerdict.NEW_PATIENT,
+        IdentityVerdict.UNVERIFIABLE,  # no X-ray gallery
+    ]
+    assert analyses[1].identity is not None and analyses[1].identity.matched_patient == "ALICE"
+    assert analyses[0].versions == {
+        "compa": "compa-fake",
+        "reid:ct": "reid-ct-fake",
+        "reid:xray": "reid-xray-fake",
+    }
+    assert analyses[1].top_matches and analyses[1].top_matches[0]["patient_id"] == "ALICE"
+
+
+def test_hold_policy_leaves_disagreeing_images_unrouted() -> None:
+    embedder = FakeEmbedder("reid-ct-fake")
+    analyses = analyse(
+        [image(0.9, (1, 0, 0))],
+        [HeaderFacts("A", "CT")],
+        ModelSet(FakeCompa(), {"ct": embedder}),
+        {},
+        AnalysisSettings(on_disagreement="hold"),
+    )
+    assert analyses[0].routed_to is None and embedder.calls == []
+    assert analyses[0].identity is not None
+    assert analyses[0].identity.verdict is IdentityVerdict.UNVERIFIABLE

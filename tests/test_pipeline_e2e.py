@@ -1,0 +1,126 @@
+"""The whole pipeline in the service: generated studies with known swaps and wrong Modality
+tags, visit 1 enrolled, visit 2 sent with DCMTK storescu; verdicts checked against the manifest."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from pipeline.datasets.synthetic import SynthOptions, generate
+from storage.models import Instance, Result
+from tests.conftest import Database
+from tests.service import RunningService, free_port, service_env, wait_for_queue
+
+MODELS = Path(__file__).resolve().parents[1] / "models"
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.db,
+    pytest.mark.skipif(shutil.which("storescu") is None, reason="DCMTK is not installed"),
+    pytest.mark.skipif(not (MODELS / "compa-v1").is_dir(), reason="the default models are absent"),
+]
+
+
+@pytest.fixture
+def hospital(tmp_path: Path) -> Path:
+    out = tmp_path / "hospital"
+    generate(
+        SynthOptions(
+            out=out,
+            patients=10,
+            visits=2,
+            seed=7,
+            slices=1,
+            mislabel_modality=0.2,
+            swap_patient=0.2,
+        )
+    )
+    return out
+
+
+@pytest.fixture
+def service(database: Database, tmp_path: Path) -> Iterator[RunningService]:
+    port = free_port()
+    running = RunningService(
+        workdir=tmp_path,
+        port=port,
+        env=service_env(tmp_path, database.url, port, MEDREID_MODELS_DIR=str(MODELS)),
+    )
+    yield running
+    running.stop()
+
+
+def test_swaps_and_wrong_tags_are_caught(
+    hospital: Path, service: RunningService, database: Database, tmp_path: Path
+) -> None:
+    rows = list(csv.DictReader((hospital / "manifest.csv").open()))
+    # Enroll visit 1 under the true identities (its folders), as a gallery built from
+    # verified earlier studies would be.
+    gallery = tmp_path / "gallery"
+    for row in rows:
+        if row["visit"] == "1":
+            target = gallery / row["path"]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(hospital / row["path"], target)
+    enrolled = service.cli("enroll", str(gallery))
+    assert "embeddings enrolled" in enrolled.stdout, enrolled.stderr
+    service.start(timeout=180)
+    second = [row for row in rows if row["visit"] == "2"]
+    sent = subprocess.run(
+        [
+            "storescu",
+            "-aec",
+            "MEDREID",
+            "127.0.0.1",
+            str(service.port),
+            *[str(hospital / row["path"]) for row in second],
+        ],
+        env={**service.env, "TCP_NODELAY": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert sent.returncode == 0, sent.stderr
+    wait_for_queue(database.sessions, timeout=300)
+    with database.sessions.begin() as session:
+        verdicts = {
+            instance.sop_instance_uid: result
+            for result, instance in session.execute(
+                select(Result, Instance).join(Instance, Instance.id == Result.instance_id)
+            ).all()
+        }
+    assert set(verdicts) == {row["sop_instance_uid"] for row in second}
+    modality_hits = modality_false = identity_hits = identity_false = 0
+    for row in second:
+        result = verdicts[row["sop_instance_uid"]]
+        assert result.status == "ok" and result.model_versions
+        assert result.predicted_modality == row["true_modality"]
+        if row["mislabelled"] == "True":
+            modality_hits += result.modality_verdict == "mismatch"
+        else:
+            modality_false += result.modality_verdict != "agree"
+        if row["swapped"] == "True":
+            identity_hits += result.identity_verdict == "mismatch"
+        else:
+            identity_false += result.identity_verdict == "mismatch"
+    mislabelled = sum(row["mislabelled"] == "True" for row in second)
+    swapped = sum(row["swapped"] == "True" for row in second)
+    print(
+        f"\nmodality: {modality_hits}/{mislabelled} wrong tags caught, {modality_false} "
+        f"false alarms of {len(second) - mislabelled}; identity: {identity_hits}/{swapped} "
+        f"swaps caught, {identity_false} false alarms of {len(second) - swapped}"
+    )
+    assert mislabelled > 0 and swapped > 0
+    assert modality_hits == mislabelled and modality_false == 0
+    assert identity_hits >= 0.75 * swapped
+    assert identity_false <= 0.1 * (len(second) - swapped)
+    alerts = service.cli_json("audit", "--event", "Security Alert")
+    kinds = {a["event_type"] for a in alerts}
+    assert {"Modality Mismatch", "Patient Mismatch"} <= kinds
+    listed = service.cli_json("results", "--verdict", "mismatch")
+    assert len(listed) >= modality_hits
