@@ -254,6 +254,25 @@ def _when(value: str | None, option: str) -> Any:
         raise SystemExit(f"medreid: {option}: {exc}") from None
 
 
+def _audit_listing(session: Any, kind: Any, args: argparse.Namespace, **detail: Any) -> None:
+    """Every look at the audit trail or the results is itself an audit event, with the user."""
+    from medreid.app import os_user
+    from storage import audit
+    from storage.repository import append_audit
+
+    append_audit(
+        session,
+        record=audit.AuditRecord(
+            kind=kind,
+            actor_user=os_user(),
+            actor_host=os.uname().nodename,
+            patient_id=getattr(args, "patient", None),
+            study_instance_uid=getattr(args, "study", None),
+            detail={"interface": "cli", **detail},
+        ),
+    )
+
+
 def cmd_db(settings: Settings, args: argparse.Namespace) -> int:
     from storage.db import current_revision, head_revision, make_engine, upgrade
 
@@ -274,9 +293,9 @@ def cmd_db(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
-    from medreid.app import build_database, os_user
+    from medreid.app import build_database
     from storage import audit
-    from storage.repository import AuditFilter, append_audit, query_audit
+    from storage.repository import AuditFilter, query_audit
 
     outcomes = {
         "success": audit.Outcome.SUCCESS,
@@ -300,26 +319,12 @@ def cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
         with sessions.begin() as session:
             events = query_audit(session, where=where)
             rows = [{c: getattr(e, c) for c in AUDIT_COLUMNS} for e in events]
-            # Reading the audit log is itself an audit event (Audit Log Used).
-            append_audit(
-                session,
-                record=audit.AuditRecord(
-                    kind=audit.AUDIT_LOG_USED,
-                    actor_user=os_user(),
-                    actor_host=os.uname().nodename,
-                    patient_id=args.patient,
-                    study_instance_uid=args.study,
-                    detail={
-                        "interface": "cli",
-                        "filters": {
-                            k: v
-                            for k, v in vars(args).items()
-                            if k not in ("config",) and v is not None and k != "command"
-                        },
-                        "rows": len(rows),
-                    },
-                ),
-            )
+            filters = {
+                k: v
+                for k, v in vars(args).items()
+                if v is not None and k not in ("config", "command")
+            }
+            _audit_listing(session, audit.AUDIT_LOG_USED, args, filters=filters, rows=len(rows))
     finally:
         engine.dispose()
     print(render(rows, args.format, AUDIT_COLUMNS))
@@ -327,9 +332,9 @@ def cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_instances(settings: Settings, args: argparse.Namespace) -> int:
-    from medreid.app import build_database, os_user
+    from medreid.app import build_database
     from storage import audit
-    from storage.repository import InstanceFilter, append_audit, list_instances
+    from storage.repository import InstanceFilter, list_instances
 
     where = InstanceFilter(
         since=_when(args.since, "--since"),
@@ -369,17 +374,7 @@ def cmd_instances(settings: Settings, args: argparse.Namespace) -> int:
                         "timings_ms": result.timings_ms if result else None,
                     }
                 )
-            append_audit(
-                session,
-                record=audit.AuditRecord(
-                    kind=audit.QUERY,
-                    actor_user=os_user(),
-                    actor_host=os.uname().nodename,
-                    patient_id=args.patient,
-                    study_instance_uid=args.study,
-                    detail={"interface": "cli", "listing": "instances", "rows": len(rows)},
-                ),
-            )
+            _audit_listing(session, audit.QUERY, args, listing="instances", rows=len(rows))
     finally:
         engine.dispose()
     print(render(rows, args.format, INSTANCE_COLUMNS))
@@ -791,9 +786,9 @@ RESULT_COLUMNS = (
 
 
 def cmd_results(settings: Settings, args: argparse.Namespace) -> int:
-    from medreid.app import build_database, os_user
+    from medreid.app import build_database
     from storage import audit
-    from storage.repository import ResultFilter, append_audit, list_results
+    from storage.repository import ResultFilter, list_results
 
     where = ResultFilter(
         since=_when(args.since, "--since"),
@@ -831,21 +826,8 @@ def cmd_results(settings: Settings, args: argparse.Namespace) -> int:
                         "timings_ms": result.timings_ms,
                     }
                 )
-            append_audit(
-                session,
-                record=audit.AuditRecord(
-                    kind=audit.QUERY,
-                    actor_user=os_user(),
-                    actor_host=os.uname().nodename,
-                    patient_id=args.patient,
-                    study_instance_uid=args.study,
-                    detail={
-                        "interface": "cli",
-                        "listing": "results",
-                        "rows": len(rows),
-                        "verdict": args.verdict,
-                    },
-                ),
+            _audit_listing(
+                session, audit.QUERY, args, listing="results", rows=len(rows), verdict=args.verdict
             )
     finally:
         engine.dispose()

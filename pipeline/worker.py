@@ -57,50 +57,41 @@ def job_outcome(
 
 def audit_records(job: ClaimedJob, outcome: JobOutcome, worker: str) -> list[audit.AuditRecord]:
     """Failures and mismatches a person must see, as audit events."""
+
+    def event(kind: audit.EventKind, **detail: object) -> audit.AuditRecord:
+        return audit.AuditRecord(
+            kind=kind,
+            outcome=audit.Outcome.MINOR_FAILURE,
+            actor_user=worker,
+            patient_id=job.patient_id,
+            study_instance_uid=job.study_instance_uid,
+            detail={"sop_instance_uid": job.sop_instance_uid, **detail},
+        )
+
     records = []
-    common = {"sop_instance_uid": job.sop_instance_uid}
     if not outcome.ok:
         records.append(
-            audit.AuditRecord(
-                kind=audit.PROCESSING_FAILED,
-                outcome=audit.Outcome.MINOR_FAILURE,
-                actor_user=worker,
-                patient_id=job.patient_id,
-                study_instance_uid=job.study_instance_uid,
-                detail={**common, "stage": outcome.failed_stage, "reason": outcome.failure_reason},
+            event(
+                audit.PROCESSING_FAILED, stage=outcome.failed_stage, reason=outcome.failure_reason
             )
         )
     if outcome.modality_verdict == "mismatch":
         records.append(
-            audit.AuditRecord(
-                kind=audit.MODALITY_MISMATCH,
-                outcome=audit.Outcome.MINOR_FAILURE,
-                actor_user=worker,
-                patient_id=job.patient_id,
-                study_instance_uid=job.study_instance_uid,
-                detail={
-                    **common,
-                    "header_modality": job.modality,
-                    "predicted": outcome.predicted_modality,
-                    "scores": outcome.modality_scores,
-                },
+            event(
+                audit.MODALITY_MISMATCH,
+                header_modality=job.modality,
+                predicted=outcome.predicted_modality,
+                scores=outcome.modality_scores,
             )
         )
     if outcome.identity_verdict == "mismatch":
         records.append(
-            audit.AuditRecord(
-                kind=audit.PATIENT_MISMATCH,
-                outcome=audit.Outcome.MINOR_FAILURE,
-                actor_user=worker,
-                patient_id=job.patient_id,
-                study_instance_uid=job.study_instance_uid,
-                detail={
-                    **common,
-                    "header_patient": job.patient_id,
-                    "looks_like": outcome.matched_patient_id,
-                    "top_matches": outcome.top_matches,
-                    "threshold": outcome.identity_threshold,
-                },
+            event(
+                audit.PATIENT_MISMATCH,
+                header_patient=job.patient_id,
+                looks_like=outcome.matched_patient_id,
+                top_matches=outcome.top_matches,
+                threshold=outcome.identity_threshold,
             )
         )
     return records
