@@ -49,9 +49,13 @@ def discover(models_dir: Path) -> dict[str, Path]:
     return {slot: folder for slot, (_, folder) in newest.items()}
 
 
-def resolve(models_dir: Path, active: dict[str, tuple[str, str]]) -> dict[str, Path]:
+def resolve(
+    models_dir: Path,
+    active: dict[str, tuple[str, str]],
+    discovered: dict[str, Path] | None = None,
+) -> dict[str, Path]:
     """Activated models where a slot has one, else the newest."""
-    chosen = discover(models_dir)
+    chosen = dict(discover(models_dir) if discovered is None else discovered)
     for slot, (_version, path) in active.items():
         chosen[slot] = Path(path)
     return chosen
@@ -85,11 +89,19 @@ class Analyser:
         self.galleries: dict[str, GalleryIndex] = {}
         self._gallery_versions: dict[str, str] = {}
         self._last_id: dict[str, int] = {}
+        self._discovered: tuple[int, dict[str, Path]] | None = None
+
+    def _newest(self) -> dict[str, Path]:
+        """The models folder's newest models, read again only when the folder changes."""
+        stamp = self.models_dir.stat().st_mtime_ns if self.models_dir.is_dir() else 0
+        if self._discovered is None or self._discovered[0] != stamp:
+            self._discovered = (stamp, discover(self.models_dir))
+        return self._discovered[1]
 
     def refresh(self) -> None:
         """Pick up an activated model and new enrollments (cheap when nothing changed)."""
         with self.sessions.begin() as session:
-            wanted = resolve(self.models_dir, active_models(session))
+            wanted = resolve(self.models_dir, active_models(session), self._newest())
             for slot, folder in wanted.items():
                 if self.loaded.get(slot) != folder:
                     model = load_model(slot, folder)

@@ -1,0 +1,107 @@
+"""Model selection, activation without restart, and gallery sync across processes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from pipeline import modelstore
+from pipeline.analysis import AnalysisSettings
+from pipeline.modelstore import Analyser, discover, embedding_bytes
+from storage.repository import NewGalleryEntry, activate_model, add_gallery_entries
+from tests.conftest import Database
+
+pytestmark = pytest.mark.db
+
+
+class FakeReid:
+    threshold = 0.9
+
+    def __init__(self, folder: Path) -> None:
+        self.version = folder.name
+
+    def embed(self, images: list[Any]) -> np.ndarray:
+        return np.ones((len(images), 2), dtype=np.float32)
+
+
+def model_folder(root: Path, name: str, created: str) -> Path:
+    folder = root / name
+    folder.mkdir(parents=True)
+    (folder / "model.json").write_text(
+        json.dumps({"kind": "reid", "modality": "xray", "version": name, "created": created})
+    )
+    return folder
+
+
+def test_activation_and_enrollment_reach_a_running_worker(
+    database: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loads: list[str] = []
+
+    def fake_load(slot: str, folder: Path) -> FakeReid:
+        loads.append(folder.name)
+        return FakeReid(folder)
+
+    monkeypatch.setattr(modelstore, "load_model", fake_load)
+    old = model_folder(tmp_path, "reid-xray-v1", "2026-01-01T00:00:00+00:00")
+    model_folder(tmp_path, "reid-xray-v2", "2026-02-01T00:00:00+00:00")
+    assert discover(tmp_path) == {"reid:xray": tmp_path / "reid-xray-v2"}
+
+    analyser = Analyser(database.sessions, tmp_path, AnalysisSettings())
+    analyser.refresh()
+    assert analyser.models.versions() == {"reid:xray": "reid-xray-v2"}
+    analyser.refresh()
+    assert loads == ["reid-xray-v2"]  # loaded once, not per batch
+
+    # Another process activates the older version and enrolls a patient for it.
+    with database.sessions.begin() as session:
+        activate_model(session, slot="reid:xray", version=old.name, path=str(old), by="admin")
+        add_gallery_entries(
+            session,
+            entries=[
+                NewGalleryEntry(
+                    "P1",
+                    "xray",
+                    "reid-xray-v1",
+                    embedding_bytes(np.array([1.0, 0.0])),
+                    None,
+                    None,
+                    "admin",
+                ),
+                NewGalleryEntry(
+                    "P2",
+                    "xray",
+                    "reid-xray-v2",
+                    embedding_bytes(np.array([0.0, 1.0])),
+                    None,
+                    None,
+                    "admin",
+                ),
+            ],
+        )
+    analyser.refresh()
+    assert analyser.models.versions() == {"reid:xray": "reid-xray-v1"}
+    assert loads == ["reid-xray-v2", "reid-xray-v1"]
+    gallery = analyser.galleries["xray"]
+    assert len(gallery) == 1 and gallery.is_enrolled("P1") and not gallery.is_enrolled("P2")
+    with database.sessions.begin() as session:
+        add_gallery_entries(
+            session,
+            entries=[
+                NewGalleryEntry(
+                    "P3",
+                    "xray",
+                    "reid-xray-v1",
+                    embedding_bytes(np.array([0.6, 0.8])),
+                    None,
+                    None,
+                    "admin",
+                ),
+            ],
+        )
+    analyser.refresh()
+    assert len(analyser.galleries["xray"]) == 2
