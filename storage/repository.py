@@ -379,11 +379,6 @@ def finish_job(session: Session, *, job: ClaimedJob, worker: str, outcome: JobOu
     return True
 
 
-def queue_depth(session: Session) -> dict[str, int]:
-    rows = session.execute(select(Job.state, func.count()).group_by(Job.state)).all()
-    return {str(state): int(count) for state, count in rows}
-
-
 # --------------------------------------------------------------------------- listing
 
 
@@ -473,13 +468,6 @@ def gallery_after(
     return [(int(i), str(p), bytes(e)) for i, p, e in rows]
 
 
-def gallery_counts(session: Session) -> dict[str, int]:
-    rows = session.execute(
-        select(GalleryEntry.model_version, func.count()).group_by(GalleryEntry.model_version)
-    ).all()
-    return {str(version): int(count) for version, count in rows}
-
-
 # --------------------------------------------------------------------------- models
 
 
@@ -548,6 +536,5 @@ __all__ = [
     "next_version",
     "open_association",
     "query_audit",
-    "queue_depth",
     "release_jobs_of",
 ]

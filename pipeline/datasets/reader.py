@@ -107,12 +107,6 @@ def iter_images(
             yield item, None, exc.reason
 
 
-def to_grey(image: FloatImage) -> FloatImage:
-    if image.ndim == 2:
-        return image
-    return np.asarray(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY), dtype=np.float32)
-
-
 def resize(image: FloatImage, size: int) -> FloatImage:
     interpolation = cv2.INTER_AREA if max(image.shape[:2]) > size else cv2.INTER_LINEAR
     return np.asarray(cv2.resize(image, (size, size), interpolation=interpolation), np.float32)
