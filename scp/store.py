@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from scp.records import StoredInstance, StoreRequest
 from scp.spool import Spool, is_valid_uid
 from scp.status import (
+    DatabaseUnavailable,
     DatasetMismatch,
     DatasetUnreadable,
     SopClassNotSupported,
@@ -177,7 +178,8 @@ class StoreService:
                     study_instance_uid=header.study_instance_uid,
                     size_bytes=new.size_bytes,
                 )
-        raise DatasetMismatch("SOP Instance UID is being stored concurrently; send it again")
+        # A transient race with another process on the same UID: ask the sender to retry.
+        raise DatabaseUnavailable("SOP Instance UID is being stored concurrently; send it again")
 
     def _duplicate(self, header: HeaderFields, version: int, size: int) -> StoredInstance:
         return StoredInstance(
