@@ -163,7 +163,15 @@ def run_worker(settings: Settings, *, name: str, should_stop: Callable[[], bool]
     engine, sessions = build_database(settings)
     analyser = build_analyser(settings, sessions)
     if analyser is not None:
-        analyser.refresh()  # load the models once, before the first job
+        try:
+            analyser.refresh()  # load the models once, before the first job
+        except Exception:
+            # Receiving and decoding go on; the log says why there are no verdicts.
+            log.exception(
+                "the models under %s could not be loaded: no verdicts until fixed",
+                settings.models.dir,
+            )
+            analyser = None
     worker = Worker(
         sessions=sessions,
         config=pipeline_config(settings),

@@ -34,6 +34,7 @@ class PipelineResult:
     enhanced: FloatImage | None = None
     failed_stage: str | None = None
     failure_reason: str | None = None
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:

@@ -45,7 +45,7 @@ def job_outcome(
         parameters=config.as_parameters(),
         timings_ms=result.timings_ms,
         failed_stage=result.failed_stage,
-        failure_reason=result.failure_reason,
+        failure_reason=result.failure_reason or ("; ".join(result.notes) or None),
         shape=list(decoded.frames.shape) if decoded is not None else None,
         frames_total=decoded.frames_total if decoded is not None else None,
         frames_analysed=list(decoded.frames_analysed) if decoded is not None else None,
@@ -140,11 +140,22 @@ class Worker:
         if not ready:
             return {}
         started = time.perf_counter()
-        self.analyser.refresh()
-        analyses = self.analyser.analyse(
-            [r.enhanced[0] for _, r in ready if r.enhanced is not None],
-            [HeaderFacts(j.patient_id, j.modality) for j, _ in ready],
-        )
+        try:
+            self.analyser.refresh()
+            analyses = self.analyser.analyse(
+                [r.enhanced[0] for _, r in ready if r.enhanced is not None],
+                [HeaderFacts(j.patient_id, j.modality) for j, _ in ready],
+            )
+        except SQLAlchemyError:
+            raise  # the database is away: the batch is retried when it returns
+        except Exception as exc:
+            # A model that fails must not stop the service: the images keep their decode and
+            # CLAHE results, without verdicts, and the reason is in the log and the result.
+            log.exception("models failed on a batch of %d images", len(ready))
+            for _, result in ready:
+                result.timings_ms["models_failed"] = 1.0
+                result.notes.append(f"models failed: {type(exc).__name__}: {exc}")
+            return {}
         per_image = round((time.perf_counter() - started) * 1000.0 / len(ready), 3)
         for _, result in ready:
             result.timings_ms["models"] = per_image

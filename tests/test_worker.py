@@ -103,3 +103,33 @@ def test_pipeline_on_a_multiframe_colour_image(tmp_path: Path) -> None:
     assert result.enhanced.shape == (1, 8, 8, 3)
     # the red frame stays red after CLAHE on lightness
     assert float(result.enhanced[0, :, :, 0].mean()) > float(result.enhanced[0, :, :, 1].mean())
+
+
+class BrokenAnalyser:
+    """A model that raises on every batch."""
+
+    def refresh(self) -> None:
+        pass
+
+    def analyse(self, images: list[np.ndarray], headers: list[object]) -> list[object]:
+        raise RuntimeError("out of memory in the model")
+
+
+def test_a_failing_model_leaves_results_without_verdicts(
+    database: Database, tmp_path: Path
+) -> None:
+    ds = make_dataset(np.full((8, 8), 100, dtype=np.uint16))
+    instance_id = enqueue(database, tmp_path, "one.dcm", encode(ds), ds.SOPInstanceUID)
+    worker = Worker(
+        sessions=database.sessions,
+        config=PipelineConfig(),
+        name="test/1/0",
+        spool_root=tmp_path,
+        analyser=BrokenAnalyser(),  # type: ignore[arg-type]
+    )
+    assert worker.run_once() == 1
+    with database.sessions.begin() as session:
+        result = session.scalars(select(Result).where(Result.instance_id == instance_id)).one()
+        assert result.status == "ok" and result.shape == [1, 8, 8]
+        assert result.identity_verdict is None and result.modality_verdict is None
+        assert "models failed: RuntimeError: out of memory" in (result.failure_reason or "")
