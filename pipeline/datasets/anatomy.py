@@ -487,33 +487,16 @@ def render_brain(
     centre = (s / 2, s / 2)
     level = math.sqrt(max(0.05, 1.0 - (z - 0.35) ** 2 * 1.6))  # smaller towards the vertex
     hx, hy = a.head[0] * level, a.head[1] * level
-    fill(
-        img,
-        harmonic_contour(centre, hy * s, a.head_shape[:3], a.head_shape[3:] * 50, aspect=hx / hy),
-        tissue["fat"],
-    )
-    fill(
-        img,
-        harmonic_contour(
+    # scalp, skull and the CSF around the brain: the same outline, each a little inside
+    for inset, layer in ((0.0, "fat"), (0.02, "bone"), (0.04, "csf")):
+        outline = harmonic_contour(
             centre,
-            (hy - 0.02) * s,
+            (hy - inset) * s,
             a.head_shape[:3],
             a.head_shape[3:] * 50,
-            aspect=(hx - 0.02) / (hy - 0.02),
-        ),
-        tissue["bone"],
-    )
-    fill(
-        img,
-        harmonic_contour(
-            centre,
-            (hy - 0.04) * s,
-            a.head_shape[:3],
-            a.head_shape[3:] * 50,
-            aspect=(hx - 0.04) / (hy - 0.04),
-        ),
-        tissue["csf"],
-    )
+            aspect=(hx - inset) / (hy - inset),
+        )
+        fill(img, outline, tissue[layer])
     brain_r = (hy - 0.05) * s
     aspect = (hx - 0.05) / (hy - 0.05)
     flat = np.zeros(3)
