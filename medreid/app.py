@@ -182,6 +182,7 @@ def run_worker(settings: Settings, *, name: str, should_stop: Callable[[], bool]
         max_attempts=settings.workers.max_attempts,
         poll_interval_s=settings.workers.poll_interval_s,
         analyser=analyser,
+        auto_enroll=settings.analysis.auto_enroll_new_patients,
     )
     try:
         worker.run(should_stop)

@@ -144,6 +144,7 @@ class AnalysisSettingsSection:
     )
     on_disagreement: str = "prediction"
     top_k: int = 5
+    auto_enroll_new_patients: bool = False
 
     def validate(self) -> None:
         for entry in self.tag_map:

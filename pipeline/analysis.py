@@ -76,6 +76,7 @@ class Analysis:
     identity: IdentityDecision | None
     threshold: float | None
     versions: dict[str, str]
+    embedding: npt.NDArray[np.float32] | None = None  # for enrollment; not part of the result
 
 
 def analyse(
@@ -109,6 +110,7 @@ def analyse(
             )
         )
     decisions: dict[int, tuple[list[dict[str, Any]], IdentityDecision, float]] = {}
+    vectors: dict[int, npt.NDArray[np.float32]] = {}
     for modality in sorted({r for r in routes if r is not None}):
         embedder = models.reid.get(modality)
         if embedder is None:
@@ -117,6 +119,7 @@ def analyse(
         embeddings = embedder.embed([images[i] for i in members])
         gallery = galleries.get(modality)
         for i, embedding in zip(members, embeddings, strict=True):
+            vectors[i] = embedding
             header_patient = headers[i].patient_id
             found = gallery.search(embedding, settings.top_k) if gallery is not None else []
             header_score = (
@@ -158,6 +161,7 @@ def analyse(
                 identity=decision,
                 threshold=threshold,
                 versions=versions,
+                embedding=vectors.get(i),
             )
         )
     return out

@@ -12,12 +12,21 @@ from sqlalchemy.exc import SQLAlchemyError
 
 if TYPE_CHECKING:
     from pipeline.modelstore import Analyser
+import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.analysis import Analysis, HeaderFacts
 from pipeline.runner import PipelineConfig, PipelineResult, run_pipeline
 from storage import audit
-from storage.repository import ClaimedJob, JobOutcome, append_audit, claim_jobs, finish_job
+from storage.repository import (
+    ClaimedJob,
+    JobOutcome,
+    NewGalleryEntry,
+    add_gallery_entries,
+    append_audit,
+    claim_jobs,
+    finish_job,
+)
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +119,7 @@ class Worker:
         max_attempts: int = 3,
         poll_interval_s: float = 0.5,
         analyser: Analyser | None = None,
+        auto_enroll: bool = False,
     ) -> None:
         self.sessions = sessions
         self.config = config
@@ -120,6 +130,7 @@ class Worker:
         self.max_attempts = max_attempts
         self.poll_interval_s = poll_interval_s
         self.analyser = analyser
+        self.auto_enroll = auto_enroll
         self.processed = 0
 
     def claim(self) -> list[ClaimedJob]:
@@ -175,9 +186,55 @@ class Worker:
             if stored:
                 for record in audit_records(job, outcome, self.name):
                     append_audit(session, record=record)
+                if self.auto_enroll and analysis is not None:
+                    self._enroll_new_patient(session, job, analysis)
         if not stored:
             log.warning("job %s: lease lost to another worker; result discarded", job.job_id)
         return stored
+
+    def _enroll_new_patient(self, session: Session, job: ClaimedJob, analysis: Analysis) -> None:
+        """The auto-enrollment policy: a new patient's image joins the gallery."""
+        identity = analysis.identity
+        modality = analysis.routed_to
+        if (
+            identity is None
+            or identity.verdict != "new_patient"
+            or analysis.embedding is None
+            or modality is None
+            or not job.patient_id
+        ):
+            return
+        version = analysis.versions.get(f"reid:{modality}")
+        if version is None:
+            return
+        add_gallery_entries(
+            session,
+            entries=[
+                NewGalleryEntry(
+                    patient_id=job.patient_id,
+                    modality=modality,
+                    model_version=version,
+                    embedding=np.asarray(analysis.embedding, dtype="<f4").tobytes(),
+                    source_instance_id=job.instance_id,
+                    source_path=None,
+                    enrolled_by=self.name,
+                )
+            ],
+        )
+        append_audit(
+            session,
+            record=audit.AuditRecord(
+                kind=audit.GALLERY_ENROLLMENT,
+                actor_user=self.name,
+                patient_id=job.patient_id,
+                study_instance_uid=job.study_instance_uid,
+                detail={
+                    "policy": "auto_enroll_new_patients",
+                    "model": version,
+                    "sop_instance_uid": job.sop_instance_uid,
+                },
+            ),
+        )
 
     def run_once(self) -> int:
         """Claim and process one batch; the number of jobs claimed."""

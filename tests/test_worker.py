@@ -133,3 +133,67 @@ def test_a_failing_model_leaves_results_without_verdicts(
         assert result.status == "ok" and result.shape == [1, 8, 8]
         assert result.identity_verdict is None and result.modality_verdict is None
         assert "models failed: RuntimeError: out of memory" in (result.failure_reason or "")
+
+
+class NewPatientAnalyser:
+    """Every image is of someone not yet enrolled."""
+
+    def refresh(self) -> None:
+        pass
+
+    def analyse(self, images: list[np.ndarray], headers: list[object]) -> list[object]:
+        from pipeline.analysis import Analysis
+        from pipeline.verdicts import IdentityDecision, IdentityVerdict, ModalityVerdict
+
+        return [
+            Analysis(
+                predicted_modality="ct",
+                modality_scores={"ct": 1.0},
+                modality_verdict=ModalityVerdict.AGREE,
+                routed_to="ct",
+                top_matches=[],
+                identity=IdentityDecision(IdentityVerdict.NEW_PATIENT, None, None, None),
+                threshold=0.8,
+                versions={"compa": "compa-x", "reid:ct": "reid-ct-x"},
+                embedding=np.array([0.6, 0.8], dtype=np.float32),
+            )
+            for _ in images
+        ]
+
+
+@pytest.mark.parametrize("policy", [True, False])
+def test_new_patients_are_enrolled_only_under_the_policy(
+    database: Database, tmp_path: Path, policy: bool
+) -> None:
+    from storage.models import GalleryEntry
+
+    ds = make_dataset(np.full((8, 8), 100, dtype=np.uint16))
+    instance_id = enqueue(database, tmp_path, "new.dcm", encode(ds), ds.SOPInstanceUID)
+    worker = Worker(
+        sessions=database.sessions,
+        config=PipelineConfig(),
+        name="test/1/0",
+        spool_root=tmp_path,
+        analyser=NewPatientAnalyser(),  # type: ignore[arg-type]
+        auto_enroll=policy,
+    )
+    assert worker.run_once() == 1
+    with database.sessions.begin() as session:
+        entries = session.scalars(select(GalleryEntry)).all()
+        result = session.scalars(select(Result).where(Result.instance_id == instance_id)).one()
+        assert result.identity_verdict == "new_patient"
+        if policy:
+            (entry,) = entries
+            assert (entry.patient_id, entry.modality, entry.model_version) == (
+                "P1",
+                "ct",
+                "reid-ct-x",
+            )
+            assert entry.source_instance_id == instance_id
+            assert np.frombuffer(entry.embedding, dtype="<f4").tolist() == pytest.approx([0.6, 0.8])
+            enrolled = session.scalars(
+                select(AuditEvent).where(AuditEvent.event_type == "Gallery Enrollment")
+            ).all()
+            assert len(enrolled) == 1 and enrolled[0].patient_id == "P1"
+        else:
+            assert entries == []
