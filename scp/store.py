@@ -57,7 +57,10 @@ def _text(ds: Dataset, keyword: str, limit: int) -> str | None:
 
 
 def read_header(dataset: bytes, transfer_syntax_uid: str) -> HeaderFields:
-    """Parse the received dataset (every element) and pick the fields we index by."""
+    """Check the received dataset's structure, then read the fields we index by.
+
+    The structural walk refuses truncated or garbled data while the sender still waits for
+    our answer; pydicom then reads only the few elements asked for."""
     syntax = UID(transfer_syntax_uid)
     try:
         check_well_formed(
@@ -77,10 +80,6 @@ def read_header(dataset: bytes, transfer_syntax_uid: str) -> HeaderFields:
                 syntax.is_little_endian,
                 syntax.is_deflated,
             )
-            # Touch every top-level element so a truncated or garbled dataset fails here,
-            # while the sender still waits for our answer, not later in a worker.
-            for _element in ds:
-                pass
             return HeaderFields(
                 sop_instance_uid=_text(ds, "SOPInstanceUID", 64),
                 sop_class_uid=_text(ds, "SOPClassUID", 64),
