@@ -6,16 +6,12 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from sqlalchemy.exc import SQLAlchemyError
-
-if TYPE_CHECKING:
-    from pipeline.modelstore import Analyser
-import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.analysis import Analysis, HeaderFacts
+from pipeline.modelstore import Analyser, embedding_bytes
 from pipeline.runner import PipelineConfig, PipelineResult, run_pipeline
 from storage import audit
 from storage.repository import (
@@ -214,7 +210,7 @@ class Worker:
                     patient_id=job.patient_id,
                     modality=modality,
                     model_version=version,
-                    embedding=np.asarray(analysis.embedding, dtype="<f4").tobytes(),
+                    embedding=embedding_bytes(analysis.embedding),
                     source_instance_id=job.instance_id,
                     source_path=None,
                     enrolled_by=self.name,
