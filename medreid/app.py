@@ -26,7 +26,7 @@ from pipeline.clahe import ClaheParams
 from pipeline.decode import DecodeParams
 from pipeline.modelstore import Analyser, discover
 from pipeline.runner import PipelineConfig
-from pipeline.worker import Worker
+from pipeline.worker import SeriesPolicy, Worker
 from scp.contexts import IMAGE_STORAGE_CLASSES
 from scp.server import DicomServer
 from scp.spool import Spool
@@ -183,6 +183,11 @@ def run_worker(settings: Settings, *, name: str, should_stop: Callable[[], bool]
         poll_interval_s=settings.workers.poll_interval_s,
         analyser=analyser,
         auto_enroll=settings.analysis.auto_enroll_new_patients,
+        series=SeriesPolicy(
+            modalities=settings.analysis.series_modalities,
+            quiet_s=settings.analysis.series_quiet_s,
+            tag_map=settings.analysis.tag_mapping(),
+        ),
     )
     try:
         worker.run(should_stop)

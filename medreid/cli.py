@@ -224,6 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
     results.add_argument("--since", help="ISO date/time, or relative: 30m, 12h, 7d")
     results.add_argument("--limit", type=int, default=1000)
     results.add_argument("--format", choices=FORMATS, default="table")
+    results.add_argument(
+        "--series",
+        action="store_true",
+        help="list the series verdicts (CT and MR series, once complete) instead of images",
+    )
 
     baseline = commands.add_parser(
         "baseline", help="raw-pixel cosine re-identification baseline of a dataset"
@@ -785,11 +790,57 @@ RESULT_COLUMNS = (
 )
 
 
+SERIES_COLUMNS = (
+    "id",
+    "decided_at",
+    "patient_id",
+    "header_modality",
+    "images",
+    "predicted_modality",
+    "modality_verdict",
+    "identity_verdict",
+    "matched_patient_id",
+    "header_score",
+    "best_other_score",
+    "revision",
+)
+
+
+def _series_listing(settings: Settings, args: argparse.Namespace) -> int:
+    from medreid.app import build_database
+    from storage import audit
+    from storage.repository import SeriesFilter, list_series_verdicts
+
+    where = SeriesFilter(
+        since=_when(args.since, "--since"),
+        verdict=args.verdict,
+        study=args.study,
+        patient=args.patient,
+        limit=args.limit,
+    )
+    engine, sessions = build_database(settings)
+    try:
+        with sessions.begin() as session:
+            rows = [
+                {c.key: getattr(row, c.key) for c in row.__table__.columns}
+                for row in list_series_verdicts(session, where=where)
+            ]
+            _audit_listing(
+                session, audit.QUERY, args, listing="series", rows=len(rows), verdict=args.verdict
+            )
+    finally:
+        engine.dispose()
+    print(render(rows, args.format, SERIES_COLUMNS))
+    return 0
+
+
 def cmd_results(settings: Settings, args: argparse.Namespace) -> int:
     from medreid.app import build_database
     from storage import audit
     from storage.repository import ResultFilter, list_results
 
+    if args.series:
+        return _series_listing(settings, args)
     where = ResultFilter(
         since=_when(args.since, "--since"),
         verdict=args.verdict,
@@ -822,6 +873,7 @@ def cmd_results(settings: Settings, args: argparse.Namespace) -> int:
                         "best_score": matches[0]["score"] if matches else None,
                         "top_matches": matches,
                         "identity_threshold": result.identity_threshold,
+                        "header_score": result.identity_header_score,
                         "model_versions": result.model_versions,
                         "timings_ms": result.timings_ms,
                     }

@@ -145,6 +145,8 @@ class AnalysisSettingsSection:
     on_disagreement: str = "prediction"
     top_k: int = 5
     auto_enroll_new_patients: bool = False
+    series_modalities: tuple[str, ...] = ("CT", "MR")
+    series_quiet_s: float = 30.0
 
     def validate(self) -> None:
         for entry in self.tag_map:
@@ -159,6 +161,12 @@ class AnalysisSettingsSection:
                 f"analysis.on_disagreement: {self.on_disagreement!r} is not prediction or hold"
             )
         _check_range("analysis.top_k", self.top_k, 1, 100)
+        _check_range("analysis.series_quiet_s", self.series_quiet_s, 0.0, 86400.0)
+        for code in self.series_modalities:
+            if not code.strip() or code.strip().upper() != code.strip() or len(code) > 16:
+                raise SettingsError(
+                    f"analysis.series_modalities: {code!r} is not an upper-case Modality code"
+                )
 
     def tag_mapping(self) -> dict[str, str]:
         pairs = (entry.partition("=") for entry in self.tag_map)

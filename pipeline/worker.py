@@ -2,26 +2,35 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.analysis import Analysis, HeaderFacts
 from pipeline.modelstore import Analyser, embedding_bytes
 from pipeline.runner import PipelineConfig, PipelineResult, run_pipeline
+from pipeline.series import ImageFinding, SeriesVerdict, aggregate_series
 from storage import audit
+from storage.models import Instance, SeriesVerdictRow, utcnow
 from storage.repository import (
     ClaimedJob,
     JobOutcome,
     NewGalleryEntry,
+    QuietSeries,
     add_gallery_entries,
     append_audit,
     claim_jobs,
     finish_job,
+    quiet_series,
+    save_series_verdict,
+    series_results,
 )
 
 log = logging.getLogger(__name__)
@@ -43,6 +52,7 @@ def job_outcome(
         routed_to=analysis.routed_to if analysis else None,
         top_matches=analysis.top_matches if analysis else None,
         identity_threshold=analysis.threshold if analysis else None,
+        identity_header_score=identity.header_score if identity else None,
         identity_verdict=str(identity.verdict) if identity else None,
         matched_patient_id=identity.matched_patient if identity else None,
         model_versions=analysis.versions if analysis else None,
@@ -102,6 +112,91 @@ def audit_records(job: ClaimedJob, outcome: JobOutcome, worker: str) -> list[aud
     return records
 
 
+@dataclass(frozen=True)
+class SeriesPolicy:
+    """Which series get a series verdict, and how long a series must be quiet first."""
+
+    modalities: tuple[str, ...] = ("CT", "MR")
+    quiet_s: float = 30.0
+    tag_map: Mapping[str, str] | None = None
+
+
+def series_audit_records(row: SeriesVerdictRow, worker: str) -> list[audit.AuditRecord]:
+    """A series judged a mismatch as a whole is a Security Alert of its own."""
+    detail: dict[str, object] = {
+        "scope": "series",
+        "series_instance_uid": row.series_instance_uid,
+        "images": row.images,
+        "revision": row.revision,
+    }
+    records = []
+    if row.modality_verdict == "mismatch":
+        records.append(
+            audit.AuditRecord(
+                kind=audit.MODALITY_MISMATCH,
+                outcome=audit.Outcome.MINOR_FAILURE,
+                actor_user=worker,
+                patient_id=row.patient_id,
+                study_instance_uid=row.study_instance_uid,
+                detail={
+                    **detail,
+                    "header_modality": row.header_modality,
+                    "predicted": row.predicted_modality,
+                    "agreement": row.modality_agreement,
+                },
+            )
+        )
+    if row.identity_verdict == "mismatch":
+        records.append(
+            audit.AuditRecord(
+                kind=audit.PATIENT_MISMATCH,
+                outcome=audit.Outcome.MINOR_FAILURE,
+                actor_user=worker,
+                patient_id=row.patient_id,
+                study_instance_uid=row.study_instance_uid,
+                detail={
+                    **detail,
+                    "header_patient": row.patient_id,
+                    "looks_like": row.matched_patient_id,
+                    "header_score": row.header_score,
+                    "best_other_score": row.best_other_score,
+                    "threshold": row.threshold,
+                },
+            )
+        )
+    return records
+
+
+def _most_common(values: list[str | None]) -> str | None:
+    present = [v for v in values if v]
+    return Counter(present).most_common(1)[0][0] if present else None
+
+
+def series_row(
+    images: list[Instance], verdict: SeriesVerdict, last: dt.datetime, worker: str
+) -> SeriesVerdictRow:
+    return SeriesVerdictRow(
+        series_instance_uid=images[0].series_instance_uid,
+        study_instance_uid=_most_common([i.study_instance_uid for i in images]),
+        patient_id=_most_common([i.patient_id for i in images]),
+        header_modality=_most_common([i.modality for i in images]),
+        images=verdict.images,
+        images_analysed=verdict.images_analysed,
+        predicted_modality=verdict.predicted_modality,
+        modality_agreement=verdict.modality_agreement,
+        modality_verdict=verdict.modality_verdict,
+        identity_verdict=verdict.identity_verdict,
+        matched_patient_id=verdict.matched_patient_id,
+        header_score=verdict.header_score,
+        best_other_score=verdict.best_other_score,
+        threshold=verdict.threshold,
+        last_received_at=last,
+        decided_at=utcnow(),
+        decided_by=worker,
+        revision=1,
+    )
+
+
 class Worker:
     def __init__(
         self,
@@ -116,6 +211,7 @@ class Worker:
         poll_interval_s: float = 0.5,
         analyser: Analyser | None = None,
         auto_enroll: bool = False,
+        series: SeriesPolicy | None = None,
     ) -> None:
         self.sessions = sessions
         self.config = config
@@ -127,7 +223,9 @@ class Worker:
         self.poll_interval_s = poll_interval_s
         self.analyser = analyser
         self.auto_enroll = auto_enroll
+        self.series = series
         self.processed = 0
+        self.series_decided = 0
 
     def claim(self) -> list[ClaimedJob]:
         with self.sessions.begin() as session:
@@ -242,8 +340,62 @@ class Worker:
                 self.processed += 1
         return len(jobs)
 
+    def close_quiet_series(self) -> int:
+        """Judge every series that has been quiet long enough; the number of verdicts stored."""
+        policy = self.series
+        if policy is None or not policy.modalities:
+            return 0
+        quiet_before = utcnow() - dt.timedelta(seconds=policy.quiet_s)
+        with self.sessions.begin() as session:
+            candidates = quiet_series(
+                session, modalities=policy.modalities, quiet_before=quiet_before
+            )
+        stored = 0
+        for candidate in candidates:
+            try:
+                stored += self._judge_series(candidate, policy)
+            except IntegrityError:
+                # another worker judged it first: its verdict stands
+                log.debug("series %s judged by another worker", candidate.series_instance_uid)
+        self.series_decided += stored
+        return stored
+
+    def _judge_series(self, candidate: QuietSeries, policy: SeriesPolicy) -> int:
+        with self.sessions.begin() as session:
+            rows = series_results(session, series_uid=candidate.series_instance_uid)
+            if not rows or any(result is None for _, result in rows):
+                return 0
+            images = [instance for instance, _ in rows]
+            header_patient = _most_common([i.patient_id for i in images])
+            findings = [
+                ImageFinding(
+                    predicted_modality=result.predicted_modality,
+                    identity_verdict=result.identity_verdict,
+                    header_score=result.identity_header_score,
+                    top_matches=result.top_matches,
+                    threshold=result.identity_threshold,
+                )
+                for _, result in rows
+                if result is not None
+            ]
+            verdict = aggregate_series(
+                findings,
+                header_patient=header_patient,
+                header_modality=_most_common([i.modality for i in images]),
+                tag_map=policy.tag_map or {},
+            )
+            saved = save_series_verdict(
+                session, row=series_row(images, verdict, candidate.last_received_at, self.name)
+            )
+            if saved is None:
+                return 0
+            for record in series_audit_records(saved, self.name):
+                append_audit(session, record=record)
+            return 1
+
     def run(self, should_stop: Callable[[], bool]) -> None:
         log.info("worker %s started", self.name)
+        next_series_check = 0.0
         while not should_stop():
             try:
                 claimed = self.run_once()
@@ -251,6 +403,13 @@ class Worker:
                 log.error("worker %s: database error, retrying: %s", self.name, exc)
                 claimed = 0
                 time.sleep(min(5.0, self.poll_interval_s * 4))
+            if self.series is not None and time.monotonic() >= next_series_check:
+                # also under load, so a busy queue does not hold series verdicts back
+                next_series_check = time.monotonic() + min(5.0, max(0.5, self.series.quiet_s / 4))
+                try:
+                    self.close_quiet_series()
+                except SQLAlchemyError as exc:
+                    log.error("worker %s: series verdicts: database error: %s", self.name, exc)
             if claimed == 0:
                 time.sleep(self.poll_interval_s)
         log.info("worker %s stopped after %d jobs", self.name, self.processed)

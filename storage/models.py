@@ -94,6 +94,7 @@ class Instance(Base):
         Index("ix_instances_study_instance_uid", "study_instance_uid"),
         Index("ix_instances_patient_id", "patient_id"),
         Index("ix_instances_received_at", "received_at"),
+        Index("ix_instances_series_instance_uid", "series_instance_uid"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -170,9 +171,38 @@ class Result(Base):
     # ...and the identity check against the enrolled gallery.
     top_matches: Mapped[list[Any] | None]
     identity_threshold: Mapped[float | None]
+    identity_header_score: Mapped[float | None]  # the header patient's best score
     identity_verdict: Mapped[str | None] = mapped_column(String(16), index=True)
     matched_patient_id: Mapped[str | None] = mapped_column(String(64))
     model_versions: Mapped[dict[str, Any] | None]
+
+
+class SeriesVerdictRow(Base):
+    """One verdict per CT or MR series, decided after the series has been quiet for a while.
+
+    Revised (``revision`` + 1) if images of the series arrive after it was decided."""
+
+    __tablename__ = "series_verdicts"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    study_instance_uid: Mapped[str | None] = mapped_column(String(64), index=True)
+    patient_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    header_modality: Mapped[str | None] = mapped_column(String(16))
+    images: Mapped[int] = mapped_column(Integer)
+    images_analysed: Mapped[int] = mapped_column(Integer)
+    predicted_modality: Mapped[str | None] = mapped_column(String(16))
+    modality_agreement: Mapped[float | None]
+    modality_verdict: Mapped[str | None] = mapped_column(String(16), index=True)
+    identity_verdict: Mapped[str | None] = mapped_column(String(16), index=True)
+    matched_patient_id: Mapped[str | None] = mapped_column(String(64))
+    header_score: Mapped[float | None]
+    best_other_score: Mapped[float | None]
+    threshold: Mapped[float | None]
+    last_received_at: Mapped[dt.datetime]
+    decided_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    decided_by: Mapped[str] = mapped_column(String(255))
+    revision: Mapped[int] = mapped_column(Integer, default=1)
 
 
 class GalleryEntry(Base):

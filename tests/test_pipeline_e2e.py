@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 from sqlalchemy import select
 
 from pipeline.datasets.synthetic import SynthOptions, generate
-from storage.models import Instance, Result
+from storage.models import Instance, Result, SeriesVerdictRow
 from tests.conftest import Database
 from tests.service import RunningService, free_port, service_env, wait_for_queue
 
@@ -35,7 +36,7 @@ def hospital(tmp_path: Path) -> Path:
             patients=10,
             visits=2,
             seed=7,
-            slices=1,
+            slices=3,
             mislabel_modality=0.2,
             swap_patient=0.2,
         )
@@ -49,7 +50,13 @@ def service(database: Database, tmp_path: Path) -> Iterator[RunningService]:
     running = RunningService(
         workdir=tmp_path,
         port=port,
-        env=service_env(tmp_path, database.url, port, MEDREID_MODELS_DIR=str(MODELS)),
+        env=service_env(
+            tmp_path,
+            database.url,
+            port,
+            MEDREID_MODELS_DIR=str(MODELS),
+            MEDREID_ANALYSIS_SERIES_QUIET_S="1",
+        ),
     )
     yield running
     running.stop()
@@ -95,11 +102,11 @@ def test_swaps_and_wrong_tags_are_caught(
             ).all()
         }
     assert set(verdicts) == {row["sop_instance_uid"] for row in second}
-    modality_hits = modality_false = identity_hits = identity_false = 0
+    modality_hits = modality_false = identity_hits = identity_false = misread = 0
     for row in second:
         result = verdicts[row["sop_instance_uid"]]
         assert result.status == "ok" and result.model_versions
-        assert result.predicted_modality == row["true_modality"]
+        misread += result.predicted_modality != row["true_modality"]
         if row["mislabelled"] == "True":
             modality_hits += result.modality_verdict == "mismatch"
         else:
@@ -111,12 +118,16 @@ def test_swaps_and_wrong_tags_are_caught(
     mislabelled = sum(row["mislabelled"] == "True" for row in second)
     swapped = sum(row["swapped"] == "True" for row in second)
     print(
-        f"\nmodality: {modality_hits}/{mislabelled} wrong tags caught, {modality_false} "
+        f"\nmodality misread in {misread} of {len(second)} images; "
+        f"{modality_hits}/{mislabelled} wrong tags caught, {modality_false} "
         f"false alarms of {len(second) - mislabelled}; identity: {identity_hits}/{swapped} "
         f"swaps caught, {identity_false} false alarms of {len(second) - swapped}"
     )
     assert mislabelled > 0 and swapped > 0
-    assert modality_hits == mislabelled and modality_false == 0
+    # Image by image, an end slice of a volume can read as "other"; the series verdicts
+    # below must be exact.
+    assert misread <= 0.05 * len(second)
+    assert modality_hits >= 0.9 * mislabelled and modality_false <= 0.05 * len(second)
     assert identity_hits >= 0.75 * swapped
     assert identity_false <= 0.1 * (len(second) - swapped)
     alerts = service.cli_json("audit", "--event", "Security Alert")
@@ -124,3 +135,30 @@ def test_swaps_and_wrong_tags_are_caught(
     assert {"Modality Mismatch", "Patient Mismatch"} <= kinds
     listed = service.cli_json("results", "--verdict", "mismatch")
     assert len(listed) >= modality_hits
+
+    # One series verdict per CT and MR series (by header Modality), once each is quiet.
+    series = {
+        row["series_instance_uid"]: row for row in second if row["header_modality"] in ("CT", "MR")
+    }
+    assert series
+    deadline = time.monotonic() + 60
+    while True:
+        with database.sessions.begin() as session:
+            judged = {
+                v.series_instance_uid: (v.images, v.modality_verdict, v.identity_verdict)
+                for v in session.scalars(select(SeriesVerdictRow))
+            }
+        if len(judged) >= len(series) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert set(judged) == set(series)
+    series_swaps = series_caught = 0
+    for uid, row in series.items():
+        images, modality, identity = judged[uid]
+        assert images == sum(r["series_instance_uid"] == uid for r in second)
+        assert modality == ("mismatch" if row["mislabelled"] == "True" else "agree")
+        series_swaps += row["swapped"] == "True"
+        series_caught += row["swapped"] == "True" and identity == "mismatch"
+    assert series_caught >= 0.75 * series_swaps
+    listed_series = service.cli_json("results", "--series")
+    assert {s["series_instance_uid"] for s in listed_series} == set(series)
