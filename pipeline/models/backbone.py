@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +51,26 @@ class Preprocessing:
 
     def batch(self, images: list[FloatImage]) -> npt.NDArray[np.float32]:
         return np.stack([self.apply(image) for image in images]).astype(np.float32)
+
+
+_PREDICTORS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
+def predictor(model: Any) -> Callable[[npt.NDArray[np.float32]], npt.NDArray[np.float32]]:
+    """The model's inference as one traced graph, built once per model.
+
+    A Keras model called eagerly spends most of its time in Python, layer by layer: the
+    traced graph runs the same weights about three times faster on CPU. The batch dimension
+    is left open, so batches of any size share one trace."""
+    traced = _PREDICTORS.get(model)
+    if traced is None:
+        import tensorflow as tf
+
+        spec = tf.TensorSpec([None, *model.input_shape[1:]], tf.float32)
+        traced = tf.function(lambda batch: model(batch, training=False), input_signature=[spec])
+        _PREDICTORS[model] = traced
+    call = traced
+    return lambda batch: np.asarray(call(batch))
 
 
 def quiet_tensorflow() -> None:

@@ -34,7 +34,7 @@ from pipeline.metrics import (
     verification_scores,
 )
 from pipeline.models import artifacts
-from pipeline.models.backbone import Preprocessing, build_backbone, quiet_tensorflow
+from pipeline.models.backbone import Preprocessing, build_backbone, predictor, quiet_tensorflow
 from pipeline.records import FloatImage
 from pipeline.runner import PipelineConfig
 
@@ -172,9 +172,9 @@ def embed_images(
     model: Any, images: list[FloatImage], prep: Preprocessing, batch_size: int = 32
 ) -> npt.NDArray[np.float32]:
     out = []
+    run = predictor(model)
     for start in range(0, len(images), batch_size):
-        batch = prep.batch(images[start : start + batch_size])
-        out.append(np.asarray(model(batch, training=False)))
+        out.append(run(prep.batch(images[start : start + batch_size])))
     if not out:
         return np.zeros((0, 0), np.float32)
     return np.concatenate(out).astype(np.float32)

@@ -1,0 +1,207 @@
+"""Sustained pipeline throughput of `medreid serve` on 512x512 CT, with the time per stage and
+the latency from acknowledgement to stored result.
+
+A generated CT-only hospital (seed 321, never used in training): visit 1 is enrolled, visit 2
+is sent to a running service (SQLite, the default models) in two phases:
+
+1. **flood**: every image as fast as two concurrent associations can send; the sustained rate
+   is the images over the time from the first result to the last;
+2. **paced**: at half the measured sustained rate, one association, for the p50 / p95 latency
+   from an image's acknowledgement (its row) to its stored result.
+
+    python -m benchmarks.pipeline_throughput [--patients 40] [--slices 15] [--workers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pynetdicom import AE
+from sqlalchemy import select
+
+from pipeline.datasets.synthetic import SynthOptions, generate, read_manifest
+from storage.db import make_engine, make_sessionmaker
+from storage.models import Instance, Result
+from tests.service import RunningService, free_port, service_env, wait_for_queue
+
+CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+
+
+def send(port: int, paths: list[Path], pause_s: float = 0.0) -> int:
+    """C-STORE every file over one association; the number acknowledged with Success."""
+    ae = AE(ae_title="BENCH")
+    ae.add_requested_context(CT_IMAGE, EXPLICIT_LE)
+    assoc = ae.associate("127.0.0.1", port, ae_title="MEDREID")
+    if not assoc.is_established:
+        raise RuntimeError("association rejected")
+    ok = 0
+    try:
+        for path in paths:
+            status = assoc.send_c_store(dcmread(path))
+            ok += getattr(status, "Status", None) == 0
+            if pause_s:
+                time.sleep(pause_s)
+    finally:
+        assoc.release()
+    return ok
+
+
+def send_parallel(port: int, paths: list[Path], associations: int) -> int:
+    counts = [0] * associations
+    threads = [
+        threading.Thread(
+            target=lambda i=i: counts.__setitem__(i, send(port, paths[i::associations]))
+        )
+        for i in range(associations)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return sum(counts)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def measured(sessions: Any, sop_uids: set[str]) -> dict[str, Any]:
+    with sessions.begin() as session:
+        rows = [
+            (i.received_at, r.created_at, dict(r.timings_ms), r.identity_verdict)
+            for r, i in session.execute(
+                select(Result, Instance).join(Instance, Instance.id == Result.instance_id)
+            ).all()
+            if i.sop_instance_uid in sop_uids
+        ]
+    received = [r[0] for r in rows]
+    finished = [r[1] for r in rows]
+    latencies = [(done - got).total_seconds() for got, done, _, _ in rows]
+    stages: dict[str, list[float]] = defaultdict(list)
+    for _, _, timings, _ in rows:
+        for stage, ms in timings.items():
+            if stage != "models_failed":
+                stages[stage].append(float(ms))
+    span = (max(finished) - min(finished)).total_seconds() if len(rows) > 1 else 0.0
+    return {
+        "images": len(rows),
+        "ingest_per_s": round(
+            len(rows) / max((max(received) - min(received)).total_seconds(), 1e-9), 1
+        ),
+        "results_per_s": round((len(rows) - 1) / span, 1) if span else None,
+        "latency_p50_s": round(statistics.median(latencies), 3),
+        "latency_p95_s": round(percentile(latencies, 0.95), 3),
+        "stage_ms_mean": {k: round(statistics.fmean(v), 2) for k, v in sorted(stages.items())},
+        "with_identity_verdict": sum(r[3] is not None for r in rows),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--patients", type=int, default=40)
+    parser.add_argument("--slices", type=int, default=15)
+    parser.add_argument("--workers", type=int, default=2, help="worker processes")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--models", type=Path, default=Path("models").resolve())
+    parser.add_argument("--json", type=Path, default=Path("benchmarks/results/pipeline.json"))
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="medreid-bench-"))
+    try:
+        hospital = work / "hospital"
+        print(f"generating {args.patients} CT patients x 2 visits x {args.slices} slices ...")
+        generate(
+            SynthOptions(
+                out=hospital,
+                patients=args.patients,
+                visits=2,
+                modalities=("ct",),
+                seed=321,
+                slices=args.slices,
+            )
+        )
+        rows = list(read_manifest(hospital / "manifest.csv"))
+        gallery = work / "gallery"
+        for row in rows:
+            if row["visit"] == "1":
+                target = gallery / row["path"]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(hospital / row["path"], target)
+        second = [row for row in rows if row["visit"] == "2"]
+        half = len(second) // 2
+        flood = [hospital / r["path"] for r in second[:half]]
+        paced = [hospital / r["path"] for r in second[half:]]
+
+        port = free_port()
+        url = f"sqlite:///{work / 'medreid.db'}"
+        env = service_env(
+            work,
+            url,
+            port,
+            MEDREID_MODELS_DIR=str(args.models),
+            MEDREID_WORKERS_PROCESSES=str(args.workers),
+            MEDREID_WORKERS_BATCH_SIZE=str(args.batch_size),
+            MEDREID_LOGGING_LEVEL="WARNING",
+        )
+        service = RunningService(workdir=work, port=port, env=env)
+        service.cli("db", "upgrade")
+        enrolled = service.cli("enroll", str(gallery))
+        print(enrolled.stdout.strip().splitlines()[-1])
+        started = time.monotonic()
+        service.start(timeout=120)
+        print(f"listening after {time.monotonic() - started:.1f} s")
+        engine = make_engine(url)
+        sessions = make_sessionmaker(engine)
+        # warm the workers (model load) on a few images, outside the measurement
+        send(port, flood[:4])
+        wait_for_queue(sessions, timeout=300)
+
+        print(f"flood: {len(flood) - 4} images over 2 associations ...")
+        acked = send_parallel(port, flood[4:], 2)
+        wait_for_queue(sessions, timeout=1800)
+        flood_uids = {dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in flood[4:]}
+        flood_report = measured(sessions, flood_uids)
+        flood_report["acknowledged"] = acked
+
+        rate = (flood_report["results_per_s"] or 10.0) / 2
+        print(f"paced: {len(paced)} images at {rate:.1f} per second ...")
+        acked = send(port, paced, pause_s=1.0 / rate)
+        wait_for_queue(sessions, timeout=1800)
+        paced_uids = {dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in paced}
+        paced_report = measured(sessions, paced_uids)
+        paced_report["acknowledged"] = acked
+        paced_report["offered_per_s"] = round(rate, 1)
+        service.stop()
+        engine.dispose()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    report = {
+        "modality": "ct",
+        "image": "512x512 uint16, explicit VR little endian",
+        "workers": args.workers,
+        "batch_size": args.batch_size,
+        "flood": flood_report,
+        "paced_half_load": paced_report,
+        "target_per_s": 30,
+        "ratio_to_target": round((flood_report["results_per_s"] or 0) / 30, 2),
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
