@@ -214,8 +214,19 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         help="DATASET/<modality>/<patient_id>/... (the folder is the identity)",
     )
+    enroll.add_argument(
+        "--files", help="with DATASET: only file names matching this glob, e.g. 'v1_*'"
+    )
     enroll.add_argument("--study", help="enroll received instances of this study")
     enroll.add_argument("--patient", help="enroll received instances of this header patient ID")
+
+    demo = commands.add_parser(
+        "demo",
+        help="generate a hospital, enroll its first visits, send the second ones, show the catch",
+    )
+    demo.add_argument("--out", type=Path, default=Path("var/demo"), help="the demo hospital")
+    demo.add_argument("--patients", type=int, default=12)
+    demo.add_argument("--seed", type=int, default=2026)
 
     results = commands.add_parser("results", help="list pipeline results and verdicts")
     results.add_argument("--verdict", help="e.g. mismatch, consistent, new_patient, agree")
@@ -405,6 +416,13 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     name = args.name or f"{os.uname().nodename}:worker/{os.getpid()}/0"
     run_worker(settings, name=name, should_stop=stop.is_set)
     return 0
+
+
+def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
+    from medreid.demo import run_demo
+
+    config = str(args.config) if args.config else os.environ.get("MEDREID_CONFIG")
+    return run_demo(settings, config, args.out, patients=args.patients, seed=args.seed)
 
 
 def cmd_config(settings: Settings, args: argparse.Namespace) -> int:
@@ -758,7 +776,9 @@ def cmd_enroll(settings: Settings, args: argparse.Namespace) -> int:
     progress = _Progress("enroll")
     try:
         if args.dataset is not None:
-            counts = enroll_folder(settings, sessions, args.dataset, os_user(), progress)
+            counts = enroll_folder(
+                settings, sessions, args.dataset, os_user(), progress, files=args.files
+            )
         else:
             counts = enroll_received(
                 settings, sessions, os_user(), study=args.study, patient=args.patient
@@ -902,6 +922,7 @@ COMMANDS = {
     "models": cmd_models,
     "enroll": cmd_enroll,
     "results": cmd_results,
+    "demo": cmd_demo,
 }
 
 

@@ -3,6 +3,7 @@ instances already received."""
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Callable
 from pathlib import Path
 
@@ -99,11 +100,17 @@ def enroll_folder(
     dataset: Path,
     enrolled_by: str,
     progress: Callable[[int, int], None] | None = None,
+    *,
+    files: str | None = None,
 ) -> dict[str, int]:
-    """Every image of DATASET/<modality>/<patient_id>/, the folder giving the identity."""
+    """Every image of DATASET/<modality>/<patient_id>/, the folder giving the identity;
+    only file names matching the ``files`` glob, where given (``v1_*``: first visits)."""
     work: dict[str, list[tuple[DatasetItem, int | None]]] = {}
     for item in scan(dataset):
-        work.setdefault(item.modality, []).append((item, None))
+        if files is None or fnmatch.fnmatch(item.path.name, files):
+            work.setdefault(item.modality, []).append((item, None))
+    if not work:
+        raise ValueError(f"no images in {dataset}" + (f" named {files}" if files else ""))
     return _enroll(settings, sessions, work, enrolled_by, progress)
 
 

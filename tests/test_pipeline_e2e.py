@@ -4,8 +4,11 @@ tags, visit 1 enrolled, visit 2 sent with DCMTK storescu; verdicts checked again
 from __future__ import annotations
 
 import csv
+import re
 import shutil
+import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -162,3 +165,40 @@ def test_swaps_and_wrong_tags_are_caught(
     assert series_caught >= 0.75 * series_swaps
     listed_series = service.cli_json("results", "--series")
     assert {s["series_instance_uid"] for s in listed_series} == set(series)
+
+
+def test_demo_walks_a_newcomer_through_in_one_command(tmp_path: Path) -> None:
+    port = free_port()
+    env = service_env(
+        tmp_path,
+        f"sqlite:///{tmp_path / 'demo.db'}",
+        port,
+        MEDREID_MODELS_DIR=str(MODELS),
+        MEDREID_ANALYSIS_SERIES_QUIET_S="1",
+    )
+    demo = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medreid.cli",
+            "demo",
+            "--out",
+            str(tmp_path / "demo"),
+            "--patients",
+            "4",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    assert "starting medreid serve" in demo.stdout
+    analysed = re.search(r"4/4 (\d+) of (\d+) images analysed", demo.stdout)
+    assert analysed and analysed.group(1) == analysed.group(2)
+    judged = re.search(r"series judged: (\d+) of (\d+)", demo.stdout)
+    assert judged and judged.group(1) == judged.group(2) != "0"
+    # the service it started is gone again
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
