@@ -38,20 +38,22 @@ CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 
 
-def send(port: int, paths: list[Path], pause_s: float = 0.0) -> int:
-    """C-STORE every file over one association; the number acknowledged with Success."""
+def send(port: int, paths: list[Path], rate_per_s: float | None = None) -> int:
+    """C-STORE every file over one association (at ``rate_per_s``, where given, on a fixed
+    schedule); the number acknowledged with Success."""
     ae = AE(ae_title="BENCH")
     ae.add_requested_context(CT_IMAGE, EXPLICIT_LE)
     assoc = ae.associate("127.0.0.1", port, ae_title="MEDREID")
     if not assoc.is_established:
         raise RuntimeError("association rejected")
     ok = 0
+    started = time.monotonic()
     try:
-        for path in paths:
+        for n, path in enumerate(paths):
+            if rate_per_s:
+                time.sleep(max(0.0, started + n / rate_per_s - time.monotonic()))
             status = assoc.send_c_store(dcmread(path))
             ok += getattr(status, "Status", None) == 0
-            if pause_s:
-                time.sleep(pause_s)
     finally:
         assoc.release()
     return ok
@@ -177,7 +179,7 @@ def main() -> None:
 
         rate = (flood_report["results_per_s"] or 10.0) / 2
         print(f"paced: {len(paced)} images at {rate:.1f} per second ...")
-        acked = send(port, paced, pause_s=1.0 / rate)
+        acked = send(port, paced, rate_per_s=rate)
         wait_for_queue(sessions, timeout=1800)
         paced_uids = {dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in paced}
         paced_report = measured(sessions, paced_uids)

@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.analysis import Analysis, HeaderFacts
@@ -274,15 +274,20 @@ class Worker:
     ) -> bool:
         if result is None:
             result = run_pipeline(self.spool_root / job.spool_path, self.config)
-        outcome = job_outcome(result, self.config, analysis)
         with self.sessions.begin() as session:
-            stored = finish_job(session, job=job, worker=self.name, outcome=outcome)
-            if stored:
-                for record in audit_records(job, outcome, self.name):
-                    append_audit(session, record=record)
-                if self.auto_enroll and analysis is not None:
-                    self._enroll_new_patient(session, job, analysis)
-        if not stored:
+            return self._store(session, job, result, analysis)
+
+    def _store(
+        self, session: Session, job: ClaimedJob, result: PipelineResult, analysis: Analysis | None
+    ) -> bool:
+        outcome = job_outcome(result, self.config, analysis)
+        stored = finish_job(session, job=job, worker=self.name, outcome=outcome)
+        if stored:
+            for record in audit_records(job, outcome, self.name):
+                append_audit(session, record=record)
+            if self.auto_enroll and analysis is not None:
+                self._enroll_new_patient(session, job, analysis)
+        else:
             log.warning("job %s: lease lost to another worker; result discarded", job.job_id)
         return stored
 
@@ -335,9 +340,26 @@ class Worker:
         jobs = self.claim()
         results = [run_pipeline(self.spool_root / job.spool_path, self.config) for job in jobs]
         analyses = self.analyse(jobs, results)
-        for job, result in zip(jobs, results, strict=True):
-            if self.process(job, result, analyses.get(job.job_id)):
-                self.processed += 1
+        work = list(zip(jobs, results, strict=True))
+        try:
+            # One transaction (one fsync) for the whole batch's results...
+            with self.sessions.begin() as session:
+                stored = sum(self._store(session, j, r, analyses.get(j.job_id)) for j, r in work)
+        except OperationalError:
+            raise  # the database is away: the worker retries the claim when it returns
+        except SQLAlchemyError:
+            # ...unless one of them cannot be stored: then each on its own, so one bad row
+            # does not hold back the others.
+            log.exception(
+                "storing a batch of %d results failed; storing them one by one", len(work)
+            )
+            stored = 0
+            for job, result in work:
+                try:
+                    stored += self.process(job, result, analyses.get(job.job_id))
+                except SQLAlchemyError:
+                    log.exception("job %s: the result could not be stored", job.job_id)
+        self.processed += stored
         return len(jobs)
 
     def close_quiet_series(self) -> int:

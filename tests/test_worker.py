@@ -197,3 +197,32 @@ def test_new_patients_are_enrolled_only_under_the_policy(
             assert len(enrolled) == 1 and enrolled[0].patient_id == "P1"
         else:
             assert entries == []
+
+
+def test_one_result_that_cannot_be_stored_does_not_hold_back_its_batch(
+    database: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sqlalchemy.exc import IntegrityError
+
+    import pipeline.worker as worker_module
+
+    ids = []
+    for n in range(3):
+        ds = make_dataset(np.full((8, 8), 100 + n, dtype=np.uint16))
+        ids.append(enqueue(database, tmp_path, f"{n}.dcm", encode(ds), ds.SOPInstanceUID))
+    real_finish = worker_module.finish_job
+
+    def finish_job(session: object, *, job: object, worker: str, outcome: object) -> bool:
+        if getattr(job, "instance_id", None) == ids[1]:
+            raise IntegrityError("INSERT INTO results", {}, Exception("refused by a constraint"))
+        return real_finish(session, job=job, worker=worker, outcome=outcome)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(worker_module, "finish_job", finish_job)
+    worker = make_worker(database, tmp_path)
+    assert worker.run_once() == 3
+    assert worker.processed == 2
+    with database.sessions.begin() as session:
+        stored = {r.instance_id for r in session.scalars(select(Result))}
+        states = {j.instance_id: j.state for j in session.scalars(select(Job))}
+    assert stored == {ids[0], ids[2]}
+    assert states[ids[1]] == "running"  # claimed again when its lease runs out
