@@ -2,7 +2,7 @@
 hospital from a seed never used in training. Visit 1 is enrolled under the true identities;
 visit 2 (with the deliberate errors) is analysed as the service would analyse it.
 
-    python -m benchmarks.verdict_rates [--patients 100] [--seed 123] [--rate 0.1]
+    python -m benchmarks.verdict_rates [--patients 100] [--seed 123] [--rate 0.1] [--slices 3]
 """
 
 from __future__ import annotations
@@ -21,6 +21,59 @@ from pipeline.datasets.synthetic import SynthOptions, generate, read_manifest
 from pipeline.gallery import GalleryIndex
 from pipeline.modelstore import discover, load_model
 from pipeline.runner import PipelineConfig
+from pipeline.series import ImageFinding, aggregate_series
+from pipeline.verdicts import DEFAULT_TAG_MAP
+
+
+def series_rates(
+    rows: list[dict[str, str]], headers: list[HeaderFacts], analyses: list[Any]
+) -> dict[str, Any]:
+    """The same errors judged per series, as the service judges a complete series (a series
+    of one image, X-ray or dermoscopy, is judged as its image)."""
+    members: dict[str, list[int]] = defaultdict(list)
+    for i, row in enumerate(rows):
+        members[row["series_instance_uid"]].append(i)
+    counts: dict[str, int] = defaultdict(int)
+    for indices in members.values():
+        row, header = rows[indices[0]], headers[indices[0]]
+        findings = [
+            ImageFinding(
+                predicted_modality=analyses[i].predicted_modality,
+                identity_verdict=analyses[i].identity.verdict if analyses[i].identity else None,
+                header_score=analyses[i].identity.header_score if analyses[i].identity else None,
+                top_matches=analyses[i].top_matches,
+                threshold=analyses[i].threshold,
+            )
+            for i in indices
+        ]
+        verdict = aggregate_series(
+            findings,
+            header_patient=header.patient_id,
+            header_modality=header.modality,
+            tag_map=DEFAULT_TAG_MAP,
+        )
+        wrong_tag, swapped = row["mislabelled"] == "True", row["swapped"] == "True"
+        tag_flag = verdict.modality_verdict == "mismatch"
+        patient_flag = verdict.identity_verdict == "mismatch"
+        counts["series"] += 1
+        counts["wrong_tags"] += wrong_tag
+        counts["wrong_tags_caught"] += wrong_tag and tag_flag
+        counts["right_tags_flagged"] += (not wrong_tag) and tag_flag
+        counts["swaps"] += swapped
+        counts["swaps_caught"] += swapped and patient_flag
+        counts["not_swapped_flagged"] += (not swapped) and patient_flag
+    c = counts
+    return {
+        "wrong_tag_recall": round(c["wrong_tags_caught"] / max(c["wrong_tags"], 1), 4),
+        "wrong_tag_false_alarm_rate": round(
+            c["right_tags_flagged"] / max(c["series"] - c["wrong_tags"], 1), 4
+        ),
+        "swap_recall": round(c["swaps_caught"] / max(c["swaps"], 1), 4),
+        "swap_false_alarm_rate": round(
+            c["not_swapped_flagged"] / max(c["series"] - c["swaps"], 1), 4
+        ),
+        **dict(c),
+    }
 
 
 def main() -> None:
@@ -29,7 +82,7 @@ def main() -> None:
     parser.add_argument("--patients", type=int, default=100)
     parser.add_argument("--seed", type=int, default=123)
     parser.add_argument("--rate", type=float, default=0.1, help="swap and mislabel rate")
-    parser.add_argument("--slices", type=int, default=1)
+    parser.add_argument("--slices", type=int, default=3, help="CT and MRI slices per series")
     args = parser.parse_args()
     started = time.monotonic()
     folders = discover(args.models)
@@ -111,6 +164,7 @@ def main() -> None:
             "swap_false_alarm_rate": round(c["not_swapped_flagged"] / max(c["not_swapped"], 1), 4),
             **{k: int(v) for k, v in c.items()},
         }
+    report["series"] = series_rates(second, headers, analyses)
     report["ms_per_image_models"] = round(analysis_seconds * 1000 / max(len(second), 1), 2)
     report["seconds"] = round(time.monotonic() - started, 1)
     report["models"] = models.versions()

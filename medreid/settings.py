@@ -34,6 +34,16 @@ class ScpSettings:
     acse_timeout_s: float = 30.0
     dimse_timeout_s: float = 60.0
     network_timeout_s: float = 60.0
+    # DICOM TLS (PS3.15 B.9): on when a certificate is given.
+    tls_certificate: str = ""
+    tls_private_key: str = ""
+    tls_ca_certificates: str = ""  # CAs whose client certificates are trusted
+    tls_require_client_certificate: bool = False
+    tls_handshake_timeout_s: float = 10.0
+
+    @property
+    def tls_enabled(self) -> bool:
+        return bool(self.tls_certificate)
 
     def validate(self) -> None:
         title = self.ae_title.strip()
@@ -51,6 +61,17 @@ class ScpSettings:
             ae, _, host = peer.partition("@")
             if not 1 <= len(ae.strip()) <= 16 or (("@" in peer) and not host):
                 raise SettingsError(f"scp.allowed_peers: {peer!r} is not 'AE' or 'AE@host'")
+        _check_range("scp.tls_handshake_timeout_s", self.tls_handshake_timeout_s, 0.1, 300.0)
+        if self.tls_enabled and not self.tls_private_key:
+            raise SettingsError("scp.tls_private_key: required with scp.tls_certificate")
+        if self.tls_require_client_certificate and not self.tls_ca_certificates:
+            raise SettingsError(
+                "scp.tls_ca_certificates: required with scp.tls_require_client_certificate"
+            )
+        for key in ("tls_certificate", "tls_private_key", "tls_ca_certificates"):
+            path = getattr(self, key)
+            if path and not Path(path).is_file():
+                raise SettingsError(f"scp.{key}: {path} is not a readable file")
 
 
 @dataclass(frozen=True)

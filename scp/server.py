@@ -19,6 +19,7 @@ from scp.contexts import IMAGE_STORAGE_CLASSES, TRANSFER_SYNTAXES, VERIFICATION_
 from scp.records import Peer, StoreRequest
 from scp.status import StoreStatus, error_comment, status_for
 from scp.store import StoreService
+from scp.tls import AuditedTLS, TLSFailure, server_context
 from storage import audit
 from storage.models import AssociationOutcome
 from storage.repository import append_audit, close_association, open_association
@@ -127,10 +128,38 @@ class DicomServer:
             (evt.EVT_C_ECHO, self._on_c_echo),
         ]
 
+    def tls(self) -> AuditedTLS | None:
+        """The TLS layer where a certificate is configured; None for plain TCP."""
+        if not self.settings.tls_enabled:
+            return None
+        context = server_context(
+            self.settings.tls_certificate,
+            self.settings.tls_private_key,
+            self.settings.tls_ca_certificates,
+            require_client_certificate=self.settings.tls_require_client_certificate,
+        )
+        return AuditedTLS(
+            context,
+            handshake_timeout_s=self.settings.tls_handshake_timeout_s,
+            on_failure=self._audit_tls_failure,
+        )
+
     def start(self) -> None:
         address = (self.settings.bind_address, self.settings.port)
-        self._server = self.ae.start_server(address, block=False, evt_handlers=self.handlers())
-        log.info("listening as %s on %s:%d", self.settings.ae_title, address[0], self.port)
+        tls = self.tls()
+        self._server = self.ae.start_server(
+            address,
+            block=False,
+            evt_handlers=self.handlers(),
+            ssl_context=tls,  # type: ignore[arg-type]  # duck-typed: wrap_socket only
+        )
+        log.info(
+            "listening as %s on %s:%d%s",
+            self.settings.ae_title,
+            address[0],
+            self.port,
+            " (DICOM TLS)" if tls else "",
+        )
 
     @property
     def port(self) -> int:
@@ -189,6 +218,16 @@ class DicomServer:
         primitive = event.assoc.acceptor.primitive
         key = (getattr(primitive, "result_source", 0), getattr(primitive, "diagnostic", 0))
         self._audit_rejection(self._peer(event), REJECT_DIAGNOSTICS.get(key, "rejected"))
+
+    def _audit_tls_failure(self, failure: TLSFailure) -> None:
+        self._audit(
+            audit.AuditRecord(
+                kind=audit.TLS_REFUSED,
+                outcome=audit.Outcome.MINOR_FAILURE,
+                actor_host=failure.host,
+                detail={"reason": failure.reason, "port": failure.port},
+            )
+        )
 
     def _audit_rejection(self, peer: Peer, reason: str) -> None:
         self._audit(

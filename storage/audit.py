@@ -30,6 +30,8 @@ ASSOCIATION_ACCEPTED = EventKind("110108", "Network Entry", "Association Accepte
 ASSOCIATION_RELEASED = EventKind("110108", "Network Entry", "Association Released", "E")
 ASSOCIATION_ABORTED = EventKind("110108", "Network Entry", "Association Aborted", "E")
 ASSOCIATION_REJECTED = EventKind("110113", "Security Alert", "Association Rejected", "E")
+# A failed DICOM TLS handshake: no or an untrusted client certificate, or no TLS at all.
+TLS_REFUSED = EventKind("110113", "Security Alert", "Node Authentication", "E")
 INSTANCES_TRANSFERRED = EventKind("110104", "DICOM Instances Transferred", None, "C")
 INSTANCE_REFUSED = EventKind("110104", "DICOM Instances Transferred", "Instance Refused", "C")
 PROCESSING_FAILED = EventKind("110103", "DICOM Instances Accessed", "Processing Failure", "R")

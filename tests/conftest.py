@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from medreid.settings import ScpSettings
+from scp.contexts import IMAGE_STORAGE_CLASSES
+from scp.server import DicomServer
+from scp.spool import Spool
+from scp.store import StoreService
 from storage.db import make_engine, make_sessionmaker, upgrade
+
+ServerFactory = Callable[..., DicomServer]
 
 PG_ENV = "MEDREID_TEST_DATABASE_URL"
 PG_SKIP_REASON = f"{PG_ENV} is not set: the PostgreSQL variant of this test is skipped"
@@ -86,3 +95,31 @@ def session(database: Database) -> Iterator[Session]:
         session.close()
         transaction.rollback()
         connection.close()
+
+
+@pytest.fixture
+def make_server(sqlite_database: Database, tmp_path: Path) -> Iterator[ServerFactory]:
+    servers: list[DicomServer] = []
+
+    def factory(
+        *, min_free_bytes: int = 0, sessions: sessionmaker[Any] | None = None, **scp: Any
+    ) -> DicomServer:
+        settings = dataclasses.replace(
+            ScpSettings(), port=0, bind_address="127.0.0.1", acse_timeout_s=5.0, **scp
+        )
+        store = StoreService(
+            spool=Spool(tmp_path / "spool"),
+            sessions=sessions or sqlite_database.sessions,
+            min_free_bytes=min_free_bytes,
+            supported_sop_classes=frozenset(IMAGE_STORAGE_CLASSES.values()),
+        )
+        server = DicomServer(
+            settings=settings, store=store, sessions=sessions or sqlite_database.sessions
+        )
+        server.start()
+        servers.append(server)
+        return server
+
+    yield factory
+    for server in servers:
+        server.stop()

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import struct
-from collections.abc import Callable, Iterator
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,45 +18,12 @@ from pynetdicom import _config as pynetdicom_config
 from sqlalchemy import create_engine, func, select
 from sqlalchemy.orm import sessionmaker
 
-from medreid.settings import ScpSettings
-from scp.contexts import IMAGE_STORAGE_CLASSES, VERIFICATION_CLASS
+from scp.contexts import VERIFICATION_CLASS
 from scp.server import DicomServer
-from scp.spool import Spool
 from scp.status import StoreStatus
-from scp.store import StoreService
 from storage.models import Association, AuditEvent, Instance, Job
-from tests.conftest import Database
+from tests.conftest import Database, ServerFactory
 from tests.dicom_factory import CT_IMAGE_STORAGE, encode, make_dataset
-
-ServerFactory = Callable[..., DicomServer]
-
-
-@pytest.fixture
-def make_server(sqlite_database: Database, tmp_path: Path) -> Iterator[ServerFactory]:
-    servers: list[DicomServer] = []
-
-    def factory(
-        *, min_free_bytes: int = 0, sessions: sessionmaker[Any] | None = None, **scp: Any
-    ) -> DicomServer:
-        settings = dataclasses.replace(
-            ScpSettings(), port=0, bind_address="127.0.0.1", acse_timeout_s=5.0, **scp
-        )
-        store = StoreService(
-            spool=Spool(tmp_path / "spool"),
-            sessions=sessions or sqlite_database.sessions,
-            min_free_bytes=min_free_bytes,
-            supported_sop_classes=frozenset(IMAGE_STORAGE_CLASSES.values()),
-        )
-        server = DicomServer(
-            settings=settings, store=store, sessions=sessions or sqlite_database.sessions
-        )
-        server.start()
-        servers.append(server)
-        return server
-
-    yield factory
-    for server in servers:
-        server.stop()
 
 
 def ct(uid: str | None = None, value: int = 100) -> Dataset:
@@ -112,6 +78,13 @@ def test_store_is_durable_and_recorded_before_success(
 ) -> None:
     ds = ct()
     assert store(make_server(), ds) == [StoreStatus.SUCCESS]
+    # the server records the release in its own thread, maybe after the SCU has returned
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        with sqlite_database.sessions.begin() as session:
+            if session.scalars(select(Association)).one().outcome != "open":
+                break
+        time.sleep(0.05)
     with sqlite_database.sessions.begin() as session:
         instance = session.scalars(select(Instance)).one()
         job = session.scalars(select(Job)).one()
