@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,6 +97,7 @@ class DicomServer:
         self.sessions = sessions
         self.allowed = parse_allowed_peers(settings.allowed_peers)
         self._associations: dict[int, _AssociationState] = {}
+        self._closed_unaccepted: dict[int, weakref.ref[Any]] = {}
         self._lock = threading.Lock()
         self._server: Any = None
         self.ae = self._make_ae()
@@ -263,8 +265,14 @@ class DicomServer:
                 )
         except Exception:
             log.exception("could not record association from %s", peer.calling_ae)
+        state = _AssociationState(association_id, peer)
         with self._lock:
-            self._associations[id(event.assoc)] = _AssociationState(association_id, peer)
+            closed = self._closed_unaccepted.pop(id(event.assoc), None)
+            closed_already = closed is not None and closed() is event.assoc
+            if not closed_already:
+                self._associations[id(event.assoc)] = state
+        if closed_already:
+            self._record_end(state)
 
     def _state(self, event: Any) -> _AssociationState | None:
         with self._lock:
@@ -283,8 +291,18 @@ class DicomServer:
     def _on_conn_close(self, event: Any) -> None:
         with self._lock:
             state = self._associations.pop(id(event.assoc), None)
-        if state is None:
-            return
+            if state is None:
+                # Closed before (or while) the accepted handler ran: pynetdicom reads the
+                # socket in another thread. The accepted handler finishes the record.
+                if len(self._closed_unaccepted) > 1000:
+                    self._closed_unaccepted = {
+                        k: r for k, r in self._closed_unaccepted.items() if r() is not None
+                    }
+                self._closed_unaccepted[id(event.assoc)] = weakref.ref(event.assoc)
+                return
+        self._record_end(state)
+
+    def _record_end(self, state: _AssociationState) -> None:
         outcome = AssociationOutcome.RELEASED if state.released else AssociationOutcome.ABORTED
         kind = audit.ASSOCIATION_RELEASED if state.released else audit.ASSOCIATION_ABORTED
         summary = {

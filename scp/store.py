@@ -117,9 +117,14 @@ class StoreService:
         if self.spool.free_bytes() < self.min_free_bytes + len(request.dataset):
             raise SpoolFull("spool disk below its free-space watermark")
         header = read_header(request.dataset, request.transfer_syntax_uid)
-        if header.sop_instance_uid not in (None, request.sop_instance_uid):
+        # Both are Type 1 in every storage SOP class: a dataset without them is not an instance.
+        if header.sop_instance_uid is None:
+            raise DatasetMismatch("dataset has no SOP Instance UID")
+        if header.sop_class_uid is None:
+            raise DatasetMismatch("dataset has no SOP Class UID")
+        if header.sop_instance_uid != request.sop_instance_uid:
             raise DatasetMismatch("SOP Instance UID differs from the command's")
-        if header.sop_class_uid not in (None, request.sop_class_uid):
+        if header.sop_class_uid != request.sop_class_uid:
             raise DatasetMismatch("SOP Class UID differs from the command's")
         return header
 
