@@ -115,6 +115,12 @@ def test_every_corpus_file_is_accounted_for(service: RunningService, database: D
             else:
                 assert result.failure_reason, f"{uid} failed without a reason"
     assert len({(i.sop_instance_uid, i.sha256) for i in instances}) == len(instances)
+    # storescu proposed each file's own syntax: every uncompressed proposal it offers (-xi,
+    # -xe, -xb, -xd) and the compressed ones were received as such
+    by_dcmtk = {i.transfer_syntax_uid for i in instances if i.calling_ae == "STORESCU"}
+    uncompressed = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"}
+    assert uncompressed | {"1.2.840.10008.1.2.1.99"} <= by_dcmtk
+    assert len(by_dcmtk - uncompressed) >= 6, by_dcmtk
     # A PACS re-sending the same instances gets Success and creates nothing new.
     resent = [path for path, uid, _, _ in files if uid in succeeded][:10]
     assert [send_with_pynetdicom(path, service.port) for path in resent] == [0] * len(resent)
