@@ -32,8 +32,9 @@ check: lint test
 
 # The default models: COMPA and one re-identification model per modality, trained on generated
 # hospitals never used for evaluation (seed 21; CT and MRI from seed 22, whose series have three
-# slices spread over the volume) plus, for COMPA, the real images beside the checkout when they
-# are there. ImageNet initialisation from IMAGENET when that file exists.
+# slices spread over the volume; dermoscopy v2 from seed 23, twice the patients, rotations to 30
+# degrees as its lesions turn between visits) plus, for COMPA, the real images beside the
+# checkout when they are there. ImageNet initialisation from IMAGENET when that file exists.
 MODELS_DIR  ?= models
 MODELS_DATA ?= var/models-data
 MODELS_VERSION ?= v1
@@ -43,16 +44,19 @@ models: install
 	$(BIN)/medreid synth --out $(MODELS_DATA)/train --patients 300 --visits 3 --slices 1 --seed 21
 	$(BIN)/medreid synth --out $(MODELS_DATA)/volumes --patients 150 --visits 3 --slices 3 \
 		--seed 22 --modalities ct,mri
+	$(BIN)/medreid synth --out $(MODELS_DATA)/derm600 --patients 600 --visits 3 --seed 23 \
+		--modalities dermoscopy
 	weights=$$(test -f $(IMAGENET) && echo $(IMAGENET) || echo none); \
 	real=$$(test -d $(REAL) && echo $(REAL)); \
 	$(BIN)/medreid train compa $(MODELS_DATA)/train $(MODELS_DATA)/volumes $$real \
 		--out $(MODELS_DIR) \
 		--backbone-weights $$weights --version $(MODELS_VERSION) && \
-	for modality in xray dermoscopy; do \
-		$(BIN)/medreid train reid --modality $$modality $(MODELS_DATA)/train/$$modality \
-			--out $(MODELS_DIR) --backbone-weights $$weights --epochs 15 \
-			--version $(MODELS_VERSION) || exit 1; \
-	done && \
+	$(BIN)/medreid train reid --modality xray $(MODELS_DATA)/train/xray \
+		--out $(MODELS_DIR) --backbone-weights $$weights --epochs 15 \
+		--version $(MODELS_VERSION) && \
+	$(BIN)/medreid train reid --modality dermoscopy $(MODELS_DATA)/derm600/dermoscopy \
+		--out $(MODELS_DIR) --backbone-weights $$weights --epochs 20 --rotation 30 \
+		--version v2 && \
 	for modality in ct mri; do \
 		$(BIN)/medreid train reid --modality $$modality $(MODELS_DATA)/volumes/$$modality \
 			--out $(MODELS_DIR) --backbone-weights $$weights --epochs 15 \

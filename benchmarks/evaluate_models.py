@@ -30,6 +30,7 @@ from pipeline.datasets.synthetic import SynthOptions, generate
 from pipeline.models.compa import CompaConfig, train_compa
 from pipeline.models.evaluate import evaluate_compa, evaluate_reid, plot_confusion, plot_reid
 from pipeline.models.reid import ReidConfig, train_reid
+from pipeline.modelstore import discover
 
 OTHER_MODALITIES = {"US", "NM"}
 
@@ -73,7 +74,6 @@ def split_patients(source: Path, modality: str, train: Path, test: Path, seed: i
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", type=Path, default=Path("models"))
-    parser.add_argument("--version", default="v1")
     parser.add_argument("--out", type=Path, default=Path("var/evaluation"))
     parser.add_argument(
         "--imagenet",
@@ -97,8 +97,9 @@ def main() -> None:
     unseen = out / "synthetic-seed99"
     generate(SynthOptions(out=unseen, patients=50, visits=3, seed=99, slices=3))
     report["synthetic"] = {"dataset": "seed 99, 50 patients x 3 visits, 3 CT/MR slices"}
+    served = discover(args.models)  # the newest model of each kind, as the service picks
     for modality in ("xray", "ct", "mri", "dermoscopy"):
-        model = args.models / f"reid-{modality}-{args.version}"
+        model = served[f"reid:{modality}"]
         evaluation = evaluate_reid(model, unseen, imagenet_weights=args.imagenet)
         plot_reid(evaluation, out / "plots" / f"synthetic-{modality}")
         report["synthetic"][modality] = evaluation.report
@@ -112,7 +113,7 @@ def main() -> None:
             ),
             flush=True,
         )
-    compa_synthetic = evaluate_compa(args.models / f"compa-{args.version}", unseen)
+    compa_synthetic = evaluate_compa(served["compa"], unseen)
     plot_confusion(compa_synthetic, out / "plots" / "synthetic-compa")
     report["synthetic"]["compa"] = compa_synthetic
     print("COMPA synthetic", compa_synthetic["accuracy"], flush=True)

@@ -1,0 +1,357 @@
+"""Ingest side by side: the same files, sent by DCMTK storescu and by four concurrent pynetdicom
+associations, to medreid (durable: fsync and a database row before Success; once receiving only
+and once with its pipeline running) and to two receivers that keep files only:
+pynetdicom's storescp and DCMTK's storescp.
+
+    python -m benchmarks.ingest [--ct 2000] [--radiographs 200] [--compressed 200] [--quick]
+
+Prints instances and MB per second, each receiver's CPU time and peak RSS, and the ratios of
+medreid to each baseline; writes JSON and a PNG beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydicom import dcmread
+from pydicom.uid import RLELossless
+from pynetdicom import AE
+from pynetdicom import _config as pynetdicom_config
+
+from benchmarks.procstat import PeakRss, cpu_seconds, rss_bytes
+from pipeline.datasets.synthetic import SynthOptions, generate
+from tests.dicom_factory import encode, make_dataset
+from tests.service import free_port
+
+DX_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"
+
+
+# --------------------------------------------------------------------------- the files
+
+
+def make_files(root: Path, ct: int, radiographs: int, compressed: int) -> dict[str, list[Path]]:
+    """Generated once under ``root`` and reused."""
+    sets: dict[str, list[Path]] = {}
+    ct_dir = root / f"ct{ct}"
+    if not ct_dir.is_dir():
+        print(f"generating {ct} CT images of 512 x 512 ...", flush=True)
+        generate(
+            SynthOptions(
+                out=ct_dir,
+                patients=max(1, ct // 20),
+                visits=1,
+                modalities=("ct",),
+                seed=404,
+                slices=20,
+            )
+        )
+    sets["ct"] = sorted(ct_dir.rglob("*.dcm"))[:ct]
+    dx_dir = root / f"dx{radiographs}"
+    if not dx_dir.is_dir():
+        print(f"generating {radiographs} radiographs of 2000 x 2000 ...", flush=True)
+        dx_dir.mkdir(parents=True)
+        rng = np.random.default_rng(404)
+        y, x = np.mgrid[0:2000, 0:2000]
+        base = (1500 + 800 * np.sin(x / 300.0) * np.cos(y / 410.0)).astype(np.int32)
+        for n in range(radiographs):
+            pixels = np.clip(base + rng.integers(0, 200, base.shape), 0, 4095).astype(np.uint16)
+            ds = make_dataset(pixels, sop_class_uid=DX_STORAGE, modality="DX", patient_id=f"R{n}")
+            (dx_dir / f"{n:04d}.dcm").write_bytes(encode(ds))
+    sets["radiograph"] = sorted(dx_dir.glob("*.dcm"))[:radiographs]
+    rle_dir = root / f"rle{compressed}"
+    if not rle_dir.is_dir():
+        print(f"compressing {compressed} CT images with RLE ...", flush=True)
+        rle_dir.mkdir(parents=True)
+        for n, path in enumerate(sets["ct"][:compressed]):
+            ds = dcmread(path)
+            ds.compress(RLELossless)
+            ds.save_as(rle_dir / f"{n:04d}.dcm", enforce_file_format=True)
+    sets["ct_rle"] = sorted(rle_dir.glob("*.dcm"))[:compressed]
+    return sets
+
+
+# --------------------------------------------------------------------------- receivers
+
+
+@dataclass
+class Receiver:
+    name: str
+    process: subprocess.Popen[bytes]
+    port: int
+    started_s: float
+
+
+def _wait_listening(process: subprocess.Popen[bytes], port: int, timeout: float = 120) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"receiver exited with {process.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError("receiver did not listen")
+
+
+def start_receiver(name: str, work: Path, models: Path) -> Receiver:
+    port = free_port()
+    out = work / name
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if name.startswith("medreid"):
+        env.update(
+            MEDREID_DATABASE_URL=f"sqlite:///{out / 'medreid.sqlite3'}",
+            MEDREID_SPOOL_DIR=str(out / "spool"),
+            MEDREID_SCP_PORT=str(port),
+            MEDREID_SCP_BIND_ADDRESS="127.0.0.1",
+            MEDREID_SPOOL_MIN_FREE_MB="64",
+            MEDREID_LOGGING_LEVEL="WARNING",
+            MEDREID_MODELS_DIR=str(models),
+            MEDREID_WORKERS_PROCESSES="0" if name == "medreid" else "1",
+            MEDREID_WORKERS_BATCH_SIZE="32",
+        )
+        subprocess.run(
+            [sys.executable, "-m", "medreid.cli", "db", "upgrade"],
+            env=env,
+            check=True,
+            capture_output=True,
+        )
+        command = [sys.executable, "-m", "medreid.cli", "serve"]
+    elif name == "pynetdicom storescp":
+        command = [sys.executable, "-m", "pynetdicom", "storescp", str(port), "-q",
+                   "-od", str(out), "-pdu", "131072", "-ba", "127.0.0.1"]  # fmt: skip
+    else:
+        command = ["storescp", "--max-pdu", "131072", "+xa", "-od", str(out), str(port)]
+    started = time.monotonic()
+    log = (work / f"{name.replace(' ', '_')}.log").open("wb")
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=out)
+    _wait_listening(process, port)
+    return Receiver(name, process, port, time.monotonic() - started)
+
+
+def stop_receiver(receiver: Receiver) -> None:
+    receiver.process.terminate()
+    try:
+        receiver.process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        receiver.process.kill()
+
+
+# --------------------------------------------------------------------------- senders
+
+
+def send_storescu(files: list[Path], port: int, syntax_flag: str | None) -> int:
+    listing = Path(tempfile.mkdtemp()) / "files"
+    listing.mkdir()
+    for n, path in enumerate(files):
+        (listing / f"{n:05d}.dcm").symlink_to(path.resolve())
+    command = ["storescu", "-aet", "BENCH", "-aec", "MEDREID", "+sd", "-nh"]
+    if syntax_flag:
+        command.append(syntax_flag)
+    sent = subprocess.run(
+        [*command, "127.0.0.1", str(port), str(listing)],
+        env={**os.environ, "TCP_NODELAY": "1"},
+        capture_output=True,
+        text=True,
+    )
+    shutil.rmtree(listing.parent)
+    if sent.returncode != 0:
+        raise RuntimeError(f"storescu failed: {sent.stderr[-400:]}")
+    return len(files)
+
+
+def send_pynetdicom(files: list[Path], port: int, associations: int = 4) -> int:
+    """The files' bytes as they are, over concurrent associations."""
+    first = dcmread(files[0], stop_before_pixels=True)
+    sop_class, syntax = str(first.SOPClassUID), str(first.file_meta.TransferSyntaxUID)
+    acked = [0] * associations
+
+    def run(index: int) -> None:
+        ae = AE(ae_title="BENCH")
+        ae.maximum_pdu_size = 131072
+        ae.add_requested_context(sop_class, syntax)
+        assoc = ae.associate("127.0.0.1", port, ae_title="MEDREID")
+        if not assoc.is_established:
+            return
+        for path in files[index::associations]:
+            status = assoc.send_c_store(path)
+            acked[index] += getattr(status, "Status", None) == 0
+        assoc.release()
+
+    pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(associations)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return sum(acked)
+
+
+# --------------------------------------------------------------------------- measuring
+
+RECEIVERS = ("medreid", "medreid + pipeline", "pynetdicom storescp", "DCMTK storescp")
+
+
+def measure(receiver: Receiver, files: list[Path], send: Callable[[], int]) -> dict[str, Any]:
+    cpu_before = cpu_seconds(receiver.process.pid)
+    megabytes = sum(p.stat().st_size for p in files) / 1e6
+    with PeakRss(receiver.process.pid) as peak:
+        started = time.monotonic()
+        acked = send()
+        seconds = time.monotonic() - started
+    return {
+        "files": len(files),
+        "acknowledged": acked,
+        "seconds": round(seconds, 2),
+        "instances_per_s": round(len(files) / seconds, 1),
+        "mb_per_s": round(megabytes / seconds, 1),
+        "cpu_s": round(cpu_seconds(receiver.process.pid) - cpu_before, 2),
+        "peak_rss_mb": round(peak.peak / 1e6, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--ct", type=int, default=2000)
+    parser.add_argument("--radiographs", type=int, default=200)
+    parser.add_argument("--compressed", type=int, default=200)
+    parser.add_argument("--quick", action="store_true", help="500 CT, 40 radiographs, 50 RLE")
+    parser.add_argument("--data", type=Path, default=Path("var/bench-data"))
+    parser.add_argument("--models", type=Path, default=Path("models").resolve())
+    parser.add_argument("--json", type=Path, default=Path("benchmarks/results/ingest.json"))
+    args = parser.parse_args()
+    if args.quick:
+        args.ct, args.radiographs, args.compressed = 500, 40, 50
+    sets = make_files(args.data, args.ct, args.radiographs, args.compressed)
+    syntax_flags = {"ct": None, "radiograph": None, "ct_rle": "-xr"}
+    rows: list[dict[str, Any]] = []
+    service: dict[str, Any] = {}
+    work = Path(tempfile.mkdtemp(prefix="medreid-ingest-"))
+    try:
+        for name in RECEIVERS:
+            for set_name, files in sets.items():
+                for sender in ("storescu", "pynetdicom x4"):
+                    receiver = start_receiver(name, work / f"{set_name}-{sender[:5]}", args.models)
+                    if name.startswith("medreid") and set_name == "ct" and sender == "storescu":
+                        time.sleep(2.0 if name == "medreid" else 15.0)  # workers load models
+                        service[name] = {
+                            "start_up_s": round(receiver.started_s, 2),
+                            "idle_rss_mb": round(rss_bytes(receiver.process.pid) / 1e6, 1),
+                        }
+                    if sender == "storescu":
+                        flag = syntax_flags[set_name]
+
+                        def send(f: list[Path] = files, p: int = receiver.port,
+                                 x: str | None = flag) -> int:  # fmt: skip
+                            return send_storescu(f, p, x)
+                    else:
+
+                        def send(f: list[Path] = files, p: int = receiver.port,
+                                 x: str | None = None) -> int:  # fmt: skip
+                            return send_pynetdicom(f, p)
+
+                    try:
+                        row = measure(receiver, files, send)
+                    except RuntimeError as exc:
+                        row = {"files": len(files), "error": str(exc)[:200]}
+                    finally:
+                        stop_receiver(receiver)
+                    row.update(receiver=name, set=set_name, sender=sender)
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    def rate(receiver: str, set_name: str, sender: str) -> float | None:
+        for row in rows:
+            if (row["receiver"], row["set"], row["sender"]) == (receiver, set_name, sender):
+                return row.get("instances_per_s")
+        return None
+
+    ratios = []
+    for set_name in sets:
+        for sender in ("storescu", "pynetdicom x4"):
+            ours = rate("medreid", set_name, sender)
+            for baseline in ("pynetdicom storescp", "DCMTK storescp"):
+                theirs = rate(baseline, set_name, sender)
+                ratios.append(
+                    {
+                        "set": set_name,
+                        "sender": sender,
+                        "baseline": baseline,
+                        "medreid_over_baseline": round(ours / theirs, 2)
+                        if ours and theirs
+                        else None,
+                    }
+                )
+    print()
+    print(f"{'receiver':22} {'set':11} {'sender':14} {'inst/s':>8} {'MB/s':>7} {'CPU s':>7} "
+          f"{'peak RSS MB':>11}")  # fmt: skip
+    for row in rows:
+        print(
+            f"{row['receiver']:22} {row['set']:11} {row['sender']:14} "
+            f"{row.get('instances_per_s', '-'):>8} {row.get('mb_per_s', '-'):>7} "
+            f"{row.get('cpu_s', '-'):>7} {row.get('peak_rss_mb', '-'):>11}"
+        )
+    print()
+    for ratio in ratios:
+        print(
+            f"medreid / {ratio['baseline']:20} {ratio['set']:11} {ratio['sender']:14} "
+            f"{ratio['medreid_over_baseline']}"
+        )
+    report = {"rows": rows, "ratios": ratios, "service": service, "cpus": os.cpu_count()}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2))
+    plot(rows, args.json.with_suffix(".png"))
+    print(f"\n{args.json}, {args.json.with_suffix('.png')}")
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(r["set"], r["sender"]) for r in rows})
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    width = 0.8 / len(RECEIVERS)
+    for k, receiver in enumerate(RECEIVERS):
+        values = [
+            next(
+                (
+                    r.get("instances_per_s", 0)
+                    for r in rows
+                    if (r["receiver"], r["set"], r["sender"]) == (receiver, *g)
+                ),
+                0,
+            )
+            for g in groups
+        ]
+        ax.bar(np.arange(len(groups)) + k * width, values, width, label=receiver)
+    ax.set_xticks(np.arange(len(groups)) + width * (len(RECEIVERS) - 1) / 2)
+    ax.set_xticklabels([f"{s}\n{snd}" for s, snd in groups])
+    ax.set_ylabel("instances per second")
+    ax.set_title("Ingest on this machine (medreid durable: fsync + database row before Success)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
