@@ -137,6 +137,8 @@ def start_receiver(name: str, work: Path, models: Path) -> Receiver:
         command = [sys.executable, "-m", "pynetdicom", "storescp", str(port), "-q",
                    "-od", str(out), "-pdu", "131072", "-ba", "127.0.0.1"]  # fmt: skip
     else:
+        # as for storescu: Debian's DCMTK crawls on loopback without it
+        env["TCP_NODELAY"] = "1"
         command = ["storescp", "--max-pdu", "131072", "+xa", "-od", str(out), str(port)]
     started = time.monotonic()
     log = (work / f"{name.replace(' ', '_')}.log").open("wb")
@@ -232,6 +234,10 @@ def main() -> None:
     parser.add_argument("--radiographs", type=int, default=200)
     parser.add_argument("--compressed", type=int, default=200)
     parser.add_argument("--quick", action="store_true", help="500 CT, 40 radiographs, 50 RLE")
+    parser.add_argument(
+        "--receivers", default=",".join(RECEIVERS), help="comma-separated subset of the receivers"
+    )
+    parser.add_argument("--sets", default="ct,radiograph,ct_rle")
     parser.add_argument("--data", type=Path, default=Path("var/bench-data"))
     parser.add_argument("--models", type=Path, default=Path("models").resolve())
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/ingest.json"))
@@ -239,12 +245,14 @@ def main() -> None:
     if args.quick:
         args.ct, args.radiographs, args.compressed = 500, 40, 50
     sets = make_files(args.data, args.ct, args.radiographs, args.compressed)
+    sets = {k: v for k, v in sets.items() if k in args.sets.split(",")}
+    receivers = [r for r in RECEIVERS if r in args.receivers.split(",")]
     syntax_flags = {"ct": None, "radiograph": None, "ct_rle": "-xr"}
     rows: list[dict[str, Any]] = []
     service: dict[str, Any] = {}
     work = Path(tempfile.mkdtemp(prefix="medreid-ingest-"))
     try:
-        for name in RECEIVERS:
+        for name in receivers:
             for set_name, files in sets.items():
                 for sender in ("storescu", "pynetdicom x4"):
                     receiver = start_receiver(name, work / f"{set_name}-{sender[:5]}", args.models)

@@ -36,6 +36,11 @@ from storage.repository import (
 log = logging.getLogger(__name__)
 
 
+def _text(value: str | None) -> str | None:
+    """Text as a database can keep it: PostgreSQL refuses NUL, which damaged files carry."""
+    return None if value is None else value.replace("\x00", "\\0")
+
+
 def job_outcome(
     result: PipelineResult, config: PipelineConfig, analysis: Analysis | None = None
 ) -> JobOutcome:
@@ -60,11 +65,11 @@ def job_outcome(
         parameters=config.as_parameters(),
         timings_ms=result.timings_ms,
         failed_stage=result.failed_stage,
-        failure_reason=result.failure_reason or ("; ".join(result.notes) or None),
+        failure_reason=_text(result.failure_reason or ("; ".join(result.notes) or None)),
         shape=list(decoded.frames.shape) if decoded is not None else None,
         frames_total=decoded.frames_total if decoded is not None else None,
         frames_analysed=list(decoded.frames_analysed) if decoded is not None else None,
-        photometric=decoded.photometric if decoded is not None else None,
+        photometric=_text(decoded.photometric) if decoded is not None else None,
         stats_decoded=before.__dict__ if before is not None else None,
         stats_clahe=after.__dict__ if after is not None else None,
     )

@@ -6,7 +6,7 @@ import enum
 import errno
 import logging
 
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DataError, SQLAlchemyError
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,9 @@ def status_for(exc: BaseException) -> tuple[StoreStatus, str]:
         return exc.status, exc.reason
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return StoreStatus.OUT_OF_RESOURCES, "spool disk full"
+    if isinstance(exc, DataError):
+        # the database is there but refuses a value of this dataset: retrying will not help
+        return StoreStatus.PROCESSING_FAILURE, "a header value cannot be stored"
     if isinstance(exc, SQLAlchemyError):
         return StoreStatus.OUT_OF_RESOURCES_DATABASE, "database unavailable"
     if isinstance(exc, OSError):

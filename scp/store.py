@@ -30,9 +30,8 @@ from scp.wellformed import MalformedDataset, check_well_formed
 from storage.models import Instance
 from storage.repository import (
     NewInstance,
-    add_instance_with_job,
-    find_version_by_hash,
-    next_version,
+    record_instance,
+    stored_versions,
 )
 
 log = logging.getLogger(__name__)
@@ -52,7 +51,8 @@ def _text(ds: Dataset, keyword: str, limit: int) -> str | None:
     value = ds.get(keyword)
     if value is None or value == "":
         return None
-    text = str(value).strip()
+    # NUL pads UIDs, and PostgreSQL refuses it inside text
+    text = str(value).replace("\x00", "").strip()
     return text[:limit] if text else None
 
 
@@ -137,14 +137,10 @@ class StoreService:
         with lock:
             for _attempt in range(3):
                 with self.sessions.begin() as session:
-                    existing = find_version_by_hash(session, sop_instance_uid=uid, sha256=sha256)
-                    version = (
-                        existing.version
-                        if existing
-                        else next_version(session, sop_instance_uid=uid)
-                    )
-                if existing is not None:
-                    return self._duplicate(header, version, len(request.dataset))
+                    versions = stored_versions(session, sop_instance_uid=uid)
+                if sha256 in versions:
+                    return self._duplicate(header, versions[sha256], len(request.dataset))
+                version = max(versions.values(), default=0) + 1
                 path = self.spool.write(
                     uid, version, sha256, (request.file_header, request.dataset)
                 )
@@ -164,7 +160,7 @@ class StoreService:
                 )
                 try:
                     with self.sessions.begin() as session:
-                        instance = add_instance_with_job(
+                        instance_id = record_instance(
                             session,
                             new=new,
                             version=version,
@@ -175,7 +171,7 @@ class StoreService:
                     self._discard_unless_recorded(path)
                     continue
                 return StoredInstance(
-                    instance_id=instance.id,
+                    instance_id=instance_id,
                     version=version,
                     duplicate=False,
                     patient_id=header.patient_id,

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, func, insert, or_, select, update
 from sqlalchemy.orm import Session, aliased
 
 from storage.audit import AuditRecord, Outcome
@@ -63,31 +63,57 @@ def next_version(session: Session, *, sop_instance_uid: str) -> int:
     return (latest or 0) + 1
 
 
+def stored_versions(session: Session, *, sop_instance_uid: str) -> dict[str, int]:
+    """Content hash -> version of every stored version of one SOP instance (one query; the
+    receive path asks it for every instance)."""
+    rows = session.execute(
+        select(Instance.sha256, Instance.version).where(
+            Instance.sop_instance_uid == sop_instance_uid
+        )
+    )
+    return {sha256: version for sha256, version in rows}
+
+
+def record_instance(session: Session, *, new: NewInstance, version: int, spool_path: str) -> int:
+    """Record a received instance version and queue its job; the new instance's id.
+
+    Core inserts, not the ORM: this runs once per received instance."""
+    instance_id = session.execute(
+        insert(Instance)
+        .values(
+            sop_instance_uid=new.sop_instance_uid,
+            version=version,
+            sop_class_uid=new.sop_class_uid,
+            study_instance_uid=new.study_instance_uid,
+            series_instance_uid=new.series_instance_uid,
+            patient_id=new.patient_id,
+            modality=new.modality,
+            transfer_syntax_uid=new.transfer_syntax_uid,
+            size_bytes=new.size_bytes,
+            sha256=new.sha256,
+            spool_path=spool_path,
+            calling_ae=new.calling_ae,
+            peer_host=new.peer_host,
+            association_id=new.association_id,
+            state=InstanceState.QUEUED,
+            received_at=utcnow(),
+        )
+        .returning(Instance.id)
+    ).scalar_one()
+    session.execute(
+        insert(Job).values(instance_id=instance_id, state=JobState.PENDING, created_at=utcnow())
+    )
+    return int(instance_id)
+
+
 def add_instance_with_job(
     session: Session, *, new: NewInstance, version: int, spool_path: str
 ) -> Instance:
     """Record a received instance version and queue its job (one transaction, the caller's)."""
-    instance = Instance(
-        sop_instance_uid=new.sop_instance_uid,
-        version=version,
-        sop_class_uid=new.sop_class_uid,
-        study_instance_uid=new.study_instance_uid,
-        series_instance_uid=new.series_instance_uid,
-        patient_id=new.patient_id,
-        modality=new.modality,
-        transfer_syntax_uid=new.transfer_syntax_uid,
-        size_bytes=new.size_bytes,
-        sha256=new.sha256,
-        spool_path=spool_path,
-        calling_ae=new.calling_ae,
-        peer_host=new.peer_host,
-        association_id=new.association_id,
-        state=InstanceState.QUEUED,
+    instance = session.get(
+        Instance, record_instance(session, new=new, version=version, spool_path=spool_path)
     )
-    session.add(instance)
-    session.flush()
-    session.add(Job(instance_id=instance.id, state=JobState.PENDING))
-    session.flush()
+    assert instance is not None
     return instance
 
 
@@ -676,5 +702,7 @@ __all__ = [
     "next_version",
     "open_association",
     "query_audit",
+    "record_instance",
     "release_jobs_of",
+    "stored_versions",
 ]
