@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CONFIG ?= config/medreid.toml
 
-.PHONY: install run migrate test lint typecheck check clean models
+.PHONY: install run migrate test lint typecheck check clean models bench
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,16 @@ lint: install
 	$(BIN)/mypy .
 
 check: lint test
+
+# Measurements that take minutes (not tests): each prints its figures as JSON beside its
+# baseline or target; ingest and pipeline throughput also keep theirs (and a plot) under
+# benchmarks/results/. See benchmarks/README.md.
+bench: install
+	$(BIN)/python -m benchmarks.ingest
+	$(BIN)/python -m benchmarks.pipeline_throughput
+	$(BIN)/python -m benchmarks.gallery_search
+	$(BIN)/python -m benchmarks.embedding_speed
+	$(BIN)/python -m benchmarks.verdict_rates
 
 # The default models: COMPA and one re-identification model per modality, trained on generated
 # hospitals never used for evaluation (seed 21; CT and MRI from seed 22, whose series have three

@@ -217,6 +217,7 @@ class Worker:
         analyser: Analyser | None = None,
         auto_enroll: bool = False,
         series: SeriesPolicy | None = None,
+        max_chunk_values: int = 64_000_000,
     ) -> None:
         self.sessions = sessions
         self.config = config
@@ -229,6 +230,9 @@ class Worker:
         self.analyser = analyser
         self.auto_enroll = auto_enroll
         self.series = series
+        # 64 M float32 values: about 256 MB of pixels in flight, over 100 CT images of
+        # 512 x 512 or 8 radiographs of 2000 x 2000 at a time
+        self.max_chunk_values = max_chunk_values
         self.processed = 0
         self.series_decided = 0
 
@@ -341,13 +345,30 @@ class Worker:
         )
 
     def run_once(self) -> int:
-        """Claim and process one batch; the number of jobs claimed."""
+        """Claim and process one batch; the number of jobs claimed.
+
+        The batch goes to the models in chunks of at most ``max_chunk_values`` decoded and
+        enhanced values, so a batch of large radiographs does not hold them all in memory."""
         jobs = self.claim()
-        results = [run_pipeline(self.spool_root / job.spool_path, self.config) for job in jobs]
-        analyses = self.analyse(jobs, results)
-        work = list(zip(jobs, results, strict=True))
+        chunk: list[tuple[ClaimedJob, PipelineResult]] = []
+        values = 0
+        for job in jobs:
+            result = run_pipeline(self.spool_root / job.spool_path, self.config)
+            chunk.append((job, result))
+            values += result.enhanced.size if result.enhanced is not None else 0
+            values += result.decoded.frames.size if result.decoded is not None else 0
+            if values >= self.max_chunk_values:
+                self._finish(chunk)
+                chunk, values = [], 0
+        if chunk:
+            self._finish(chunk)
+        return len(jobs)
+
+    def _finish(self, work: list[tuple[ClaimedJob, PipelineResult]]) -> None:
+        """The models over the chunk at once, then its results in one transaction."""
+        analyses = self.analyse([j for j, _ in work], [r for _, r in work])
         try:
-            # One transaction (one fsync) for the whole batch's results...
+            # One transaction (one fsync) for the whole chunk's results...
             with self.sessions.begin() as session:
                 stored = sum(self._store(session, j, r, analyses.get(j.job_id)) for j, r in work)
         except OperationalError:
@@ -365,7 +386,6 @@ class Worker:
                 except SQLAlchemyError:
                     log.exception("job %s: the result could not be stored", job.job_id)
         self.processed += stored
-        return len(jobs)
 
     def close_quiet_series(self) -> int:
         """Judge every series that has been quiet long enough; the number of verdicts stored."""

@@ -226,3 +226,35 @@ def test_one_result_that_cannot_be_stored_does_not_hold_back_its_batch(
         states = {j.instance_id: j.state for j in session.scalars(select(Job))}
     assert stored == {ids[0], ids[2]}
     assert states[ids[1]] == "running"  # claimed again when its lease runs out
+
+
+class CountingAnalyser(NewPatientAnalyser):
+    """Records the size of every batch the models see."""
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+
+    def analyse(self, images: list[np.ndarray], headers: list[object]) -> list[object]:
+        self.batches.append(len(images))
+        return super().analyse(images, headers)
+
+
+def test_large_images_reach_the_models_in_chunks_of_bounded_memory(
+    sqlite_database: Database, tmp_path: Path
+) -> None:
+    for n in range(5):
+        ds = make_dataset(np.full((64, 64), 100 + n, dtype=np.uint16))
+        enqueue(sqlite_database, tmp_path, f"{n}.dcm", encode(ds), ds.SOPInstanceUID)
+    analyser = CountingAnalyser()
+    worker = Worker(
+        sessions=sqlite_database.sessions,
+        config=PipelineConfig(),
+        name="test/1/0",
+        spool_root=tmp_path,
+        analyser=analyser,  # type: ignore[arg-type]
+        batch_size=8,
+        max_chunk_values=2 * 2 * 64 * 64,  # two images: decoded and enhanced, one channel
+    )
+    assert worker.run_once() == 5
+    assert analyser.batches == [2, 2, 1]
+    assert worker.processed == 5
