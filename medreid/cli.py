@@ -8,11 +8,14 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from medreid import __version__
 from medreid.output import FORMATS, parse_when, render
 from medreid.settings import Settings, SettingsError, describe, load_settings
+
+if TYPE_CHECKING:  # the commands import their heavy modules when they run
+    from storage.repository import ResultFilter
 
 log = logging.getLogger("medreid")
 
@@ -826,18 +829,11 @@ SERIES_COLUMNS = (
 )
 
 
-def _series_listing(settings: Settings, args: argparse.Namespace) -> int:
+def _series_listing(settings: Settings, args: argparse.Namespace, where: ResultFilter) -> int:
     from medreid.app import build_database
     from storage import audit
-    from storage.repository import SeriesFilter, list_series_verdicts
+    from storage.repository import list_series_verdicts
 
-    where = SeriesFilter(
-        since=_when(args.since, "--since"),
-        verdict=args.verdict,
-        study=args.study,
-        patient=args.patient,
-        limit=args.limit,
-    )
     engine, sessions = build_database(settings)
     try:
         with sessions.begin() as session:
@@ -859,8 +855,6 @@ def cmd_results(settings: Settings, args: argparse.Namespace) -> int:
     from storage import audit
     from storage.repository import ResultFilter, list_results
 
-    if args.series:
-        return _series_listing(settings, args)
     where = ResultFilter(
         since=_when(args.since, "--since"),
         verdict=args.verdict,
@@ -868,6 +862,8 @@ def cmd_results(settings: Settings, args: argparse.Namespace) -> int:
         patient=args.patient,
         limit=args.limit,
     )
+    if args.series:
+        return _series_listing(settings, args, where)
     engine, sessions = build_database(settings)
     try:
         with sessions.begin() as session:

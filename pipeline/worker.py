@@ -128,45 +128,42 @@ class SeriesPolicy:
 
 def series_audit_records(row: SeriesVerdictRow, worker: str) -> list[audit.AuditRecord]:
     """A series judged a mismatch as a whole is a Security Alert of its own."""
-    detail: dict[str, object] = {
-        "scope": "series",
-        "series_instance_uid": row.series_instance_uid,
-        "images": row.images,
-        "revision": row.revision,
-    }
+
+    def alert(kind: audit.EventKind, **detail: object) -> audit.AuditRecord:
+        return audit.AuditRecord(
+            kind=kind,
+            outcome=audit.Outcome.MINOR_FAILURE,
+            actor_user=worker,
+            patient_id=row.patient_id,
+            study_instance_uid=row.study_instance_uid,
+            detail={
+                "scope": "series",
+                "series_instance_uid": row.series_instance_uid,
+                "images": row.images,
+                "revision": row.revision,
+                **detail,
+            },
+        )
+
     records = []
     if row.modality_verdict == "mismatch":
         records.append(
-            audit.AuditRecord(
-                kind=audit.MODALITY_MISMATCH,
-                outcome=audit.Outcome.MINOR_FAILURE,
-                actor_user=worker,
-                patient_id=row.patient_id,
-                study_instance_uid=row.study_instance_uid,
-                detail={
-                    **detail,
-                    "header_modality": row.header_modality,
-                    "predicted": row.predicted_modality,
-                    "agreement": row.modality_agreement,
-                },
+            alert(
+                audit.MODALITY_MISMATCH,
+                header_modality=row.header_modality,
+                predicted=row.predicted_modality,
+                agreement=row.modality_agreement,
             )
         )
     if row.identity_verdict == "mismatch":
         records.append(
-            audit.AuditRecord(
-                kind=audit.PATIENT_MISMATCH,
-                outcome=audit.Outcome.MINOR_FAILURE,
-                actor_user=worker,
-                patient_id=row.patient_id,
-                study_instance_uid=row.study_instance_uid,
-                detail={
-                    **detail,
-                    "header_patient": row.patient_id,
-                    "looks_like": row.matched_patient_id,
-                    "header_score": row.header_score,
-                    "best_other_score": row.best_other_score,
-                    "threshold": row.threshold,
-                },
+            alert(
+                audit.PATIENT_MISMATCH,
+                header_patient=row.patient_id,
+                looks_like=row.matched_patient_id,
+                header_score=row.header_score,
+                best_other_score=row.best_other_score,
+                threshold=row.threshold,
             )
         )
     return records

@@ -3,6 +3,7 @@ the caller owns the transaction (``with Session.begin() as session: ...``)."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -81,20 +82,9 @@ def record_instance(session: Session, *, new: NewInstance, version: int, spool_p
     instance_id = session.execute(
         insert(Instance)
         .values(
-            sop_instance_uid=new.sop_instance_uid,
+            **dataclasses.asdict(new),  # its fields are the columns of the same names
             version=version,
-            sop_class_uid=new.sop_class_uid,
-            study_instance_uid=new.study_instance_uid,
-            series_instance_uid=new.series_instance_uid,
-            patient_id=new.patient_id,
-            modality=new.modality,
-            transfer_syntax_uid=new.transfer_syntax_uid,
-            size_bytes=new.size_bytes,
-            sha256=new.sha256,
             spool_path=spool_path,
-            calling_ae=new.calling_ae,
-            peer_host=new.peer_host,
-            association_id=new.association_id,
             state=InstanceState.QUEUED,
             received_at=utcnow(),
         )
@@ -651,16 +641,7 @@ def save_series_verdict(session: Session, *, row: SeriesVerdictRow) -> SeriesVer
     return existing
 
 
-@dataclass(frozen=True)
-class SeriesFilter:
-    since: dt.datetime | None = None
-    verdict: str | None = None
-    study: str | None = None
-    patient: str | None = None
-    limit: int = 1000
-
-
-def list_series_verdicts(session: Session, *, where: SeriesFilter) -> list[SeriesVerdictRow]:
+def list_series_verdicts(session: Session, *, where: ResultFilter) -> list[SeriesVerdictRow]:
     stmt = select(SeriesVerdictRow)
     if where.since is not None:
         stmt = stmt.where(SeriesVerdictRow.decided_at >= where.since)
