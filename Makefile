@@ -36,6 +36,7 @@ check: lint test
 bench: install
 	$(BIN)/python -m benchmarks.ingest
 	$(BIN)/python -m benchmarks.pipeline_throughput
+	$(BIN)/python -m benchmarks.scale_out
 	$(BIN)/python -m benchmarks.gallery_search
 	$(BIN)/python -m benchmarks.embedding_speed
 	$(BIN)/python -m benchmarks.verdict_rates
