@@ -46,6 +46,17 @@ def test_environment_overrides_every_kind_of_value() -> None:
         ({"MEDREID_SCP_REQUIRE_CALLED_AE": "perhaps"}, "scp.require_called_ae"),
         ({"MEDREID_CLAHE_TILE_GRID": "8"}, "clahe.tile_grid"),
         ({"MEDREID_DATABASE_URL": "medreid.sqlite3"}, "database.url"),
+        ({"MEDREID_SCP_TLS_CERTIFICATE": "/no/such/cert.pem"}, "scp.tls_private_key"),
+        (
+            {
+                "MEDREID_SCP_TLS_CERTIFICATE": "/no/such/cert.pem",
+                "MEDREID_SCP_TLS_PRIVATE_KEY": "/no/such/key.pem",
+            },
+            "scp.tls_certificate",
+        ),
+        ({"MEDREID_SCP_TLS_REQUIRE_CLIENT_CERTIFICATE": "true"}, "scp.tls_ca_certificates"),
+        ({"MEDREID_ANALYSIS_SERIES_QUIET_S": "-1"}, "analysis.series_quiet_s"),
+        ({"MEDREID_ANALYSIS_SERIES_MODALITIES": "ct"}, "analysis.series_modalities"),
     ],
 )
 def test_an_invalid_value_names_its_key(env: dict[str, str], key: str) -> None:
