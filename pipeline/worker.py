@@ -174,14 +174,33 @@ def _most_common(values: list[str | None]) -> str | None:
     return Counter(present).most_common(1)[0][0] if present else None
 
 
+@dataclass(frozen=True)
+class SeriesHeader:
+    """What most images of a series say in their headers."""
+
+    series_instance_uid: str | None
+    study_instance_uid: str | None
+    patient_id: str | None
+    modality: str | None
+
+    @classmethod
+    def of(cls, images: list[Instance]) -> SeriesHeader:
+        return cls(
+            series_instance_uid=images[0].series_instance_uid,
+            study_instance_uid=_most_common([i.study_instance_uid for i in images]),
+            patient_id=_most_common([i.patient_id for i in images]),
+            modality=_most_common([i.modality for i in images]),
+        )
+
+
 def series_row(
-    images: list[Instance], verdict: SeriesVerdict, last: dt.datetime, worker: str
+    header: SeriesHeader, verdict: SeriesVerdict, last: dt.datetime, worker: str
 ) -> SeriesVerdictRow:
     return SeriesVerdictRow(
-        series_instance_uid=images[0].series_instance_uid,
-        study_instance_uid=_most_common([i.study_instance_uid for i in images]),
-        patient_id=_most_common([i.patient_id for i in images]),
-        header_modality=_most_common([i.modality for i in images]),
+        series_instance_uid=header.series_instance_uid,
+        study_instance_uid=header.study_instance_uid,
+        patient_id=header.patient_id,
+        header_modality=header.modality,
         images=verdict.images,
         images_analysed=verdict.images_analysed,
         predicted_modality=verdict.predicted_modality,
@@ -409,8 +428,7 @@ class Worker:
             rows = series_results(session, series_uid=candidate.series_instance_uid)
             if not rows or any(result is None for _, result in rows):
                 return 0
-            images = [instance for instance, _ in rows]
-            header_patient = _most_common([i.patient_id for i in images])
+            header = SeriesHeader.of([instance for instance, _ in rows])
             findings = [
                 ImageFinding(
                     predicted_modality=result.predicted_modality,
@@ -424,12 +442,12 @@ class Worker:
             ]
             verdict = aggregate_series(
                 findings,
-                header_patient=header_patient,
-                header_modality=_most_common([i.modality for i in images]),
+                header_patient=header.patient_id,
+                header_modality=header.modality,
                 tag_map=policy.tag_map or {},
             )
             saved = save_series_verdict(
-                session, row=series_row(images, verdict, candidate.last_received_at, self.name)
+                session, row=series_row(header, verdict, candidate.last_received_at, self.name)
             )
             if saved is None:
                 return 0

@@ -47,23 +47,6 @@ class NewInstance:
     association_id: int | None
 
 
-def find_version_by_hash(
-    session: Session, *, sop_instance_uid: str, sha256: str
-) -> Instance | None:
-    return session.scalar(
-        select(Instance).where(
-            Instance.sop_instance_uid == sop_instance_uid, Instance.sha256 == sha256
-        )
-    )
-
-
-def next_version(session: Session, *, sop_instance_uid: str) -> int:
-    latest = session.scalar(
-        select(func.max(Instance.version)).where(Instance.sop_instance_uid == sop_instance_uid)
-    )
-    return (latest or 0) + 1
-
-
 def stored_versions(session: Session, *, sop_instance_uid: str) -> dict[str, int]:
     """Content hash -> version of every stored version of one SOP instance (one query; the
     receive path asks it for every instance)."""
@@ -677,10 +660,8 @@ __all__ = [
     "append_audit",
     "claim_jobs",
     "close_association",
-    "find_version_by_hash",
     "finish_job",
     "list_instances",
-    "next_version",
     "open_association",
     "query_audit",
     "record_instance",

@@ -20,12 +20,11 @@ from storage.repository import (
     add_instance_with_job,
     append_audit,
     claim_jobs,
-    find_version_by_hash,
     finish_job,
     list_instances,
-    next_version,
     query_audit,
     release_jobs_of,
+    stored_versions,
 )
 from tests.conftest import Database
 
@@ -56,9 +55,8 @@ def test_an_instance_is_recorded_with_one_pending_job(session: Session) -> None:
     instance = add_instance_with_job(session, new=new_instance(), version=1, spool_path="a/b")
     jobs = session.scalars(select(Job).where(Job.instance_id == instance.id)).all()
     assert [j.state for j in jobs] == [JobState.PENDING]
-    assert find_version_by_hash(session, sop_instance_uid="1.2.3.4", sha256="a" * 64) is not None
-    assert next_version(session, sop_instance_uid="1.2.3.4") == 2
-    assert next_version(session, sop_instance_uid="9.9") == 1
+    assert stored_versions(session, sop_instance_uid="1.2.3.4") == {"a" * 64: 1}
+    assert stored_versions(session, sop_instance_uid="9.9") == {}
 
 
 def test_the_same_content_cannot_be_recorded_twice(session: Session) -> None:
