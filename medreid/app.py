@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -35,6 +36,9 @@ from storage import audit
 from storage.db import make_engine, make_sessionmaker, require_current_schema
 from storage.models import Association, AssociationOutcome, utcnow
 from storage.repository import append_audit, release_jobs_of
+
+if TYPE_CHECKING:
+    from console.server import ConsoleServer
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +217,41 @@ def start_workers(
     return processes, stop
 
 
+# ---------------------------------------------------------------------------- console
+
+
+def build_console(settings: Settings, sessions: sessionmaker[Session]) -> ConsoleServer:
+    """The administrators' web console over this service's database (console.enabled)."""
+    import datetime as dt
+
+    from console.app import ConsoleConfig, ConsoleContext, create_app
+    from console.server import ConsoleServer
+
+    cfg = settings.console
+    context = ConsoleContext(
+        sessions=sessions,
+        spool_root=settings.spool.dir.resolve(),
+        pipeline=pipeline_config(settings),
+        config=ConsoleConfig(
+            session_idle=dt.timedelta(minutes=cfg.session_idle_min),
+            session_max=dt.timedelta(hours=cfg.session_max_h),
+            page_rows=cfg.page_rows,
+            export_max_rows=cfg.export_max_rows,
+            lockout_failures=cfg.lockout_failures,
+            lockout_window=dt.timedelta(minutes=cfg.lockout_window_min),
+            https=cfg.tls_enabled,
+        ),
+        version=__version__,
+    )
+    return ConsoleServer(
+        create_app(context),
+        host=cfg.bind_address,
+        port=cfg.port,
+        certificate=cfg.tls_certificate,
+        private_key=cfg.tls_private_key,
+    )
+
+
 # ---------------------------------------------------------------------------- serve
 
 
@@ -239,6 +278,7 @@ def serve(settings: Settings, config_path: str | None) -> int:
                 "pid": os.getpid(),
                 "workers": settings.workers.processes,
                 "jobs_requeued": released,
+                "console": settings.console.port if settings.console.enabled else None,
             },
         ),
     )
@@ -253,20 +293,26 @@ def serve(settings: Settings, config_path: str | None) -> int:
 
     workers, stop_workers = start_workers(settings, config_path, service.node)
     service.server.start()
-    log.info(
-        "medreid %s ready in %.1f s: AE %s, port %d, %d worker process(es), database %s",
-        __version__,
-        time.monotonic() - started,
-        settings.scp.ae_title,
-        service.server.port,
-        len(workers),
-        service.engine.url.render_as_string(hide_password=True),
-    )
+    console = build_console(settings, service.sessions) if settings.console.enabled else None
     try:
+        if console is not None:
+            console.start()
+        log.info(
+            "medreid %s ready in %.1f s: AE %s, port %d, %d worker process(es), database %s%s",
+            __version__,
+            time.monotonic() - started,
+            settings.scp.ae_title,
+            service.server.port,
+            len(workers),
+            service.engine.url.render_as_string(hide_password=True),
+            f", console {console.url}" if console is not None else "",
+        )
         while not stop_requested.wait(1.0):
             workers = _restart_dead(workers, service, config_path, stop_workers)
     finally:
         service.server.stop()
+        if console is not None:
+            console.stop()
         stop_workers.set()
         for process in workers:
             process.join(timeout=30)

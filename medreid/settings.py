@@ -194,6 +194,69 @@ class AnalysisSettingsSection:
         return {code.strip().upper(): modality.strip() for code, _, modality in pairs}
 
 
+LOOPBACK_ADDRESSES = ("127.0.0.1", "::1", "localhost")
+
+
+@dataclass(frozen=True)
+class ConsoleSettings:
+    """The administrators' web console (read-only): off by default, on loopback when on."""
+
+    enabled: bool = False
+    bind_address: str = "127.0.0.1"
+    port: int = 8080
+    # HTTPS when both are set (PEM files).
+    tls_certificate: str = ""
+    tls_private_key: str = ""
+    # Passwords and session cookies cross the network in clear without TLS: off loopback,
+    # that takes this explicit opt-in.
+    allow_plain_http_off_loopback: bool = False
+    # A browser session ends after this long without a request, and at the latest after
+    # session_max_h hours.
+    session_idle_min: float = 15.0
+    session_max_h: float = 8.0
+    # Lifetime of an API token made by `medreid users token`.
+    api_token_days: int = 30
+    # Rows a page or a JSON listing returns at most; CSV exports take up to export_max_rows.
+    page_rows: int = 100
+    export_max_rows: int = 100000
+    # Failed logins of one user name within lockout_window_min before it is locked for as long.
+    lockout_failures: int = 5
+    lockout_window_min: float = 15.0
+
+    @property
+    def tls_enabled(self) -> bool:
+        return bool(self.tls_certificate)
+
+    def validate(self) -> None:
+        _check_range("console.port", self.port, 1, 65535)
+        _check_range("console.session_idle_min", self.session_idle_min, 1.0, 24 * 60.0)
+        _check_range("console.session_max_h", self.session_max_h, 0.1, 24 * 7.0)
+        _check_range("console.api_token_days", self.api_token_days, 1, 3650)
+        _check_range("console.page_rows", self.page_rows, 10, 1000)
+        _check_range("console.export_max_rows", self.export_max_rows, 100, 10_000_000)
+        _check_range("console.lockout_failures", self.lockout_failures, 1, 1000)
+        _check_range("console.lockout_window_min", self.lockout_window_min, 1.0, 24 * 60.0)
+        if not self.bind_address.strip():
+            raise SettingsError("console.bind_address: must not be empty")
+        if self.tls_enabled and not self.tls_private_key:
+            raise SettingsError("console.tls_private_key: required with console.tls_certificate")
+        for key in ("tls_certificate", "tls_private_key"):
+            path = getattr(self, key)
+            if path and not Path(path).is_file():
+                raise SettingsError(f"console.{key}: {path} is not a readable file")
+        if (
+            self.enabled
+            and self.bind_address not in LOOPBACK_ADDRESSES
+            and not self.tls_enabled
+            and not self.allow_plain_http_off_loopback
+        ):
+            raise SettingsError(
+                f"console.bind_address: {self.bind_address} is not loopback, and without "
+                "console.tls_certificate passwords would cross the network in clear "
+                "(set a certificate, or console.allow_plain_http_off_loopback = true)"
+            )
+
+
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
@@ -218,6 +281,7 @@ class Settings:
     clahe: ClaheSettings = field(default_factory=ClaheSettings)
     models: ModelsSettings = field(default_factory=ModelsSettings)
     analysis: AnalysisSettingsSection = field(default_factory=AnalysisSettingsSection)
+    console: ConsoleSettings = field(default_factory=ConsoleSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
 
 

@@ -41,6 +41,11 @@ GALLERY_ENROLLMENT = EventKind("110103", "DICOM Instances Accessed", "Gallery En
 MODEL_ACTIVATED = EventKind("110100", "Application Activity", "Model Activated", "U")
 AUDIT_LOG_USED = EventKind("110101", "Audit Log Used", None, "R")
 QUERY = EventKind("110112", "Query", None, "E")
+# The console: logins and logouts, the results a user opened, and changes to its users.
+USER_AUTHENTICATION = EventKind("110114", "User Authentication", "Login", "E")
+USER_LOGOUT = EventKind("110114", "User Authentication", "Logout", "E")
+RESULT_VIEWED = EventKind("110103", "DICOM Instances Accessed", "Result Viewed", "R")
+USER_CHANGED = EventKind("110113", "Security Alert", "User Security Attributes Changed", "E")
 
 
 @dataclass(frozen=True)

@@ -258,3 +258,44 @@ class AuditEvent(Base):
     patient_id: Mapped[str | None] = mapped_column(String(64))
     study_instance_uid: Mapped[str | None] = mapped_column(String(64))
     detail: Mapped[dict[str, Any]]
+
+
+class ConsoleUser(Base):
+    """An administrator of the web console; the password is kept as a salted scrypt hash."""
+
+    __tablename__ = "console_users"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    created_by: Mapped[str] = mapped_column(String(255))
+    password_changed_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    disabled_at: Mapped[dt.datetime | None]
+    last_login_at: Mapped[dt.datetime | None]
+
+
+class SessionKind(enum.StrEnum):
+    BROWSER = "browser"  # a login's cookie, with a CSRF token for its forms
+    API = "api"  # a bearer token made by `medreid users token`
+
+
+class ConsoleSession(Base):
+    """A console login or API token. Only the token's SHA-256 is stored, never the token."""
+
+    __tablename__ = "console_sessions"
+    __table_args__ = (Index("ix_console_sessions_user_id", "user_id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("console_users.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(16))
+    csrf_token: Mapped[str | None] = mapped_column(String(64))
+    client_host: Mapped[str | None] = mapped_column(String(255))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    last_seen_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[dt.datetime]
+    ended_at: Mapped[dt.datetime | None]
+    ended_why: Mapped[str | None] = mapped_column(String(64))
+
+    user: Mapped[ConsoleUser] = relationship()

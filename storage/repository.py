@@ -160,6 +160,7 @@ class AuditFilter:
     patient: str | None = None
     study: str | None = None
     outcome: Outcome | None = None
+    user: str | None = None
     limit: int = 1000
 
 
@@ -188,6 +189,8 @@ def query_audit(session: Session, *, where: AuditFilter) -> Sequence[AuditEvent]
         stmt = stmt.where(AuditEvent.study_instance_uid == where.study)
     if where.outcome is not None:
         stmt = stmt.where(AuditEvent.outcome == int(where.outcome))
+    if where.user:
+        stmt = stmt.where(AuditEvent.actor_user == where.user)
     stmt = stmt.order_by(AuditEvent.id.desc()).limit(where.limit)
     return list(reversed(session.scalars(stmt).all()))
 

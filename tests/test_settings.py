@@ -13,6 +13,9 @@ def test_packaged_file_holds_the_documented_defaults() -> None:
     assert settings.scp.port == 11112
     assert settings.database.url == "sqlite:///var/medreid.sqlite3"
     assert settings.clahe.tile_grid == (8, 8)
+    # The console is off, and on loopback once turned on.
+    assert not settings.console.enabled
+    assert settings.console.bind_address == "127.0.0.1"
 
 
 def test_environment_overrides_every_kind_of_value() -> None:
@@ -57,6 +60,12 @@ def test_environment_overrides_every_kind_of_value() -> None:
         ({"MEDREID_SCP_TLS_REQUIRE_CLIENT_CERTIFICATE": "true"}, "scp.tls_ca_certificates"),
         ({"MEDREID_ANALYSIS_SERIES_QUIET_S": "-1"}, "analysis.series_quiet_s"),
         ({"MEDREID_ANALYSIS_SERIES_MODALITIES": "ct"}, "analysis.series_modalities"),
+        (
+            {"MEDREID_CONSOLE_ENABLED": "true", "MEDREID_CONSOLE_BIND_ADDRESS": "0.0.0.0"},
+            "console.bind_address",
+        ),
+        ({"MEDREID_CONSOLE_SESSION_IDLE_MIN": "0"}, "console.session_idle_min"),
+        ({"MEDREID_CONSOLE_TLS_CERTIFICATE": "/no/such/cert.pem"}, "console.tls_private_key"),
     ],
 )
 def test_an_invalid_value_names_its_key(env: dict[str, str], key: str) -> None:

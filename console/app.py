@@ -1,0 +1,975 @@
+"""The console's web application: pages for people, the same data as JSON for programs.
+
+Every page view, API call and export is an audit event with the user's name. Only GET is
+read-only work; the two forms (login, logout) carry CSRF tokens. Nothing here builds SQL
+from strings, and every page is rendered by Jinja with autoescaping."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import datetime as dt
+import hmac
+import io
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import urlencode
+
+from fastapi import Depends, FastAPI, Form, HTTPException, Query, Request
+from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.security import APIKeyCookie, HTTPBearer
+from fastapi.staticfiles import StaticFiles
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+from pydantic import BaseModel, BeforeValidator, Field, StringConstraints
+from sqlalchemy.orm import Session, sessionmaker
+
+from console import charts
+from console.passwords import DUMMY_HASH, new_token, token_digest, verify_password
+from console.schemas import (
+    AlertsOut,
+    AuditEventOut,
+    AuditOutcome,
+    AuditPageOut,
+    CountsOut,
+    DashboardOut,
+    HourOut,
+    MatchOut,
+    ProblemOut,
+    QueueOut,
+    ResultDetailOut,
+    ResultPageOut,
+    ResultSummaryOut,
+    SenderRateOut,
+    SeriesVerdictOut,
+    Status,
+    Verdict,
+)
+from console.thumbnail import ThumbnailError, stored_thumbnail
+from pipeline.runner import PipelineConfig
+from storage import audit
+from storage.accounts import (
+    end_session,
+    failed_logins_since,
+    find_user,
+    live_session,
+    open_session,
+)
+from storage.models import AuditEvent, ConsoleSession, Instance, Result, SessionKind, utcnow
+from storage.reports import ResultQuery, dashboard, page_results, result_detail, series_verdict_of
+from storage.repository import AuditFilter, append_audit, query_audit
+
+log = logging.getLogger(__name__)
+
+HERE = Path(__file__).resolve().parent
+SESSION_COOKIE = "medreid_session"
+LOGIN_CSRF_COOKIE = "medreid_login_csrf"
+MAX_USERNAME = 64
+OUTCOMES = {
+    "success": audit.Outcome.SUCCESS,
+    "minor": audit.Outcome.MINOR_FAILURE,
+    "serious": audit.Outcome.SERIOUS_FAILURE,
+    "major": audit.Outcome.MAJOR_FAILURE,
+}
+AUDIT_CSV_COLUMNS = (
+    "id",
+    "occurred_at",
+    "event_code",
+    "event",
+    "event_type",
+    "action",
+    "outcome",
+    "actor_ae",
+    "actor_host",
+    "actor_user",
+    "patient_id",
+    "study_instance_uid",
+    "detail",
+)
+SECURITY_HEADERS = {
+    # No script at all; styles and images from here (thumbnails inline as data: URIs).
+    "Content-Security-Policy": (
+        "default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; "
+        "frame-ancestors 'none'; base-uri 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    # Pages hold patient data: no copies in shared or browser caches.
+    "Cache-Control": "no-store",
+}
+
+
+@dataclass(frozen=True)
+class ConsoleConfig:
+    session_idle: dt.timedelta = dt.timedelta(minutes=15)
+    session_max: dt.timedelta = dt.timedelta(hours=8)
+    page_rows: int = 100
+    export_max_rows: int = 100_000
+    lockout_failures: int = 5
+    lockout_window: dt.timedelta = dt.timedelta(minutes=15)
+    https: bool = False
+
+
+@dataclass
+class ConsoleContext:
+    """What the console needs from the composition root."""
+
+    sessions: sessionmaker[Session]
+    spool_root: Path
+    pipeline: PipelineConfig
+    config: ConsoleConfig = field(default_factory=ConsoleConfig)
+    version: str = ""
+    clock: Callable[[], dt.datetime] = utcnow
+
+
+@dataclass(frozen=True)
+class Principal:
+    user_id: int
+    username: str
+    session_id: int
+    kind: str
+    csrf_token: str | None
+    client_host: str | None
+
+
+class LoginRequiredError(Exception):
+    """A page was asked for without a valid session: the browser is sent to the login page."""
+
+    def __init__(self, next_path: str) -> None:
+        super().__init__(next_path)
+        self.next_path = next_path
+
+
+def _blank(value: Any) -> Any:
+    # An HTML form sends an unset filter as "", which means "any".
+    return None if isinstance(value, str) and value.strip() == "" else value
+
+
+Text16 = Annotated[Annotated[str, StringConstraints(max_length=16)] | None, BeforeValidator(_blank)]
+Text64 = Annotated[Annotated[str, StringConstraints(max_length=64)] | None, BeforeValidator(_blank)]
+Text255 = Annotated[
+    Annotated[str, StringConstraints(max_length=255)] | None, BeforeValidator(_blank)
+]
+Day = Annotated[dt.date | None, BeforeValidator(_blank)]
+
+
+class ResultParams(BaseModel):
+    verdict: Annotated[Verdict | None, BeforeValidator(_blank)] = None
+    modality: Text16 = Field(None, description="header Modality code, e.g. CT")
+    ae: Text16 = Field(None, description="calling AE title of the sender")
+    patient: Text64 = Field(None, description="header or matched patient ID")
+    study: Text64 = Field(None, description="Study Instance UID")
+    received_from: Day = Field(None, description="first day of arrival (UTC), inclusive")
+    received_to: Day = Field(None, description="last day of arrival (UTC), inclusive")
+    status: Annotated[Status | None, BeforeValidator(_blank)] = None
+    limit: int = Field(100, ge=1, le=1000)
+    offset: int = Field(0, ge=0, le=10_000_000)
+
+
+class AuditParams(BaseModel):
+    event: Text64 = Field(None, description="event, event type or code, e.g. Security Alert")
+    ae: Text16 = None
+    host: Text255 = None
+    user: Text64 = Field(None, description="the acting user")
+    patient: Text64 = None
+    study: Text64 = None
+    outcome: Annotated[AuditOutcome | None, BeforeValidator(_blank)] = None
+    since: Day = Field(None, description="first day (UTC), inclusive")
+    until: Day = Field(None, description="last day (UTC), inclusive")
+    limit: int = Field(200, ge=1, le=100_000)
+
+
+def _day_start(day: dt.date | None) -> dt.datetime | None:
+    return dt.datetime.combine(day, dt.time(), dt.UTC) if day is not None else None
+
+
+def _day_after(day: dt.date | None) -> dt.datetime | None:
+    return _day_start(day + dt.timedelta(days=1)) if day is not None else None
+
+
+def _filters(params: BaseModel) -> dict[str, Any]:
+    """The filters a user set, as the audit event records them."""
+    return {
+        key: (value.isoformat() if isinstance(value, dt.date) else value)
+        for key, value in params.model_dump().items()
+        if value is not None and key not in ("limit", "offset")
+    }
+
+
+def _aware(value: dt.datetime) -> dt.datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
+
+
+def _safe_next(value: str | None) -> str:
+    """Only a path on this site: never '//host' or 'https://host' (an open redirect)."""
+    if not value or not value.startswith("/") or value.startswith("//") or "\\" in value:
+        return "/"
+    return value
+
+
+def _csv_cell(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, dt.datetime):
+        return _aware(value).isoformat()
+    if isinstance(value, dict | list):
+        return json.dumps(value, separators=(",", ":"), default=str)
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value  # a spreadsheet must not read a cell as a formula
+    return value
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def summary_of(result: Result, instance: Instance) -> dict[str, Any]:
+    matches = result.top_matches or []
+    return {
+        "id": result.id,
+        "received_at": _aware(instance.received_at),
+        "calling_ae": instance.calling_ae,
+        "patient_id": instance.patient_id,
+        "modality": instance.modality,
+        "study_instance_uid": instance.study_instance_uid,
+        "series_instance_uid": instance.series_instance_uid,
+        "sop_instance_uid": instance.sop_instance_uid,
+        "status": result.status,
+        "predicted_modality": result.predicted_modality,
+        "modality_verdict": result.modality_verdict,
+        "identity_verdict": result.identity_verdict,
+        "matched_patient_id": result.matched_patient_id,
+        "best_score": float(matches[0]["score"]) if matches else None,
+    }
+
+
+def load_results(db: Session, params: ResultParams) -> ResultPageOut:
+    rows, total = page_results(
+        db,
+        where=ResultQuery(
+            verdict=params.verdict,
+            modality=params.modality,
+            ae=params.ae,
+            patient=params.patient,
+            study=params.study,
+            received_from=_day_start(params.received_from),
+            received_before=_day_after(params.received_to),
+            status=params.status,
+            limit=params.limit,
+            offset=params.offset,
+        ),
+    )
+    return ResultPageOut(
+        total=total,
+        offset=params.offset,
+        limit=params.limit,
+        items=[ResultSummaryOut(**summary_of(r, i)) for r, i in rows],
+    )
+
+
+def load_detail(db: Session, result_id: int) -> ResultDetailOut | None:
+    found = result_detail(db, result_id=result_id)
+    return detail_of(db, *found) if found is not None else None
+
+
+def detail_of(db: Session, result: Result, instance: Instance) -> ResultDetailOut:
+    series = series_verdict_of(db, series_uid=instance.series_instance_uid)
+    return ResultDetailOut(
+        **summary_of(result, instance),
+        version=instance.version,
+        sop_class_uid=instance.sop_class_uid,
+        transfer_syntax_uid=instance.transfer_syntax_uid,
+        size_bytes=instance.size_bytes,
+        peer_host=instance.peer_host,
+        instance_state=instance.state,
+        created_at=_aware(result.created_at),
+        worker=result.worker,
+        failed_stage=result.failed_stage,
+        failure_reason=result.failure_reason,
+        shape=result.shape,
+        photometric=result.photometric,
+        modality_scores=result.modality_scores,
+        routed_to=result.routed_to,
+        top_matches=[MatchOut(**m) for m in result.top_matches or []],
+        identity_threshold=result.identity_threshold,
+        identity_header_score=result.identity_header_score,
+        model_versions=result.model_versions,
+        timings_ms=result.timings_ms or {},
+        series_verdict=(
+            SeriesVerdictOut(
+                series_instance_uid=series.series_instance_uid,
+                images=series.images,
+                images_analysed=series.images_analysed,
+                predicted_modality=series.predicted_modality,
+                modality_verdict=series.modality_verdict,
+                identity_verdict=series.identity_verdict,
+                matched_patient_id=series.matched_patient_id,
+                decided_at=_aware(series.decided_at),
+                revision=series.revision,
+            )
+            if series is not None
+            else None
+        ),
+    )
+
+
+def load_dashboard(db: Session, now: dt.datetime) -> DashboardOut:
+    local_now = now.astimezone()  # "today" and "this week" in the server's own time zone
+    day_start = local_now.replace(hour=0, minute=0, second=0, microsecond=0)
+    week_start = day_start - dt.timedelta(days=day_start.weekday())
+    board = dashboard(
+        db,
+        now=now,
+        day_start=day_start.astimezone(dt.UTC),
+        week_start=week_start.astimezone(dt.UTC),
+    )
+    return DashboardOut(
+        generated_at=now,
+        today=CountsOut(
+            total=board.received_today,
+            by_modality=board.today_by_modality,
+            by_sender=board.today_by_sender,
+        ),
+        week=CountsOut(
+            total=board.received_week,
+            by_modality=board.week_by_modality,
+            by_sender=board.week_by_sender,
+        ),
+        open_alerts=AlertsOut(images=board.open_image_alerts, series=board.open_series_alerts),
+        queue=QueueOut(
+            pending=board.queue_pending,
+            running=board.queue_running,
+            failed_last_7_days=board.failed_recently,
+        ),
+        active_models=board.active_models,
+        models_in_use=board.models_in_use,
+        arrivals_by_hour=[HourOut(hour=h, instances=n) for h, n in board.arrivals_by_hour],
+        mismatch_by_sender=[
+            SenderRateOut(
+                calling_ae=ae, results=total, mismatches=bad, rate=bad / total if total else 0.0
+            )
+            for ae, (total, bad) in board.mismatch_by_sender.items()
+        ],
+    )
+
+
+def load_audit(db: Session, params: AuditParams, limit: int) -> list[AuditEventOut]:
+    events = query_audit(
+        db,
+        where=AuditFilter(
+            since=_day_start(params.since),
+            until=_day_after(params.until),
+            event=params.event,
+            ae=params.ae,
+            host=params.host,
+            patient=params.patient,
+            study=params.study,
+            outcome=OUTCOMES[params.outcome] if params.outcome else None,
+            user=params.user,
+            limit=limit,
+        ),
+    )
+    return [_audit_out(e) for e in reversed(events)]  # newest first
+
+
+def _audit_out(event: AuditEvent) -> AuditEventOut:
+    return AuditEventOut(
+        id=event.id,
+        occurred_at=_aware(event.occurred_at),
+        event_code=event.event_code,
+        event=event.event,
+        event_type=event.event_type,
+        action=event.action,
+        outcome=event.outcome,
+        actor_ae=event.actor_ae,
+        actor_host=event.actor_host,
+        actor_user=event.actor_user,
+        patient_id=event.patient_id,
+        study_instance_uid=event.study_instance_uid,
+        detail=event.detail,
+    )
+
+
+# --------------------------------------------------------------------------- the application
+
+
+def transaction(request: Request) -> Iterator[Session]:
+    """One transaction a request: its reads, its session bookkeeping and its audit event
+    commit together, before the response leaves (scope="function")."""
+    context: ConsoleContext = request.app.state.context
+    with context.sessions() as db, db.begin():
+        try:
+            yield db
+        except (LoginRequiredError, HTTPException):
+            # Refused or not found: what was written (a session ended as idle or expired, the
+            # audit of a failed access) stands.
+            db.commit()
+            raise
+
+
+Db = Annotated[Session, Depends(transaction, scope="function")]
+Responses = dict[int | str, dict[str, Any]]
+
+
+def create_app(ctx: ConsoleContext) -> FastAPI:
+    app = FastAPI(
+        title="medreid console API",
+        version=ctx.version or "0",
+        description=(
+            "Read-only access to medreid's results, series verdicts and audit trail. "
+            "Authenticate with a bearer token from `medreid users token NAME`, or with the "
+            "session cookie of a console login. Every call is recorded in the audit trail."
+        ),
+        openapi_url="/api/openapi.json",
+        docs_url=None,
+        redoc_url=None,
+    )
+    templates = Environment(
+        loader=FileSystemLoader(HERE / "templates"),
+        autoescape=select_autoescape(default=True, default_for_string=True),
+    )
+    templates.globals["version"] = ctx.version
+    app.state.context = ctx
+    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    bearer = HTTPBearer(auto_error=False, description="token from `medreid users token`")
+    cookie = APIKeyCookie(name=SESSION_COOKIE, auto_error=False, description="console login")
+
+    # ------------------------------------------------------------------ plumbing
+
+    @app.middleware("http")
+    async def headers_and_log(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        started = time.perf_counter()
+        response = await call_next(request)
+        for name, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(name, value)
+        if ctx.config.https:
+            response.headers["Strict-Transport-Security"] = "max-age=31536000"
+        # The route's template, never the query string or the concrete path: filters carry
+        # patient IDs, and the log is no place for them.
+        route = request.scope.get("route")
+        shown = getattr(route, "path", "(no route)")
+        log.info(
+            "%s %s -> %d in %.1f ms",
+            request.method,
+            shown,
+            response.status_code,
+            (time.perf_counter() - started) * 1000.0,
+        )
+        return response
+
+    def client_host(request: Request) -> str | None:
+        return request.client.host if request.client else None
+
+    def authenticate(db: Session, request: Request) -> Principal | None:
+        token = None
+        header = request.headers.get("authorization", "")
+        if header[:7].lower() == "bearer ":
+            token = header[7:].strip()
+        if not token:
+            token = request.cookies.get(SESSION_COOKIE)
+        if not token or len(token) > 256:
+            return None
+        now = ctx.clock()
+        row = live_session(
+            db, token_sha256=token_digest(token), now=now, idle=ctx.config.session_idle
+        )
+        if row is None:
+            return None
+        return Principal(
+            user_id=row.user_id,
+            username=row.user.username,
+            session_id=row.id,
+            kind=row.kind,
+            csrf_token=row.csrf_token,
+            client_host=client_host(request),
+        )
+
+    def record(
+        db: Session,
+        who: Principal,
+        kind: audit.EventKind,
+        *,
+        patient: str | None = None,
+        study: str | None = None,
+        **detail: Any,
+    ) -> None:
+        append_audit(
+            db,
+            record=audit.AuditRecord(
+                kind=kind,
+                actor_user=who.username,
+                actor_host=who.client_host,
+                patient_id=patient,
+                study_instance_uid=study,
+                detail={"interface": "api" if who.kind == SessionKind.API else "console", **detail},
+            ),
+        )
+
+    def page_user(db: Session, request: Request) -> Principal:
+        who = authenticate(db, request)
+        if who is None:
+            target = request.url.path
+            if request.url.query:
+                target += "?" + request.url.query
+            raise LoginRequiredError(target)
+        return who
+
+    def api_user(db: Session, request: Request) -> Principal:
+        who = authenticate(db, request)
+        if who is None:
+            raise HTTPException(
+                status_code=401,
+                detail="authentication required: a bearer token or a console session",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        return who
+
+    @app.exception_handler(LoginRequiredError)
+    async def to_login(request: Request, exc: LoginRequiredError) -> Response:
+        return RedirectResponse("/login?" + urlencode({"next": exc.next_path}), status_code=303)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'request'}: {e.get('msg')}"
+            for e in exc.errors()
+        )
+        if request.url.path.startswith("/api/"):
+            return JSONResponse({"detail": problems}, status_code=422)
+        return HTMLResponse(
+            templates.get_template("error.html").render(
+                title="Invalid request", message=problems, user=None
+            ),
+            status_code=422,
+        )
+
+    def html(name: str, status_code: int = 200, **context: Any) -> HTMLResponse:
+        return HTMLResponse(templates.get_template(name).render(**context), status_code=status_code)
+
+    auth_schemes = [Depends(bearer), Depends(cookie)]
+    unauthorised: Responses = {
+        401: {"model": ProblemOut, "description": "no valid token or session"}
+    }
+    not_found: Responses = {404: {"model": ProblemOut, "description": "no such result"}}
+
+    # ------------------------------------------------------------------ login and logout
+
+    @app.get("/login", response_class=HTMLResponse, include_in_schema=False)
+    def login_form(
+        request: Request, next_path: Annotated[str, Query(alias="next", max_length=2048)] = "/"
+    ) -> Response:
+        token = new_token()
+        response = html(
+            "login.html", csrf_token=token, next=_safe_next(next_path), error=None, user=None
+        )
+        _set_cookie(response, LOGIN_CSRF_COOKIE, token, max_age=3600, https=ctx.config.https)
+        return response
+
+    @app.post("/login", include_in_schema=False)
+    def login(
+        request: Request,
+        db: Db,
+        username: Annotated[str, Form(max_length=MAX_USERNAME)],
+        password: Annotated[str, Form(max_length=1024)],
+        csrf_token: Annotated[str, Form(max_length=256)],
+        next_path: Annotated[str, Form(alias="next", max_length=2048)] = "/",
+    ) -> Response:
+        expected = request.cookies.get(LOGIN_CSRF_COOKIE, "")
+        if not expected or not hmac.compare_digest(expected, csrf_token):
+            return html(
+                "error.html",
+                403,
+                title="Form expired",
+                message="The login form expired or came from elsewhere. Open the login page again.",
+                user=None,
+            )
+        now = ctx.clock()
+        host = client_host(request)
+        user = find_user(db, username=username)
+        locked = (
+            failed_logins_since(db, username=username, since=now - ctx.config.lockout_window)
+            >= ctx.config.lockout_failures
+        )
+        # A wrong name costs a hash check too, so timing does not tell which names exist.
+        valid = verify_password(password, user.password_hash if user else DUMMY_HASH)
+        reason = None
+        if locked:
+            reason = "locked after repeated failures"
+        elif user is None or not valid:
+            reason = "unknown user or wrong password"
+        elif user.disabled_at is not None:
+            reason = "user disabled"
+        if reason is not None or user is None:
+            append_audit(
+                db,
+                record=audit.AuditRecord(
+                    kind=audit.USER_AUTHENTICATION,
+                    outcome=audit.Outcome.MINOR_FAILURE,
+                    actor_user=username,
+                    actor_host=host,
+                    detail={"interface": "console", "reason": reason},
+                ),
+            )
+            token = new_token()
+            message = (
+                "Too many failed logins: this user name is locked for "
+                f"{int(ctx.config.lockout_window.total_seconds() // 60)} minutes."
+                if locked
+                else "Unknown user name or wrong password."
+            )
+            refused = html(
+                "login.html",
+                401,
+                csrf_token=token,
+                next=_safe_next(next_path),
+                error=message,
+                user=None,
+            )
+            _set_cookie(refused, LOGIN_CSRF_COOKIE, token, max_age=3600, https=ctx.config.https)
+            return refused
+        session_token = new_token()
+        open_session(
+            db,
+            user=user,
+            kind=SessionKind.BROWSER,
+            token_sha256=token_digest(session_token),
+            csrf_token=new_token(),
+            client_host=host,
+            now=now,
+            expires_at=now + ctx.config.session_max,
+        )
+        user.last_login_at = now
+        append_audit(
+            db,
+            record=audit.AuditRecord(
+                kind=audit.USER_AUTHENTICATION,
+                actor_user=user.username,
+                actor_host=host,
+                detail={"interface": "console"},
+            ),
+        )
+        response: Response = RedirectResponse(_safe_next(next_path), status_code=303)
+        # A session cookie (no Max-Age): gone when the browser closes; the server ends it
+        # after session_idle without requests and session_max at the latest.
+        _set_cookie(response, SESSION_COOKIE, session_token, max_age=None, https=ctx.config.https)
+        response.delete_cookie(LOGIN_CSRF_COOKIE, path="/")
+        return response
+
+    @app.post("/logout", include_in_schema=False)
+    def logout(
+        request: Request, db: Db, csrf_token: Annotated[str, Form(max_length=256)]
+    ) -> Response:
+        who = authenticate(db, request)
+        if who is None:
+            return RedirectResponse("/login", status_code=303)
+        if not who.csrf_token or not hmac.compare_digest(who.csrf_token, csrf_token):
+            return html(
+                "error.html", 403, title="Forbidden", message="CSRF token mismatch.", user=who
+            )
+        row = db.get(ConsoleSession, who.session_id)
+        if row is not None:
+            end_session(db, row=row, why="logout", now=ctx.clock())
+        record(db, who, audit.USER_LOGOUT)
+        response = RedirectResponse("/login", status_code=303)
+        response.delete_cookie(SESSION_COOKIE, path="/")
+        return response
+
+    # ------------------------------------------------------------------ pages
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def dashboard_page(request: Request, db: Db) -> Response:
+        who = page_user(db, request)
+        board = load_dashboard(db, ctx.clock())
+        record(db, who, audit.QUERY, page="dashboard")
+        return html(
+            "dashboard.html",
+            user=who,
+            board=board,
+            arrivals=charts.arrivals_chart([(h.hour, h.instances) for h in board.arrivals_by_hour]),
+            senders=charts.rate_bars(
+                [(s.calling_ae, s.results, s.mismatches) for s in board.mismatch_by_sender],
+                title="Mismatch verdicts per sender, last 7 days",
+            ),
+        )
+
+    @app.get("/results", response_class=HTMLResponse, include_in_schema=False)
+    def results_page(
+        request: Request, db: Db, params: Annotated[ResultParams, Query()]
+    ) -> Response:
+        who = page_user(db, request)
+        params = params.model_copy(update={"limit": min(params.limit, ctx.config.page_rows)})
+        page = load_results(db, params)
+        record(
+            db,
+            who,
+            audit.QUERY,
+            patient=params.patient,
+            study=params.study,
+            page="results",
+            filters=_filters(params),
+            rows=len(page.items),
+        )
+        current = {k: v for k, v in params.model_dump(mode="json").items() if v is not None}
+        older = newer = None
+        if params.offset + len(page.items) < page.total:
+            older = urlencode({**current, "offset": params.offset + params.limit})
+        if params.offset > 0:
+            newer = urlencode({**current, "offset": max(params.offset - params.limit, 0)})
+        return html("results.html", user=who, page=page, params=params, older=older, newer=newer)
+
+    @app.get("/results/{result_id}", response_class=HTMLResponse, include_in_schema=False)
+    def result_page(
+        request: Request, db: Db, result_id: Annotated[int, PathParam(ge=1, le=2**62)]
+    ) -> Response:
+        who = page_user(db, request)
+        found = result_detail(db, result_id=result_id)
+        if found is None:
+            return html("error.html", 404, title="Not found", message="No such result.", user=who)
+        detail = detail_of(db, *found)
+        record(
+            db,
+            who,
+            audit.RESULT_VIEWED,
+            patient=detail.patient_id,
+            study=detail.study_instance_uid,
+            page="result",
+            result_id=result_id,
+            sop_instance_uid=detail.sop_instance_uid,
+        )
+        thumbnail = thumbnail_error = None
+        try:
+            png = stored_thumbnail(ctx.spool_root, found[1].spool_path, ctx.pipeline)
+            thumbnail = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+        except ThumbnailError as exc:
+            thumbnail_error = str(exc)
+        scores = sorted((detail.modality_scores or {}).items(), key=lambda kv: -kv[1])
+        return html(
+            "result.html",
+            user=who,
+            r=detail,
+            thumbnail=thumbnail,
+            thumbnail_error=thumbnail_error,
+            modality_chart=charts.score_bars(scores, title="COMPA probabilities")
+            if scores
+            else None,
+            match_chart=charts.score_bars(
+                [(m.patient_id, m.score) for m in detail.top_matches],
+                title="Gallery similarity of the best matches",
+                marker=detail.identity_threshold,
+            )
+            if detail.top_matches
+            else None,
+        )
+
+    @app.get("/audit", response_class=HTMLResponse, include_in_schema=False)
+    def audit_page(request: Request, db: Db, params: Annotated[AuditParams, Query()]) -> Response:
+        who = page_user(db, request)
+        limit = min(params.limit, ctx.config.page_rows * 5)
+        events = load_audit(db, params, limit)
+        record(
+            db,
+            who,
+            audit.AUDIT_LOG_USED,
+            patient=params.patient,
+            study=params.study,
+            page="audit",
+            filters=_filters(params),
+            rows=len(events),
+        )
+        query = urlencode({k: v for k, v in params.model_dump(mode="json").items() if v})
+        return html("audit.html", user=who, events=events, params=params, export_query=query)
+
+    # ------------------------------------------------------------------ the JSON API
+
+    @app.get(
+        "/api/v1/dashboard",
+        response_model=DashboardOut,
+        dependencies=auth_schemes,
+        responses=unauthorised,
+        tags=["dashboard"],
+    )
+    def api_dashboard(request: Request, db: Db) -> DashboardOut:
+        """Counts of today and this week, open alerts, the queue, the models, two series."""
+        who = api_user(db, request)
+        board = load_dashboard(db, ctx.clock())
+        record(db, who, audit.QUERY, page="dashboard")
+        return board
+
+    @app.get(
+        "/api/v1/results",
+        response_model=ResultPageOut,
+        dependencies=auth_schemes,
+        responses=unauthorised,
+        tags=["results"],
+    )
+    def api_results(
+        request: Request, db: Db, params: Annotated[ResultParams, Query()]
+    ) -> ResultPageOut:
+        """Pipeline results, newest first, filtered; ``total`` counts all that match."""
+        who = api_user(db, request)
+        page = load_results(db, params)
+        record(
+            db,
+            who,
+            audit.QUERY,
+            patient=params.patient,
+            study=params.study,
+            page="results",
+            filters=_filters(params),
+            rows=len(page.items),
+        )
+        return page
+
+    @app.get(
+        "/api/v1/results/{result_id}",
+        response_model=ResultDetailOut,
+        dependencies=auth_schemes,
+        responses={**unauthorised, **not_found},
+        tags=["results"],
+    )
+    def api_result(
+        request: Request, db: Db, result_id: Annotated[int, PathParam(ge=1, le=2**62)]
+    ) -> ResultDetailOut:
+        """One result with its header facts, scores, matches, model versions and timings."""
+        who = api_user(db, request)
+        detail = load_detail(db, result_id)
+        if detail is None:
+            raise HTTPException(status_code=404, detail="no such result")
+        record(
+            db,
+            who,
+            audit.RESULT_VIEWED,
+            patient=detail.patient_id,
+            study=detail.study_instance_uid,
+            page="result",
+            result_id=result_id,
+            sop_instance_uid=detail.sop_instance_uid,
+        )
+        return detail
+
+    @app.get(
+        "/api/v1/results/{result_id}/thumbnail.png",
+        response_class=Response,
+        dependencies=auth_schemes,
+        responses={
+            200: {"content": {"image/png": {}}, "description": "the CLAHE image, 256 px"},
+            **unauthorised,
+            404: {"model": ProblemOut, "description": "no such result, or no image to show"},
+        },
+        tags=["results"],
+    )
+    def api_thumbnail(
+        request: Request, db: Db, result_id: Annotated[int, PathParam(ge=1, le=2**62)]
+    ) -> Response:
+        """The CLAHE-enhanced image of the result's instance, its longer side 256 pixels."""
+        who = api_user(db, request)
+        found = result_detail(db, result_id=result_id)
+        if found is None:
+            raise HTTPException(status_code=404, detail="no such result")
+        result, instance = found
+        record(
+            db,
+            who,
+            audit.RESULT_VIEWED,
+            patient=instance.patient_id,
+            study=instance.study_instance_uid,
+            page="thumbnail",
+            result_id=result.id,
+            sop_instance_uid=instance.sop_instance_uid,
+        )
+        try:
+            png = stored_thumbnail(ctx.spool_root, instance.spool_path, ctx.pipeline)
+        except ThumbnailError as exc:
+            raise HTTPException(status_code=404, detail=str(exc)) from None
+        return Response(png, media_type="image/png")
+
+    @app.get(
+        "/api/v1/audit",
+        response_model=AuditPageOut,
+        dependencies=auth_schemes,
+        responses=unauthorised,
+        tags=["audit"],
+    )
+    def api_audit(
+        request: Request, db: Db, params: Annotated[AuditParams, Query()]
+    ) -> AuditPageOut:
+        """Audit events, newest first, with the filters of ``medreid audit``."""
+        who = api_user(db, request)
+        limit = min(params.limit, ctx.config.export_max_rows)
+        events = load_audit(db, params, limit)
+        record(
+            db,
+            who,
+            audit.AUDIT_LOG_USED,
+            patient=params.patient,
+            study=params.study,
+            page="audit",
+            filters=_filters(params),
+            rows=len(events),
+        )
+        return AuditPageOut(limit=limit, items=events)
+
+    @app.get(
+        "/api/v1/audit.csv",
+        response_class=Response,
+        dependencies=auth_schemes,
+        responses={200: {"content": {"text/csv": {}}, "description": "UTF-8 CSV"}, **unauthorised},
+        tags=["audit"],
+    )
+    def api_audit_csv(
+        request: Request, db: Db, params: Annotated[AuditParams, Query()]
+    ) -> Response:
+        """The same events as CSV, up to console.export_max_rows rows; the export is audited."""
+        who = api_user(db, request)
+        limit = min(max(params.limit, ctx.config.page_rows), ctx.config.export_max_rows)
+        events = load_audit(db, params, limit)
+        record(
+            db,
+            who,
+            audit.AUDIT_LOG_USED,
+            patient=params.patient,
+            study=params.study,
+            page="audit",
+            export="csv",
+            filters=_filters(params),
+            rows=len(events),
+        )
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(AUDIT_CSV_COLUMNS)
+        for event in events:
+            writer.writerow([_csv_cell(getattr(event, c)) for c in AUDIT_CSV_COLUMNS])
+        stamp = ctx.clock().strftime("%Y%m%dT%H%M%SZ")
+        return Response(
+            buffer.getvalue(),
+            media_type="text/csv; charset=utf-8",
+            headers={"Content-Disposition": f'attachment; filename="medreid-audit-{stamp}.csv"'},
+        )
+
+    @app.get("/healthz", include_in_schema=False)
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    return app
+
+
+def _set_cookie(
+    response: Response, name: str, value: str, *, max_age: int | None, https: bool
+) -> None:
+    response.set_cookie(
+        name,
+        value,
+        max_age=max_age,
+        path="/",
+        httponly=True,
+        samesite="strict",
+        secure=https,
+    )

@@ -1,0 +1,241 @@
+"""Read-only queries behind the console: paged results, one result, the dashboard's counts."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from sqlalchemy import ColumnElement, Integer, Select, cast, func, or_, select
+from sqlalchemy.orm import Session
+
+from storage.models import (
+    ActiveModel,
+    Instance,
+    Job,
+    JobState,
+    Result,
+    SeriesVerdictRow,
+)
+
+MISMATCH = "mismatch"
+
+
+@dataclass(frozen=True)
+class ResultQuery:
+    """The console's result filters; every one optional. Dates are by arrival."""
+
+    verdict: str | None = None  # a modality or identity verdict, e.g. "mismatch"
+    modality: str | None = None  # header Modality code, e.g. "CT"
+    ae: str | None = None  # calling AE title of the sender
+    patient: str | None = None  # header PatientID or the matched one
+    study: str | None = None
+    received_from: dt.datetime | None = None
+    received_before: dt.datetime | None = None
+    status: str | None = None  # "ok" or "failed"
+    limit: int = 100
+    offset: int = 0
+
+
+SelectT = TypeVar("SelectT", bound=Select[*tuple[Any, ...]])
+
+
+def _filtered(stmt: SelectT, where: ResultQuery) -> SelectT:
+    if where.verdict:
+        stmt = stmt.where(
+            or_(Result.identity_verdict == where.verdict, Result.modality_verdict == where.verdict)
+        )
+    if where.modality:
+        stmt = stmt.where(Instance.modality == where.modality)
+    if where.ae:
+        stmt = stmt.where(Instance.calling_ae == where.ae)
+    if where.patient:
+        stmt = stmt.where(
+            or_(Instance.patient_id == where.patient, Result.matched_patient_id == where.patient)
+        )
+    if where.study:
+        stmt = stmt.where(Instance.study_instance_uid == where.study)
+    if where.received_from is not None:
+        stmt = stmt.where(Instance.received_at >= where.received_from)
+    if where.received_before is not None:
+        stmt = stmt.where(Instance.received_at < where.received_before)
+    if where.status:
+        stmt = stmt.where(Result.status == where.status)
+    return stmt
+
+
+def page_results(
+    session: Session, *, where: ResultQuery
+) -> tuple[list[tuple[Result, Instance]], int]:
+    """One page of results, newest first, and how many match in all."""
+    joined = select(Result, Instance).join(Instance, Instance.id == Result.instance_id)
+    stmt = _filtered(joined, where).order_by(Result.id.desc())
+    rows = [(r, i) for r, i in session.execute(stmt.limit(where.limit).offset(where.offset))]
+    counted = _filtered(
+        select(func.count()).select_from(Result).join(Instance, Instance.id == Result.instance_id),
+        where,
+    )
+    return rows, int(session.scalar(counted) or 0)
+
+
+def result_detail(session: Session, *, result_id: int) -> tuple[Result, Instance] | None:
+    row = session.execute(
+        select(Result, Instance)
+        .join(Instance, Instance.id == Result.instance_id)
+        .where(Result.id == result_id)
+    ).first()
+    return (row[0], row[1]) if row is not None else None
+
+
+def series_verdict_of(session: Session, *, series_uid: str | None) -> SeriesVerdictRow | None:
+    if not series_uid:
+        return None
+    return session.scalar(
+        select(SeriesVerdictRow).where(SeriesVerdictRow.series_instance_uid == series_uid)
+    )
+
+
+@dataclass
+class Dashboard:
+    received_today: int = 0
+    received_week: int = 0
+    today_by_modality: dict[str, int] = field(default_factory=dict)
+    week_by_modality: dict[str, int] = field(default_factory=dict)
+    today_by_sender: dict[str, int] = field(default_factory=dict)
+    week_by_sender: dict[str, int] = field(default_factory=dict)
+    open_image_alerts: int = 0  # image results with a mismatch verdict in the alert window
+    open_series_alerts: int = 0
+    queue_pending: int = 0
+    queue_running: int = 0
+    failed_recently: int = 0  # jobs failed in the alert window
+    active_models: dict[str, str] = field(default_factory=dict)  # slot -> version
+    models_in_use: dict[str, str] = field(default_factory=dict)  # of the newest result
+    arrivals_by_hour: list[tuple[dt.datetime, int]] = field(default_factory=list)
+    # sender AE -> (results, mismatches) in the alert window
+    mismatch_by_sender: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+
+def _grouped(session: Session, column: Any, since: dt.datetime) -> dict[str, int]:
+    rows = session.execute(
+        select(column, func.count())
+        .where(Instance.received_at >= since)
+        .group_by(column)
+        .order_by(func.count().desc())
+    ).all()
+    return {str(key) if key is not None else "(none)": int(n) for key, n in rows}
+
+
+def _hour_of(session: Session) -> ColumnElement[Any]:
+    if session.get_bind().dialect.name == "postgresql":
+        return func.date_trunc("hour", func.timezone("UTC", Instance.received_at))
+    return func.strftime("%Y-%m-%d %H:00:00", Instance.received_at)
+
+
+def _mismatch() -> ColumnElement[bool]:
+    return or_(Result.modality_verdict == MISMATCH, Result.identity_verdict == MISMATCH)
+
+
+def dashboard(
+    session: Session,
+    *,
+    now: dt.datetime,
+    day_start: dt.datetime,
+    week_start: dt.datetime,
+    alert_window: dt.timedelta = dt.timedelta(days=7),
+    hours: int = 48,
+) -> Dashboard:
+    board = Dashboard()
+    board.today_by_modality = _grouped(session, Instance.modality, day_start)
+    board.week_by_modality = _grouped(session, Instance.modality, week_start)
+    board.today_by_sender = _grouped(session, Instance.calling_ae, day_start)
+    board.week_by_sender = _grouped(session, Instance.calling_ae, week_start)
+    board.received_today = sum(board.today_by_modality.values())
+    board.received_week = sum(board.week_by_modality.values())
+
+    alerts_since = now - alert_window
+    board.open_image_alerts = int(
+        session.scalar(
+            select(func.count())
+            .select_from(Result)
+            .where(Result.created_at >= alerts_since, _mismatch())
+        )
+        or 0
+    )
+    board.open_series_alerts = int(
+        session.scalar(
+            select(func.count())
+            .select_from(SeriesVerdictRow)
+            .where(
+                SeriesVerdictRow.decided_at >= alerts_since,
+                or_(
+                    SeriesVerdictRow.modality_verdict == MISMATCH,
+                    SeriesVerdictRow.identity_verdict == MISMATCH,
+                ),
+            )
+        )
+        or 0
+    )
+    states = dict(
+        session.execute(
+            select(Job.state, func.count())
+            .where(Job.state.in_([JobState.PENDING, JobState.RUNNING]))
+            .group_by(Job.state)
+        ).all()
+    )
+    board.queue_pending = int(states.get(JobState.PENDING, 0))
+    board.queue_running = int(states.get(JobState.RUNNING, 0))
+    board.failed_recently = int(
+        session.scalar(
+            select(func.count())
+            .select_from(Job)
+            .where(Job.state == JobState.FAILED, Job.finished_at >= alerts_since)
+        )
+        or 0
+    )
+    board.active_models = {
+        str(slot): str(version)
+        for slot, version in session.execute(
+            select(ActiveModel.slot, ActiveModel.version).order_by(ActiveModel.slot)
+        ).all()
+    }
+    # The newest result that ran models says which versions the workers use now.
+    for versions in session.scalars(
+        select(Result.model_versions).order_by(Result.id.desc()).limit(50)
+    ):
+        if versions:
+            board.models_in_use = {str(k): str(v) for k, v in versions.items()}
+            break
+
+    first_hour = (now - dt.timedelta(hours=hours - 1)).replace(minute=0, second=0, microsecond=0)
+    hour = _hour_of(session)
+    counted = {
+        _as_hour(key): int(n)
+        for key, n in session.execute(
+            select(hour, func.count()).where(Instance.received_at >= first_hour).group_by(hour)
+        ).all()
+    }
+    board.arrivals_by_hour = [
+        (first_hour + dt.timedelta(hours=h), counted.get(first_hour + dt.timedelta(hours=h), 0))
+        for h in range(hours)
+    ]
+    mismatches = func.sum(cast(_mismatch(), Integer))
+    board.mismatch_by_sender = {
+        str(ae): (int(total), int(bad or 0))
+        for ae, total, bad in session.execute(
+            select(Instance.calling_ae, func.count(), mismatches)
+            .select_from(Result)
+            .join(Instance, Instance.id == Result.instance_id)
+            .where(Result.created_at >= alerts_since, Result.status == "ok")
+            .group_by(Instance.calling_ae)
+            .order_by(Instance.calling_ae)
+        ).all()
+    }
+    return board
+
+
+def _as_hour(value: Any) -> dt.datetime:
+    if isinstance(value, str):
+        value = dt.datetime.fromisoformat(value)
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.UTC)
+    return value.astimezone(dt.UTC).replace(minute=0, second=0, microsecond=0)
