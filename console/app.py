@@ -18,17 +18,19 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import urlencode
+from urllib.parse import parse_qsl, urlencode
 
 from fastapi import Depends, FastAPI, Form, HTTPException, Query, Request
 from fastapi import Path as PathParam
+from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.security import APIKeyCookie, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader, select_autoescape
-from pydantic import BaseModel, BeforeValidator, Field, StringConstraints
+from pydantic import BaseModel, Field, StringConstraints
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from console import charts
 from console.passwords import DUMMY_HASH, new_token, token_digest, verify_password
@@ -147,28 +149,40 @@ class LoginRequiredError(Exception):
         self.next_path = next_path
 
 
-def _blank(value: Any) -> Any:
-    # An HTML form sends an unset filter as "", which means "any".
-    return None if isinstance(value, str) and value.strip() == "" else value
+class DropEmptyFormFields:
+    """An HTML form sends each filter left blank as ``name=``, meaning "any": pages drop those
+    before validation. The JSON API takes its parameters as described, and refuses a blank."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope.get("query_string") and not _is_api(scope["path"]):
+            pairs = parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True)
+            kept = urlencode([(k, v) for k, v in pairs if v.strip()])
+            scope["query_string"] = kept.encode("ascii")  # in place: the log reads the route
+        await self.app(scope, receive, send)
 
 
-Text16 = Annotated[Annotated[str, StringConstraints(max_length=16)] | None, BeforeValidator(_blank)]
-Text64 = Annotated[Annotated[str, StringConstraints(max_length=64)] | None, BeforeValidator(_blank)]
-Text255 = Annotated[
-    Annotated[str, StringConstraints(max_length=255)] | None, BeforeValidator(_blank)
-]
-Day = Annotated[dt.date | None, BeforeValidator(_blank)]
+def _is_api(path: str) -> bool:
+    return path.startswith("/api/")
+
+
+Text16 = Annotated[str, StringConstraints(max_length=16)] | None
+Text64 = Annotated[str, StringConstraints(max_length=64)] | None
+Text255 = Annotated[str, StringConstraints(max_length=255)] | None
+Day = dt.date | None
 
 
 class ResultParams(BaseModel):
-    verdict: Annotated[Verdict | None, BeforeValidator(_blank)] = None
+    verdict: Verdict | None = None
     modality: Text16 = Field(None, description="header Modality code, e.g. CT")
     ae: Text16 = Field(None, description="calling AE title of the sender")
     patient: Text64 = Field(None, description="header or matched patient ID")
     study: Text64 = Field(None, description="Study Instance UID")
     received_from: Day = Field(None, description="first day of arrival (UTC), inclusive")
     received_to: Day = Field(None, description="last day of arrival (UTC), inclusive")
-    status: Annotated[Status | None, BeforeValidator(_blank)] = None
+    status: Status | None = None
     limit: int = Field(100, ge=1, le=1000)
     offset: int = Field(0, ge=0, le=10_000_000)
 
@@ -180,7 +194,7 @@ class AuditParams(BaseModel):
     user: Text64 = Field(None, description="the acting user")
     patient: Text64 = None
     study: Text64 = None
-    outcome: Annotated[AuditOutcome | None, BeforeValidator(_blank)] = None
+    outcome: AuditOutcome | None = None
     since: Day = Field(None, description="first day (UTC), inclusive")
     until: Day = Field(None, description="last day (UTC), inclusive")
     limit: int = Field(200, ge=1, le=100_000)
@@ -436,6 +450,7 @@ def create_app(ctx: ConsoleContext) -> FastAPI:
     )
     templates.globals["version"] = ctx.version
     app.state.context = ctx
+    app.add_middleware(DropEmptyFormFields)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     bearer = HTTPBearer(auto_error=False, description="token from `medreid users token`")
     cookie = APIKeyCookie(name=SESSION_COOKIE, auto_error=False, description="console login")
@@ -538,12 +553,13 @@ def create_app(ctx: ConsoleContext) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
+        if _is_api(request.url.path):
+            # the described HTTPValidationError: a list of problems, each with where and why
+            return await request_validation_exception_handler(request, exc)
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'request'}: {e.get('msg')}"
             for e in exc.errors()
         )
-        if request.url.path.startswith("/api/"):
-            return JSONResponse({"detail": problems}, status_code=422)
         return HTMLResponse(
             templates.get_template("error.html").render(
                 title="Invalid request", message=problems, user=None
