@@ -27,12 +27,12 @@ def arrivals_chart(
     buckets: Sequence[tuple[dt.datetime, int]], *, title: str = "Instances received per hour"
 ) -> Markup:
     """Columns per hour, the hour labelled every six; the tallest column's count on the axis."""
-    width, height, left, bottom, top = 720, 180, 40, 24, 10
-    plot_w, plot_h = width - left - 10, height - bottom - top
+    width, height, left, bottom, top, right = 720, 180, 40, 24, 10, 30
+    plot_w, plot_h = width - left - right, height - bottom - top
     peak = max((n for _, n in buckets), default=0)
     step = plot_w / max(len(buckets), 1)
     body = [
-        f'<line x1="{left}" y1="{top + plot_h}" x2="{width - 10}" y2="{top + plot_h}" '
+        f'<line x1="{left}" y1="{top + plot_h}" x2="{width - right}" y2="{top + plot_h}" '
         f'stroke="{MUTED}"/>',
         f'<text x="{left - 4}" y="{top + 8}" text-anchor="end" font-size="10" '
         f'fill="{MUTED}">{peak}</text>',

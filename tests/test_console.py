@@ -191,6 +191,8 @@ def test_result_views_and_exports_are_audited_with_the_user(
     exported = audit_rows(database, event="Audit Log Used")[-1]
     assert (exported.actor_user, exported.detail["export"]) == ("admin", "csv")
 
+    mine = client.get("/api/v1/audit", params={"user": "admin"}).json()["items"]
+    assert mine and {e["actor_user"] for e in mine} == {"admin"}
     rows = list(csv.DictReader(io.StringIO(export.text)))
     # The export holds the query made before it, newest first, with its user.
     assert rows[0]["event"] == "Query" and rows[0]["actor_user"] == "admin"
