@@ -40,6 +40,7 @@ bench: install
 	$(BIN)/python -m benchmarks.gallery_search
 	$(BIN)/python -m benchmarks.embedding_speed
 	$(BIN)/python -m benchmarks.verdict_rates
+	$(BIN)/python -m benchmarks.console_pages
 
 # The default models: COMPA and one re-identification model per modality, trained on generated
 # hospitals never used for evaluation (seed 21; CT and MRI from seed 22, whose series have three

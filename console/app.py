@@ -374,6 +374,11 @@ def load_dashboard(db: Session, now: dt.datetime) -> DashboardOut:
 
 
 def load_audit(db: Session, params: AuditParams, limit: int) -> list[AuditEventOut]:
+    return [_audit_out(e) for e in audit_rows(db, params, limit)]
+
+
+def audit_rows(db: Session, params: AuditParams, limit: int) -> list[AuditEvent]:
+    """The matching audit events, newest first."""
     events = query_audit(
         db,
         where=AuditFilter(
@@ -389,7 +394,7 @@ def load_audit(db: Session, params: AuditParams, limit: int) -> list[AuditEventO
             limit=limit,
         ),
     )
-    return [_audit_out(e) for e in reversed(events)]  # newest first
+    return list(reversed(events))
 
 
 def _audit_out(event: AuditEvent) -> AuditEventOut:
@@ -946,7 +951,7 @@ def create_app(ctx: ConsoleContext) -> FastAPI:
         """The same events as CSV, up to console.export_max_rows rows; the export is audited."""
         who = api_user(db, request)
         limit = min(max(params.limit, ctx.config.page_rows), ctx.config.export_max_rows)
-        events = load_audit(db, params, limit)
+        events = audit_rows(db, params, limit)  # rows straight to CSV, no models
         record(
             db,
             who,

@@ -173,7 +173,7 @@ class Result(Base):
     identity_threshold: Mapped[float | None]
     identity_header_score: Mapped[float | None]  # the header patient's best score
     identity_verdict: Mapped[str | None] = mapped_column(String(16), index=True)
-    matched_patient_id: Mapped[str | None] = mapped_column(String(64))
+    matched_patient_id: Mapped[str | None] = mapped_column(String(64), index=True)
     model_versions: Mapped[dict[str, Any] | None]
 
 

@@ -50,9 +50,14 @@ def _filtered(stmt: SelectT, where: ResultQuery) -> SelectT:
     if where.ae:
         stmt = stmt.where(Instance.calling_ae == where.ae)
     if where.patient:
-        stmt = stmt.where(
-            or_(Instance.patient_id == where.patient, Result.matched_patient_id == where.patient)
+        # Two indexed lookups joined by UNION: an OR across the two tables would scan both.
+        by_header = (
+            select(Result.id)
+            .join(Instance, Instance.id == Result.instance_id)
+            .where(Instance.patient_id == where.patient)
         )
+        by_match = select(Result.id).where(Result.matched_patient_id == where.patient)
+        stmt = stmt.where(Result.id.in_(by_header.union(by_match)))
     if where.study:
         stmt = stmt.where(Instance.study_instance_uid == where.study)
     if where.received_from is not None:
