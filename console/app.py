@@ -49,6 +49,7 @@ from console.schemas import (
     ResultPageOut,
     ResultSummaryOut,
     SenderRateOut,
+    SeriesPageOut,
     SeriesVerdictOut,
     Status,
     Verdict,
@@ -63,8 +64,24 @@ from storage.accounts import (
     live_session,
     open_session,
 )
-from storage.models import AuditEvent, ConsoleSession, Instance, Result, SessionKind, utcnow
-from storage.reports import ResultQuery, dashboard, page_results, result_detail, series_verdict_of
+from storage.models import (
+    AuditEvent,
+    ConsoleSession,
+    Instance,
+    Result,
+    SeriesVerdictRow,
+    SessionKind,
+    utcnow,
+)
+from storage.reports import (
+    ResultQuery,
+    SeriesQuery,
+    dashboard,
+    page_results,
+    page_series,
+    result_detail,
+    series_verdict_of,
+)
 from storage.repository import AuditFilter, append_audit, query_audit
 
 log = logging.getLogger(__name__)
@@ -187,6 +204,16 @@ class ResultParams(BaseModel):
     offset: int = Field(0, ge=0, le=10_000_000)
 
 
+class SeriesParams(BaseModel):
+    verdict: Verdict | None = None
+    patient: Text64 = Field(None, description="header or matched patient ID")
+    study: Text64 = Field(None, description="Study Instance UID")
+    decided_from: Day = Field(None, description="first day of the decision (UTC), inclusive")
+    decided_to: Day = Field(None, description="last day of the decision (UTC), inclusive")
+    limit: int = Field(100, ge=1, le=1000)
+    offset: int = Field(0, ge=0, le=10_000_000)
+
+
 class AuditParams(BaseModel):
     event: Text64 = Field(None, description="event, event type or code, e.g. Security Alert")
     ae: Text16 = None
@@ -226,6 +253,17 @@ def _safe_next(value: str | None) -> str:
     if not value or not value.startswith("/") or value.startswith("//") or "\\" in value:
         return "/"
     return value
+
+
+def _pager(params: ResultParams | SeriesParams, total: int, shown: int) -> tuple[str | None, ...]:
+    """The query strings of the older and the newer page, where there are such pages."""
+    current = {k: v for k, v in params.model_dump(mode="json").items() if v is not None}
+    older = newer = None
+    if params.offset + shown < total:
+        older = urlencode({**current, "offset": params.offset + params.limit})
+    if params.offset > 0:
+        newer = urlencode({**current, "offset": max(params.offset - params.limit, 0)})
+    return older, newer
 
 
 def _csv_cell(value: Any) -> Any:
@@ -315,21 +353,50 @@ def detail_of(db: Session, result: Result, instance: Instance) -> ResultDetailOu
         identity_header_score=result.identity_header_score,
         model_versions=result.model_versions,
         timings_ms=result.timings_ms or {},
-        series_verdict=(
-            SeriesVerdictOut(
-                series_instance_uid=series.series_instance_uid,
-                images=series.images,
-                images_analysed=series.images_analysed,
-                predicted_modality=series.predicted_modality,
-                modality_verdict=series.modality_verdict,
-                identity_verdict=series.identity_verdict,
-                matched_patient_id=series.matched_patient_id,
-                decided_at=_aware(series.decided_at),
-                revision=series.revision,
-            )
-            if series is not None
-            else None
+        series_verdict=series_out(series) if series is not None else None,
+    )
+
+
+def series_out(row: SeriesVerdictRow) -> SeriesVerdictOut:
+    return SeriesVerdictOut(
+        series_instance_uid=row.series_instance_uid,
+        study_instance_uid=row.study_instance_uid,
+        patient_id=row.patient_id,
+        header_modality=row.header_modality,
+        images=row.images,
+        images_analysed=row.images_analysed,
+        predicted_modality=row.predicted_modality,
+        modality_verdict=row.modality_verdict,
+        identity_verdict=row.identity_verdict,
+        matched_patient_id=row.matched_patient_id,
+        modality_agreement=row.modality_agreement,
+        header_score=row.header_score,
+        best_other_score=row.best_other_score,
+        threshold=row.threshold,
+        last_received_at=_aware(row.last_received_at),
+        decided_at=_aware(row.decided_at),
+        revision=row.revision,
+    )
+
+
+def load_series(db: Session, params: SeriesParams) -> SeriesPageOut:
+    rows, total = page_series(
+        db,
+        where=SeriesQuery(
+            verdict=params.verdict,
+            patient=params.patient,
+            study=params.study,
+            decided_from=_day_start(params.decided_from),
+            decided_before=_day_after(params.decided_to),
+            limit=params.limit,
+            offset=params.offset,
         ),
+    )
+    return SeriesPageOut(
+        total=total,
+        offset=params.offset,
+        limit=params.limit,
+        items=[series_out(r) for r in rows],
     )
 
 
@@ -738,13 +805,28 @@ def create_app(ctx: ConsoleContext) -> FastAPI:
             filters=_filters(params),
             rows=len(page.items),
         )
-        current = {k: v for k, v in params.model_dump(mode="json").items() if v is not None}
-        older = newer = None
-        if params.offset + len(page.items) < page.total:
-            older = urlencode({**current, "offset": params.offset + params.limit})
-        if params.offset > 0:
-            newer = urlencode({**current, "offset": max(params.offset - params.limit, 0)})
+        older, newer = _pager(params, page.total, len(page.items))
         return html("results.html", user=who, page=page, params=params, older=older, newer=newer)
+
+    @app.get("/series", response_class=HTMLResponse, include_in_schema=False)
+    def series_page(
+        request: Request, db: Db, params: Annotated[SeriesParams, Query()]
+    ) -> Response:
+        who = page_user(db, request)
+        params = params.model_copy(update={"limit": min(params.limit, ctx.config.page_rows)})
+        page = load_series(db, params)
+        record(
+            db,
+            who,
+            audit.QUERY,
+            patient=params.patient,
+            study=params.study,
+            page="series",
+            filters=_filters(params),
+            rows=len(page.items),
+        )
+        older, newer = _pager(params, page.total, len(page.items))
+        return html("series.html", user=who, page=page, params=params, older=older, newer=newer)
 
     @app.get("/results/{result_id}", response_class=HTMLResponse, include_in_schema=False)
     def result_page(
@@ -911,6 +993,31 @@ def create_app(ctx: ConsoleContext) -> FastAPI:
         except ThumbnailError as exc:
             raise HTTPException(status_code=404, detail=str(exc)) from None
         return Response(png, media_type="image/png")
+
+    @app.get(
+        "/api/v1/series",
+        response_model=SeriesPageOut,
+        dependencies=auth_schemes,
+        responses=unauthorised,
+        tags=["results"],
+    )
+    def api_series(
+        request: Request, db: Db, params: Annotated[SeriesParams, Query()]
+    ) -> SeriesPageOut:
+        """Series verdicts (CT and MR series judged as a whole), newest decision first."""
+        who = api_user(db, request)
+        page = load_series(db, params)
+        record(
+            db,
+            who,
+            audit.QUERY,
+            patient=params.patient,
+            study=params.study,
+            page="series",
+            filters=_filters(params),
+            rows=len(page.items),
+        )
+        return page
 
     @app.get(
         "/api/v1/audit",

@@ -90,14 +90,29 @@ class ResultPageOut(BaseModel):
 
 class SeriesVerdictOut(BaseModel):
     series_instance_uid: str
+    study_instance_uid: str | None
+    patient_id: str | None
+    header_modality: str | None
     images: int
     images_analysed: int
     predicted_modality: str | None
     modality_verdict: str | None
     identity_verdict: str | None
     matched_patient_id: str | None
+    modality_agreement: float | None
+    header_score: float | None
+    best_other_score: float | None
+    threshold: float | None
+    last_received_at: dt.datetime
     decided_at: dt.datetime
     revision: int
+
+
+class SeriesPageOut(BaseModel):
+    total: int
+    offset: int
+    limit: int
+    items: list[SeriesVerdictOut]
 
 
 class ResultDetailOut(ResultSummaryOut):

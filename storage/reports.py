@@ -83,6 +83,51 @@ def page_results(
     return rows, int(session.scalar(counted) or 0)
 
 
+@dataclass(frozen=True)
+class SeriesQuery:
+    verdict: str | None = None  # a modality or identity verdict of the series
+    patient: str | None = None  # header or matched patient ID
+    study: str | None = None
+    decided_from: dt.datetime | None = None
+    decided_before: dt.datetime | None = None
+    limit: int = 100
+    offset: int = 0
+
+
+def page_series(session: Session, *, where: SeriesQuery) -> tuple[list[SeriesVerdictRow], int]:
+    """One page of series verdicts, newest decision first, and how many match in all."""
+    conditions: list[ColumnElement[bool]] = []
+    if where.verdict:
+        conditions.append(
+            or_(
+                SeriesVerdictRow.modality_verdict == where.verdict,
+                SeriesVerdictRow.identity_verdict == where.verdict,
+            )
+        )
+    if where.patient:
+        conditions.append(
+            or_(
+                SeriesVerdictRow.patient_id == where.patient,
+                SeriesVerdictRow.matched_patient_id == where.patient,
+            )
+        )
+    if where.study:
+        conditions.append(SeriesVerdictRow.study_instance_uid == where.study)
+    if where.decided_from is not None:
+        conditions.append(SeriesVerdictRow.decided_at >= where.decided_from)
+    if where.decided_before is not None:
+        conditions.append(SeriesVerdictRow.decided_at < where.decided_before)
+    rows = session.scalars(
+        select(SeriesVerdictRow)
+        .where(*conditions)
+        .order_by(SeriesVerdictRow.decided_at.desc(), SeriesVerdictRow.id.desc())
+        .limit(where.limit)
+        .offset(where.offset)
+    ).all()
+    total = session.scalar(select(func.count()).select_from(SeriesVerdictRow).where(*conditions))
+    return list(rows), int(total or 0)
+
+
 def result_detail(session: Session, *, result_id: int) -> tuple[Result, Instance] | None:
     row = session.execute(
         select(Result, Instance)

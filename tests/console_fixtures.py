@@ -15,7 +15,7 @@ from console.app import ConsoleConfig, ConsoleContext, create_app
 from console.passwords import hash_password
 from pipeline.runner import PipelineConfig
 from storage.accounts import add_user
-from storage.models import Instance, Job, JobState, Result
+from storage.models import Instance, Job, JobState, Result, SeriesVerdictRow
 from storage.repository import NewInstance, add_instance_with_job
 from tests.conftest import Database
 from tests.dicom_factory import encode, make_dataset
@@ -170,6 +170,34 @@ def fill(db: Database, spool: Path) -> Hospital:
             )
             session.flush()
             hospital.results[name] = result.id
+    with db.sessions.begin() as session:
+        for name, verdict, matched, decided in (
+            ("swap", "mismatch", "P3", NOW - dt.timedelta(minutes=50)),
+            ("ok", "consistent", "P1", NOW - dt.timedelta(days=6)),
+        ):
+            judged = session.get(Result, hospital.results[name])
+            assert judged is not None
+            instance = session.get(Instance, judged.instance_id)
+            assert instance is not None and instance.series_instance_uid
+            session.add(
+                SeriesVerdictRow(
+                    series_instance_uid=instance.series_instance_uid,
+                    study_instance_uid=instance.study_instance_uid,
+                    patient_id=instance.patient_id,
+                    header_modality="CT",
+                    images=1,
+                    images_analysed=1,
+                    predicted_modality="ct",
+                    modality_agreement=1.0,
+                    modality_verdict="agree",
+                    identity_verdict=verdict,
+                    matched_patient_id=matched,
+                    threshold=0.62,
+                    last_received_at=instance.received_at,
+                    decided_at=decided,
+                    decided_by="test/1/0",
+                )
+            )
     hospital.pending_instance, _ = _instance(
         db,
         spool,

@@ -199,6 +199,25 @@ def test_result_views_and_exports_are_audited_with_the_user(
     assert '"patient":"P2"' in rows[0]["detail"]
 
 
+def test_the_series_verdicts_and_their_filters(client: TestClient, database: Database) -> None:
+    assert login(client) == 303
+
+    def patients(**params: str) -> list[str | None]:
+        page = client.get("/api/v1/series", params=params).json()
+        assert page["total"] == len(page["items"])
+        return [s["patient_id"] for s in page["items"]]
+
+    assert patients() == ["P2", "P1"]  # newest decision first
+    assert patients(verdict="mismatch") == ["P2"]
+    assert patients(patient="P3") == ["P2"]  # the matched patient counts too
+    assert patients(study="1.2.826.1") == ["P1"]
+    assert patients(decided_from="2026-11-21") == ["P2"]
+    html = client.get("/series", params={"verdict": "mismatch", "patient": ""}).text
+    assert "1 series" in html and "P3" in html
+    last = audit_rows(database, event="Query")[-1]
+    assert (last.actor_user, last.detail["page"]) == ("admin", "series")
+
+
 def test_the_detail_page_shows_what_the_pipeline_found(
     client: TestClient, hospital: Hospital
 ) -> None:
@@ -255,7 +274,7 @@ def test_the_dashboard_counts_today_the_week_alerts_and_the_queue(
     assert board["week"]["total"] == 5
     assert board["week"]["by_sender"] == {"CT1": 2, "XR2": 2, "MR3": 1}
     assert board["today"]["by_modality"]["CT"] == 2
-    assert board["open_alerts"] == {"images": 2, "series": 0}
+    assert board["open_alerts"] == {"images": 2, "series": 1}
     assert board["queue"] == {"pending": 1, "running": 0, "failed_last_7_days": 1}
     assert board["models_in_use"] == {"compa": "compa-v1", "reid:ct": "reid-ct-v1"}
     hours = board["arrivals_by_hour"]

@@ -68,6 +68,7 @@ OPERATIONS = [
     "/api/v1/results",
     "/api/v1/results/{result_id}",
     "/api/v1/results/{result_id}/thumbnail.png",
+    "/api/v1/series",
     "/api/v1/audit",
     "/api/v1/audit.csv",
 ]
@@ -106,6 +107,7 @@ def test_the_description_covers_the_api_and_its_refusals(console_app: FastAPI) -
         ("/api/v1/results", "get"),
         ("/api/v1/results/{result_id}", "get"),
         ("/api/v1/results/{result_id}/thumbnail.png", "get"),
+        ("/api/v1/series", "get"),
         ("/api/v1/audit", "get"),
         ("/api/v1/audit.csv", "get"),
     }
