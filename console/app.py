@@ -600,6 +600,43 @@ def create_app(ctx: ConsoleContext) -> FastAPI:
             ),
         )
 
+    def record_listing(
+        db: Session,
+        who: Principal,
+        kind: audit.EventKind,
+        params: ResultParams | SeriesParams | AuditParams,
+        page: str,
+        rows: int,
+        **detail: Any,
+    ) -> None:
+        """A list looked at: which page, with which filters, how many rows it showed."""
+        record(
+            db,
+            who,
+            kind,
+            patient=params.patient,
+            study=params.study,
+            page=page,
+            filters=_filters(params),
+            rows=rows,
+            **detail,
+        )
+
+    def record_view(
+        db: Session, who: Principal, seen: ResultDetailOut | Instance, page: str, result_id: int
+    ) -> None:
+        """One result (or its image) opened: its patient and study are in the record."""
+        record(
+            db,
+            who,
+            audit.RESULT_VIEWED,
+            patient=seen.patient_id,
+            study=seen.study_instance_uid,
+            page=page,
+            result_id=result_id,
+            sop_instance_uid=seen.sop_instance_uid,
+        )
+
     def page_user(db: Session, request: Request) -> Principal:
         who = authenticate(db, request)
         if who is None:
@@ -795,36 +832,16 @@ def create_app(ctx: ConsoleContext) -> FastAPI:
         who = page_user(db, request)
         params = params.model_copy(update={"limit": min(params.limit, ctx.config.page_rows)})
         page = load_results(db, params)
-        record(
-            db,
-            who,
-            audit.QUERY,
-            patient=params.patient,
-            study=params.study,
-            page="results",
-            filters=_filters(params),
-            rows=len(page.items),
-        )
+        record_listing(db, who, audit.QUERY, params, "results", len(page.items))
         older, newer = _pager(params, page.total, len(page.items))
         return html("results.html", user=who, page=page, params=params, older=older, newer=newer)
 
     @app.get("/series", response_class=HTMLResponse, include_in_schema=False)
-    def series_page(
-        request: Request, db: Db, params: Annotated[SeriesParams, Query()]
-    ) -> Response:
+    def series_page(request: Request, db: Db, params: Annotated[SeriesParams, Query()]) -> Response:
         who = page_user(db, request)
         params = params.model_copy(update={"limit": min(params.limit, ctx.config.page_rows)})
         page = load_series(db, params)
-        record(
-            db,
-            who,
-            audit.QUERY,
-            patient=params.patient,
-            study=params.study,
-            page="series",
-            filters=_filters(params),
-            rows=len(page.items),
-        )
+        record_listing(db, who, audit.QUERY, params, "series", len(page.items))
         older, newer = _pager(params, page.total, len(page.items))
         return html("series.html", user=who, page=page, params=params, older=older, newer=newer)
 
@@ -837,16 +854,7 @@ def create_app(ctx: ConsoleContext) -> FastAPI:
         if found is None:
             return html("error.html", 404, title="Not found", message="No such result.", user=who)
         detail = detail_of(db, *found)
-        record(
-            db,
-            who,
-            audit.RESULT_VIEWED,
-            patient=detail.patient_id,
-            study=detail.study_instance_uid,
-            page="result",
-            result_id=result_id,
-            sop_instance_uid=detail.sop_instance_uid,
-        )
+        record_view(db, who, detail, "result", result_id)
         thumbnail = thumbnail_error = None
         try:
             png = stored_thumbnail(ctx.spool_root, found[1].spool_path, ctx.pipeline)
@@ -877,16 +885,7 @@ def create_app(ctx: ConsoleContext) -> FastAPI:
         who = page_user(db, request)
         limit = min(params.limit, ctx.config.page_rows * 5)
         events = load_audit(db, params, limit)
-        record(
-            db,
-            who,
-            audit.AUDIT_LOG_USED,
-            patient=params.patient,
-            study=params.study,
-            page="audit",
-            filters=_filters(params),
-            rows=len(events),
-        )
+        record_listing(db, who, audit.AUDIT_LOG_USED, params, "audit", len(events))
         query = urlencode({k: v for k, v in params.model_dump(mode="json").items() if v})
         return html("audit.html", user=who, events=events, params=params, export_query=query)
 
@@ -919,16 +918,7 @@ def create_app(ctx: ConsoleContext) -> FastAPI:
         """Pipeline results, newest first, filtered; ``total`` counts all that match."""
         who = api_user(db, request)
         page = load_results(db, params)
-        record(
-            db,
-            who,
-            audit.QUERY,
-            patient=params.patient,
-            study=params.study,
-            page="results",
-            filters=_filters(params),
-            rows=len(page.items),
-        )
+        record_listing(db, who, audit.QUERY, params, "results", len(page.items))
         return page
 
     @app.get(
@@ -946,16 +936,7 @@ def create_app(ctx: ConsoleContext) -> FastAPI:
         detail = load_detail(db, result_id)
         if detail is None:
             raise HTTPException(status_code=404, detail="no such result")
-        record(
-            db,
-            who,
-            audit.RESULT_VIEWED,
-            patient=detail.patient_id,
-            study=detail.study_instance_uid,
-            page="result",
-            result_id=result_id,
-            sop_instance_uid=detail.sop_instance_uid,
-        )
+        record_view(db, who, detail, "result", result_id)
         return detail
 
     @app.get(
@@ -978,16 +959,7 @@ def create_app(ctx: ConsoleContext) -> FastAPI:
         if found is None:
             raise HTTPException(status_code=404, detail="no such result")
         result, instance = found
-        record(
-            db,
-            who,
-            audit.RESULT_VIEWED,
-            patient=instance.patient_id,
-            study=instance.study_instance_uid,
-            page="thumbnail",
-            result_id=result.id,
-            sop_instance_uid=instance.sop_instance_uid,
-        )
+        record_view(db, who, instance, "thumbnail", result.id)
         try:
             png = stored_thumbnail(ctx.spool_root, instance.spool_path, ctx.pipeline)
         except ThumbnailError as exc:
@@ -1007,16 +979,7 @@ def create_app(ctx: ConsoleContext) -> FastAPI:
         """Series verdicts (CT and MR series judged as a whole), newest decision first."""
         who = api_user(db, request)
         page = load_series(db, params)
-        record(
-            db,
-            who,
-            audit.QUERY,
-            patient=params.patient,
-            study=params.study,
-            page="series",
-            filters=_filters(params),
-            rows=len(page.items),
-        )
+        record_listing(db, who, audit.QUERY, params, "series", len(page.items))
         return page
 
     @app.get(
@@ -1033,16 +996,7 @@ def create_app(ctx: ConsoleContext) -> FastAPI:
         who = api_user(db, request)
         limit = min(params.limit, ctx.config.export_max_rows)
         events = load_audit(db, params, limit)
-        record(
-            db,
-            who,
-            audit.AUDIT_LOG_USED,
-            patient=params.patient,
-            study=params.study,
-            page="audit",
-            filters=_filters(params),
-            rows=len(events),
-        )
+        record_listing(db, who, audit.AUDIT_LOG_USED, params, "audit", len(events))
         return AuditPageOut(limit=limit, items=events)
 
     @app.get(
@@ -1059,17 +1013,7 @@ def create_app(ctx: ConsoleContext) -> FastAPI:
         who = api_user(db, request)
         limit = min(max(params.limit, ctx.config.page_rows), ctx.config.export_max_rows)
         events = audit_rows(db, params, limit)  # rows straight to CSV, no models
-        record(
-            db,
-            who,
-            audit.AUDIT_LOG_USED,
-            patient=params.patient,
-            study=params.study,
-            page="audit",
-            export="csv",
-            filters=_filters(params),
-            rows=len(events),
-        )
+        record_listing(db, who, audit.AUDIT_LOG_USED, params, "audit", len(events), export="csv")
         buffer = io.StringIO()
         writer = csv.writer(buffer)
         writer.writerow(AUDIT_CSV_COLUMNS)
