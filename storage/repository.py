@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, func, insert, or_, select, update
+from sqlalchemy import Table, and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.orm import Session, aliased
 
 from storage.audit import AuditRecord, Outcome
@@ -47,34 +47,47 @@ class NewInstance:
     association_id: int | None
 
 
+# The receive path's statements, built once: executed with parameters, they compile once and
+# skip the ORM's per-statement work (about 2 ms an instance on SQLite).
+_INSTANCES: Table = Instance.__table__  # type: ignore[assignment]
+_VERSIONS_OF_UID = select(_INSTANCES.c.sha256, _INSTANCES.c.version).where(
+    _INSTANCES.c.sop_instance_uid == bindparam("uid")
+)
+_INSERT_INSTANCE = insert(_INSTANCES).returning(_INSTANCES.c.id)
+_JOBS: Table = Job.__table__  # type: ignore[assignment]
+_INSERT_JOB = insert(_JOBS)
+
+
 def stored_versions(session: Session, *, sop_instance_uid: str) -> dict[str, int]:
     """Content hash -> version of every stored version of one SOP instance (one query; the
     receive path asks it for every instance)."""
-    rows = session.execute(
-        select(Instance.sha256, Instance.version).where(
-            Instance.sop_instance_uid == sop_instance_uid
-        )
-    )
+    rows = session.execute(_VERSIONS_OF_UID, {"uid": sop_instance_uid})
     return {sha256: version for sha256, version in rows}
 
 
 def record_instance(session: Session, *, new: NewInstance, version: int, spool_path: str) -> int:
     """Record a received instance version and queue its job; the new instance's id.
 
-    Core inserts, not the ORM: this runs once per received instance."""
+    Core inserts of prepared statements, not the ORM: this runs once per received instance."""
+    now = utcnow()
     instance_id = session.execute(
-        insert(Instance)
-        .values(
+        _INSERT_INSTANCE,
+        {
             **dataclasses.asdict(new),  # its fields are the columns of the same names
-            version=version,
-            spool_path=spool_path,
-            state=InstanceState.QUEUED,
-            received_at=utcnow(),
-        )
-        .returning(Instance.id)
+            "version": version,
+            "spool_path": spool_path,
+            "state": InstanceState.QUEUED.value,
+            "received_at": now,
+        },
     ).scalar_one()
     session.execute(
-        insert(Job).values(instance_id=instance_id, state=JobState.PENDING, created_at=utcnow())
+        _INSERT_JOB,
+        {
+            "instance_id": instance_id,
+            "state": JobState.PENDING.value,
+            "created_at": now,
+            "attempts": 0,
+        },
     )
     return int(instance_id)
 
