@@ -355,14 +355,20 @@ def test_users_and_tokens_from_the_command_line(
     assert run("token", "auditor") == 0
     fresh = {"Authorization": f"Bearer {capsys.readouterr().out.strip()}"}
     assert client.get("/api/v1/dashboard", headers=fresh).status_code == 200
-    assert run("disable", "auditor") == 0
+    # a new password ends the tokens and sessions the old one opened
+    assert run("password", "auditor", "--password-stdin", stdin="another long secret\n") == 0
     assert client.get("/api/v1/dashboard", headers=fresh).status_code == 401
     assert login(client, "auditor", "a long enough secret") == 401
+    assert login(client, "auditor", "another long secret") == 303
+    assert client.get("/").status_code == 200
+    assert run("disable", "auditor") == 0
+    assert client.get("/").status_code == 303
+    assert login(client, "auditor", "another long secret") == 401
     changes = [
         e.detail["change"]
         for e in audit_rows(database, event_type=("User Security Attributes Changed"))
     ]
-    assert changes == ["added", "api token", "api token", "disabled"]
+    assert changes == ["added", "api token", "api token", "password", "disabled"]
     assert run("list", "--format", "csv") == 0
     assert "auditor" in capsys.readouterr().out
 
