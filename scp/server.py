@@ -11,12 +11,12 @@ from typing import Any
 
 from pydicom import Dataset
 from pynetdicom import AE, evt
-from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.events import EventHandlerType
 from sqlalchemy.orm import Session, sessionmaker
 
 from medreid.settings import ScpSettings
 from scp.contexts import IMAGE_STORAGE_CLASSES, TRANSFER_SYNTAXES, VERIFICATION_CLASS
+from scp.filemeta import file_meta_header
 from scp.records import Peer, StoreRequest
 from scp.status import StoreStatus, error_comment, status_for
 from scp.store import StoreService
@@ -370,7 +370,11 @@ class DicomServer:
                 sop_class_uid=str(request.AffectedSOPClassUID or ""),
                 sop_instance_uid=str(request.AffectedSOPInstanceUID or ""),
                 transfer_syntax_uid=str(event.context.transfer_syntax),
-                file_header=b"\x00" * 128 + b"DICM" + encode_file_meta(event.file_meta),
+                file_header=file_meta_header(
+                    str(request.AffectedSOPClassUID or ""),
+                    str(request.AffectedSOPInstanceUID or ""),
+                    str(event.context.transfer_syntax),
+                ),
                 dataset=event.encoded_dataset(include_meta=False),
             )
             stored = self.store.store(
