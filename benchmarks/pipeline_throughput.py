@@ -37,7 +37,13 @@ from sqlalchemy import select
 from pipeline.datasets.synthetic import SynthOptions, generate, read_manifest
 from storage.db import make_engine, make_sessionmaker
 from storage.models import Instance, Result
-from tests.service import RunningService, free_port, service_env, wait_for_queue
+from tests.service import (
+    RunningService,
+    first_visit_gallery,
+    free_port,
+    service_env,
+    wait_for_queue,
+)
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 TARGET_PER_S = 30  # for CT; the other modalities are reported beside it
@@ -136,12 +142,7 @@ def run_modality(modality: str, args: argparse.Namespace) -> dict[str, Any]:
             )
         )
         rows = list(read_manifest(hospital / "manifest.csv"))
-        gallery = work / "gallery"
-        for row in rows:
-            if row["visit"] == "1":
-                target = gallery / row["path"]
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy(hospital / row["path"], target)
+        gallery = first_visit_gallery(hospital, rows, work / "gallery")
         second = [row for row in rows if row["visit"] == "2"]
         half = len(second) // 2
         flood = [hospital / r["path"] for r in second[:half]]

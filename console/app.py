@@ -66,6 +66,7 @@ from storage.accounts import (
     open_session,
 )
 from storage.models import (
+    AuditEvent,
     ConsoleSession,
     Instance,
     SessionKind,
@@ -82,21 +83,8 @@ HERE = Path(__file__).resolve().parent
 SESSION_COOKIE = "medreid_session"
 LOGIN_CSRF_COOKIE = "medreid_login_csrf"
 MAX_USERNAME = 64
-AUDIT_CSV_COLUMNS = (
-    "id",
-    "occurred_at",
-    "event_code",
-    "event",
-    "event_type",
-    "action",
-    "outcome",
-    "actor_ae",
-    "actor_host",
-    "actor_user",
-    "patient_id",
-    "study_instance_uid",
-    "detail",
-)
+# Every column of the audit trail, in the table's order.
+AUDIT_CSV_COLUMNS = tuple(column.key for column in AuditEvent.__table__.columns)
 SECURITY_HEADERS = {
     # No script at all; styles and images from here (thumbnails inline as data: URIs).
     "Content-Security-Policy": (

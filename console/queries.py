@@ -40,13 +40,6 @@ from storage.reports import (
 )
 from storage.repository import AuditFilter, query_audit
 
-OUTCOMES = {
-    "success": audit.Outcome.SUCCESS,
-    "minor": audit.Outcome.MINOR_FAILURE,
-    "serious": audit.Outcome.SERIOUS_FAILURE,
-    "major": audit.Outcome.MAJOR_FAILURE,
-}
-
 # Filter values are bounded as the columns they are compared with.
 Text16 = Annotated[str, StringConstraints(max_length=16)] | None
 Text64 = Annotated[str, StringConstraints(max_length=64)] | None
@@ -289,7 +282,7 @@ def audit_rows(db: Session, params: AuditParams, limit: int) -> list[AuditEvent]
             host=params.host,
             patient=params.patient,
             study=params.study,
-            outcome=OUTCOMES[params.outcome] if params.outcome else None,
+            outcome=audit.OUTCOME_NAMES[params.outcome] if params.outcome else None,
             user=params.user,
             limit=limit,
         ),

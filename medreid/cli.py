@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit_parser.add_argument("--user", help="the acting user (console users, OS users)")
     audit_parser.add_argument(
         "--outcome",
-        choices=["success", "minor", "serious", "major"],
+        choices=["success", "minor", "serious", "major"],  # storage.audit.OUTCOME_NAMES
         help="event outcome",
     )
 
@@ -340,12 +340,6 @@ def cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
     from storage import audit
     from storage.repository import AuditFilter, query_audit
 
-    outcomes = {
-        "success": audit.Outcome.SUCCESS,
-        "minor": audit.Outcome.MINOR_FAILURE,
-        "serious": audit.Outcome.SERIOUS_FAILURE,
-        "major": audit.Outcome.MAJOR_FAILURE,
-    }
     where = AuditFilter(
         since=_when(args.since, "--since"),
         until=_when(args.until, "--until"),
@@ -354,7 +348,7 @@ def cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
         host=args.host,
         patient=args.patient,
         study=args.study,
-        outcome=outcomes[args.outcome] if args.outcome else None,
+        outcome=audit.OUTCOME_NAMES[args.outcome] if args.outcome else None,
         user=args.user,
         limit=args.limit,
     )

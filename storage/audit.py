@@ -16,6 +16,15 @@ class Outcome(enum.IntEnum):
     MAJOR_FAILURE = 12
 
 
+# The outcomes by the names `medreid audit --outcome` and the console's filter take.
+OUTCOME_NAMES = {
+    "success": Outcome.SUCCESS,
+    "minor": Outcome.MINOR_FAILURE,
+    "serious": Outcome.SERIOUS_FAILURE,
+    "major": Outcome.MAJOR_FAILURE,
+}
+
+
 @dataclass(frozen=True)
 class EventKind:
     code: str  # EventID code (DCM scheme)

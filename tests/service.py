@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -123,6 +124,17 @@ def service_env(workdir: Path, database_url: str, port: int, **overrides: str) -
     )
     env.update(overrides)
     return env
+
+
+def first_visit_gallery(hospital: Path, rows: list[dict[str, str]], out: Path) -> Path:
+    """Copy visit 1 of a generated hospital into ``out`` in the dataset layout (the folders
+    are the true identities), as a gallery built from verified earlier studies would be."""
+    for row in rows:
+        if row["visit"] == "1":
+            target = out / row["path"]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(hospital / row["path"], target)
+    return out
 
 
 def wait_for_queue(sessions: sessionmaker[Session], timeout: float = 180.0) -> None:

@@ -26,6 +26,7 @@ from storage.models import AuditEvent
 from tests.conftest import Database
 from tests.service import (
     RunningService,
+    first_visit_gallery,
     free_port,
     send_with_pynetdicom,
     service_env,
@@ -77,12 +78,7 @@ def running(sqlite_database: Database, tmp_path: Path) -> Iterator[tuple[Running
         ),
     )
     rows = list(csv.DictReader((hospital / "manifest.csv").open()))
-    gallery = tmp_path / "gallery"
-    for row in rows:
-        if row["visit"] == "1":
-            target = gallery / row["path"]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(hospital / row["path"], target)
+    gallery = first_visit_gallery(hospital, rows, tmp_path / "gallery")
     assert "embeddings enrolled" in service.cli("enroll", str(gallery)).stdout
     added = subprocess.run(
         [sys.executable, "-m", "medreid.cli", "users", "add", "admin", "--password-stdin"],

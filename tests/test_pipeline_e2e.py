@@ -19,7 +19,13 @@ from sqlalchemy import select
 from pipeline.datasets.synthetic import SynthOptions, generate
 from storage.models import Instance, Result, SeriesVerdictRow
 from tests.conftest import Database
-from tests.service import RunningService, free_port, service_env, wait_for_queue
+from tests.service import (
+    RunningService,
+    first_visit_gallery,
+    free_port,
+    service_env,
+    wait_for_queue,
+)
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 pytestmark = [
@@ -71,12 +77,7 @@ def test_swaps_and_wrong_tags_are_caught(
     rows = list(csv.DictReader((hospital / "manifest.csv").open()))
     # Enroll visit 1 under the true identities (its folders), as a gallery built from
     # verified earlier studies would be.
-    gallery = tmp_path / "gallery"
-    for row in rows:
-        if row["visit"] == "1":
-            target = gallery / row["path"]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(hospital / row["path"], target)
+    gallery = first_visit_gallery(hospital, rows, tmp_path / "gallery")
     enrolled = service.cli("enroll", str(gallery))
     assert "embeddings enrolled" in enrolled.stdout, enrolled.stderr
     service.start(timeout=180)
