@@ -4,9 +4,10 @@ storage layer's rows into the API's models. Pure functions over a session; no we
 from __future__ import annotations
 
 import datetime as dt
+import re
 from typing import Annotated, Any
 
-from pydantic import BaseModel, Field, StringConstraints
+from pydantic import BaseModel, BeforeValidator, Field, StringConstraints
 from sqlalchemy.orm import Session
 
 from console.schemas import (
@@ -44,7 +45,18 @@ from storage.repository import AuditFilter, query_audit
 Text16 = Annotated[str, StringConstraints(max_length=16)] | None
 Text64 = Annotated[str, StringConstraints(max_length=64)] | None
 Text255 = Annotated[str, StringConstraints(max_length=255)] | None
-Day = dt.date | None
+
+
+def _iso_day(value: Any) -> Any:
+    """A day only as the description says, YYYY-MM-DD: pydantic would also read a number as
+    seconds since 1970, so that `until=0` meant 1 January 1970."""
+    if isinstance(value, dt.date) or (isinstance(value, str) and ISO_DAY.fullmatch(value)):
+        return value
+    raise ValueError("expected a day as YYYY-MM-DD")
+
+
+ISO_DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
+Day = Annotated[dt.date, BeforeValidator(_iso_day)] | None
 
 
 class ResultParams(BaseModel):

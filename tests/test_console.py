@@ -155,6 +155,11 @@ def test_every_filter_of_the_result_list(client: TestClient, hospital: Hospital)
     # what is typed into a filter is a value, never SQL
     assert ids(client, patient="' OR '1'='1") == set()
     assert client.get("/api/v1/results", params={"verdict": "bogus"}).status_code == 422
+    # a day is YYYY-MM-DD, not a number read as seconds since 1970
+    for bad_day in ("0", "20261126", "2026-11-26T10:00"):
+        refused = client.get("/api/v1/results", params={"received_to": bad_day})
+        assert refused.status_code == 422, bad_day
+        assert client.get("/api/v1/audit", params={"until": bad_day}).status_code == 422
     page = client.get("/api/v1/results", params={"limit": 2, "offset": 2}).json()
     assert (page["total"], len(page["items"])) == (5, 2)
     # newest first
