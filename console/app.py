@@ -24,7 +24,7 @@ from fastapi import Depends, FastAPI, Form, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.security import APIKeyCookie, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader, select_autoescape
@@ -140,18 +140,32 @@ class LoginRequiredError(Exception):
         self.next_path = next_path
 
 
-class DropEmptyFormFields:
-    """An HTML form sends each filter left blank as ``name=``, meaning "any": pages drop those
-    before validation. The JSON API takes its parameters as described, and refuses a blank."""
+class QueryStringEdge:
+    """What a query string may be, before validation.
+
+    Pages: an HTML form sends each filter left blank as ``name=``, meaning "any"; those are
+    dropped. API: each parameter is one value, as described; a parameter given twice is
+    refused (422), where the framework would silently take the last."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope.get("query_string") and not _is_api(scope["path"]):
+        if scope["type"] == "http" and scope.get("query_string"):
             pairs = parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True)
-            kept = urlencode([(k, v) for k, v in pairs if v.strip()])
-            scope["query_string"] = kept.encode("ascii")  # in place: the log reads the route
+            if not _is_api(scope["path"]):
+                kept = urlencode([(k, v) for k, v in pairs if v.strip()])
+                scope["query_string"] = kept.encode("ascii")  # in place: the log reads the route
+            else:
+                names = [name for name, _ in pairs]
+                repeated = sorted({name for name in names if names.count(name) > 1})
+                if repeated:
+                    problems = [
+                        {"type": "repeated", "loc": ["query", name], "msg": "given more than once"}
+                        for name in repeated
+                    ]
+                    await JSONResponse({"detail": problems}, status_code=422)(scope, receive, send)
+                    return
         await self.app(scope, receive, send)
 
 
@@ -229,7 +243,7 @@ def create_app(ctx: ConsoleContext) -> FastAPI:
     )
     templates.globals["version"] = ctx.version
     app.state.context = ctx
-    app.add_middleware(DropEmptyFormFields)
+    app.add_middleware(QueryStringEdge)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     bearer = HTTPBearer(auto_error=False, description="token from `medreid users token`")
     cookie = APIKeyCookie(name=SESSION_COOKIE, auto_error=False, description="console login")

@@ -155,6 +155,9 @@ def test_every_filter_of_the_result_list(client: TestClient, hospital: Hospital)
     # what is typed into a filter is a value, never SQL
     assert ids(client, patient="' OR '1'='1") == set()
     assert client.get("/api/v1/results", params={"verdict": "bogus"}).status_code == 422
+    # one value a parameter, as described
+    twice = client.get("/api/v1/results?patient=P1&patient=P2")
+    assert twice.status_code == 422 and twice.json()["detail"][0]["loc"] == ["query", "patient"]
     # a day is YYYY-MM-DD, not a number read as seconds since 1970
     for bad_day in ("0", "20261126", "2026-11-26T10:00"):
         refused = client.get("/api/v1/results", params={"received_to": bad_day})
