@@ -168,8 +168,15 @@ def build_parser() -> argparse.ArgumentParser:
         default="mobilenet_v2",
         choices=["mobilenet_v2", "mobilenet_v1", "mobilenet_v3_small"],
     )
+    reid.add_argument(
+        "--recipe",
+        choices=["finetune", "frozen"],
+        default="finetune",
+        help="finetune: train the whole network (default); frozen: keep the ImageNet backbone "
+        "and fit a linear projection on the training patients (for a few dozen patients)",
+    )
     reid.add_argument("--alpha", type=float, default=1.0)
-    reid.add_argument("--size", type=int, default=128)
+    reid.add_argument("--size", type=int, help="input px (default: 128; 256 for --recipe frozen)")
     reid.add_argument("--backbone-weights", default="none", help="PATH, imagenet or none")
     reid.add_argument("--epochs", type=int, default=12)
     reid.add_argument("--batch-size", type=int, default=32)
@@ -606,6 +613,17 @@ class _TrainProgress:
             self.bar.total = total
             self.bar.n = done
             self.bar.set_postfix(epoch=int(record["epoch"]), loss=f"{record['loss']:.3f}")
+        elif phase == "features":
+            self.bar.unit = "image"
+            self.bar.set_description("features")
+            self.bar.total = total
+            self.bar.n = done
+            self.bar.refresh()
+        elif phase == "fit":
+            self.bar.write(
+                f"projection: {int(record['dims'])} dimensions, shrinkage {record['shrinkage']} "
+                f"(cross-validated mAP@R {record['cv_map_at_r']:.3f})"
+            )
         else:
             shown = {k: round(v, 4) for k, v in record.items()}
             self.bar.write(f"epoch {done}/{total}: {shown}")
@@ -644,8 +662,9 @@ def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
             modality=args.modality,
             backbone=args.backbone,
             alpha=args.alpha,
-            size=args.size,
+            size=args.size or (256 if args.recipe == "frozen" else 128),
             backbone_weights=args.backbone_weights,
+            recipe=args.recipe,
             epochs=args.epochs,
             batch_size=args.batch_size,
             learning_rate=args.learning_rate,

@@ -68,6 +68,28 @@ def trained(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return result.folder
 
 
+@pytest.fixture(scope="module")
+def xray_sets(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """40 training patients (a closed-form projection needs a few dozen) and 15 others."""
+    train, unseen = tmp_path_factory.mktemp("xray-train"), tmp_path_factory.mktemp("xray-unseen")
+    generate(SynthOptions(out=train, patients=40, visits=3, seed=31, modalities=("xray",)))
+    generate(SynthOptions(out=unseen, patients=15, visits=3, seed=32, modalities=("xray",)))
+    return train / "xray", unseen
+
+
+@pytest.fixture(scope="module")
+def frozen(xray_sets: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    config = ReidConfig(
+        modality="xray",
+        recipe="frozen",
+        size=224,  # the ImageNet-feature baseline's size: like against like
+        backbone_weights=str(WEIGHTS) if WEIGHTS.is_file() else "none",
+        seed=1,
+    )
+    result = train_reid(config, xray_sets[0], tmp_path_factory.mktemp("frozen"), version="f1")
+    return result.folder
+
+
 @needs_weights
 def test_a_short_training_beats_the_raw_pixel_baseline_on_unseen_patients(
     trained: Path, unseen: Path
@@ -93,6 +115,56 @@ def test_the_artifact_round_trips_to_identical_embeddings(trained: Path, unseen:
     np.testing.assert_allclose(np.linalg.norm(first, axis=1), 1.0, atol=1e-5)
     listed = list_models(trained.parent)
     assert [m.name for m in listed] == [trained.name]
+
+
+@needs_weights
+def test_the_frozen_recipe_beats_raw_pixels_and_its_own_backbone_on_unseen_patients(
+    frozen: Path, xray_sets: tuple[Path, Path]
+) -> None:
+    from pipeline.models.evaluate import evaluate_reid
+
+    report = evaluate_reid(frozen, xray_sets[1], imagenet_weights=str(WEIGHTS)).report
+    baselines = report["baselines"]
+    assert report["p_at_1"] > baselines["raw_pixel_cosine"]["p_at_1"] + 0.3, report
+    # The projection adds to the ImageNet features it projects, on other patients.
+    imagenet = baselines["imagenet_features"]
+    assert report["map_at_r"] > imagenet["map_at_r"], report
+    assert report["roc_auc"] > imagenet["roc_auc"], report
+
+
+def test_the_frozen_recipe_round_trips_with_its_fitted_projection(
+    frozen: Path, xray_sets: tuple[Path, Path]
+) -> None:
+    description = read_model(frozen)
+    assert description["config"]["recipe"] == "frozen"
+    chosen = [row for row in description["history"] if row["chosen"]]
+    # The chosen dimension, capped by the rank of the centred training features.
+    rank = description["data"]["train_images"] - 1
+    assert len(chosen) == 1
+    assert description["config"]["embedding_dim"] == min(chosen[0]["dims"], rank)
+    assert "Recipe `frozen`" in (frozen / "MODEL_CARD.md").read_text()
+    data = load_set(scan_modality(xray_sets[1] / "xray", "xray")[:8], 224)
+    first = ReidModel(frozen).embed(data.images)
+    np.testing.assert_array_equal(first, ReidModel(frozen).embed(data.images))
+    assert first.shape[1] == description["config"]["embedding_dim"]
+    # The stored layer is the centring and the whitening: not an identity, not zero.
+    weights = np.load(frozen / "weights.npz")
+    assert any(np.abs(weights[k]).sum() > 0 for k in weights.files if weights[k].ndim == 1)
+
+
+def test_a_model_records_the_command_that_made_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+    import types
+
+    from pipeline.models.artifacts import command_line
+
+    monkeypatch.setattr(sys, "argv", ["/opt/venv/bin/medreid", "train", "reid", "--size", "96"])
+    assert command_line() == "medreid train reid --size 96"
+    main = types.ModuleType("__main__")
+    main.__spec__ = types.SimpleNamespace(name="benchmarks.evaluate_models")  # type: ignore[assignment]
+    monkeypatch.setitem(sys.modules, "__main__", main)
+    monkeypatch.setattr(sys, "argv", ["/src/benchmarks/evaluate_models.py", "--parts", "a b"])
+    assert command_line() == "python -m benchmarks.evaluate_models --parts 'a b'"
 
 
 def test_patient_split_is_disjoint() -> None:

@@ -34,7 +34,13 @@ def new_version() -> str:
 
 
 def command_line() -> str:
-    return " ".join(shlex.quote(a) for a in ["medreid", *sys.argv[1:]])
+    """The command that made the model, as one would type it again."""
+    program = Path(sys.argv[0]).name
+    head = ["medreid"]
+    if program and program != "medreid":
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        head = ["python", "-m", spec.name] if spec is not None else ["python", program]
+    return " ".join(shlex.quote(a) for a in [*head, *sys.argv[1:]])
 
 
 def environment() -> dict[str, str]:
