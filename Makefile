@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CONFIG ?= config/medreid.toml
 
-.PHONY: install run migrate test lint typecheck check clean models bench
+.PHONY: install run migrate test lint typecheck check clean models models-whitening bench
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,11 +44,14 @@ bench: install
 
 # The default models: COMPA and one re-identification model per modality, trained on generated
 # hospitals never used for evaluation (seed 21; CT and MRI from seed 22, whose series have three
-# slices spread over the volume; dermoscopy v2 from seed 23, twice the patients, rotations to 30
+# slices spread over the volume; dermoscopy from seed 23, twice the patients, rotations to 30
 # degrees as its lesions turn between visits) plus, for COMPA, the real images beside the
 # checkout when they are there. ImageNet initialisation from IMAGENET when that file exists.
+# Each fine-tuned network (kept under MODELS_DATA/base) is then followed by a within-class
+# whitening of its embeddings fitted on 200 other patients (seed 24): models-whitening.
 MODELS_DIR  ?= models
 MODELS_DATA ?= var/models-data
+MODELS_BASE ?= $(MODELS_DATA)/base
 MODELS_VERSION ?= v1
 IMAGENET ?= ../shared/weights/mobilenet_v2_1.0_224_torchvision_imagenet.weights.h5
 REAL ?= ../shared/data/real
@@ -64,15 +67,26 @@ models: install
 		--out $(MODELS_DIR) \
 		--backbone-weights $$weights --version $(MODELS_VERSION) && \
 	$(BIN)/medreid train reid --modality xray $(MODELS_DATA)/train/xray \
-		--out $(MODELS_DIR) --backbone-weights $$weights --epochs 15 \
+		--out $(MODELS_BASE) --backbone-weights $$weights --epochs 15 \
 		--version $(MODELS_VERSION) && \
 	$(BIN)/medreid train reid --modality dermoscopy $(MODELS_DATA)/derm600/dermoscopy \
-		--out $(MODELS_DIR) --backbone-weights $$weights --epochs 20 --rotation 30 \
+		--out $(MODELS_BASE) --backbone-weights $$weights --epochs 20 --rotation 30 \
 		--version v2 && \
 	for modality in ct mri; do \
 		$(BIN)/medreid train reid --modality $$modality $(MODELS_DATA)/volumes/$$modality \
-			--out $(MODELS_DIR) --backbone-weights $$weights --epochs 15 \
+			--out $(MODELS_BASE) --backbone-weights $$weights --epochs 15 \
 			--version $(MODELS_VERSION) || exit 1; \
+	done
+	$(MAKE) models-whitening
+
+models-whitening: install
+	$(BIN)/medreid synth --out $(MODELS_DATA)/whitening --patients 200 --visits 3 --slices 3 \
+		--seed 24
+	for spec in xray:v1:v2 ct:v1:v2 mri:v1:v2 dermoscopy:v2:v3; do \
+		modality=$${spec%%:*}; rest=$${spec#*:}; base=$${rest%%:*}; version=$${rest#*:}; \
+		$(BIN)/medreid train whitening --model $(MODELS_BASE)/reid-$$modality-$$base \
+			$(MODELS_DATA)/whitening/$$modality --out $(MODELS_DIR) --version $$version \
+			|| exit 1; \
 	done
 
 clean:

@@ -188,6 +188,18 @@ def build_parser() -> argparse.ArgumentParser:
     reid.add_argument("--false-match-rate", type=float, default=0.01)
     reid.add_argument("--seed", type=int, default=0)
     reid.add_argument("--version", help="version label (default: the time)")
+    whitening = train_kinds.add_parser(
+        "whitening",
+        help="a trained re-identification model followed by a whitening fitted on other patients",
+    )
+    whitening.add_argument(
+        "dataset", type=Path, help="DATASET/<modality> of patients the model never saw"
+    )
+    whitening.add_argument(
+        "--model", type=Path, required=True, help="the model folder to start from"
+    )
+    whitening.add_argument("--out", type=Path, required=True, help="folder for the model folder")
+    whitening.add_argument("--version", help="version label (default: the time)")
 
     evaluate = commands.add_parser("evaluate", help="evaluate a model beside baselines")
     evaluate_kinds = evaluate.add_subparsers(dest="kind", required=True, metavar="MODEL")
@@ -654,6 +666,28 @@ def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
             print(
                 f"COMPA: validation accuracy {trained.description['metrics']['accuracy']:.4f}"
                 f"; model in {trained.folder}"
+            )
+            return 0
+        if args.kind == "whitening":
+            from pipeline.models.reid import whiten_reid
+
+            whitening_progress = _TrainProgress()
+            try:
+                result = whiten_reid(
+                    args.model,
+                    args.dataset,
+                    args.out,
+                    version=args.version,
+                    pipeline=_pipeline_config(settings),
+                    progress=whitening_progress,
+                )
+            finally:
+                whitening_progress.close()
+            metrics = result.description["metrics"]
+            print(
+                f"{result.description['modality']}: out-of-fold P@1 {metrics['p_at_1']:.3f}, "
+                f"mAP@R {metrics['map_at_r']:.3f}, ROC AUC {metrics['roc_auc']:.4f}; threshold "
+                f"{result.description['threshold']:.4f}; model in {result.folder}"
             )
             return 0
         from pipeline.models.reid import ReidConfig, train_reid

@@ -167,6 +167,34 @@ def test_a_model_records_the_command_that_made_it(monkeypatch: pytest.MonkeyPatc
     assert command_line() == "python -m benchmarks.evaluate_models --parts 'a b'"
 
 
+def test_a_whitening_fitted_on_other_patients_is_appended_and_round_trips(
+    trained: Path, unseen: Path, tmp_path: Path
+) -> None:
+    from pipeline.metrics import l2_normalise
+    from pipeline.models.reid import whiten_reid
+
+    whitened = whiten_reid(trained, unseen / "dermoscopy", tmp_path, version="w1").folder
+    description = read_model(whitened)
+    whitening = description["whitening"]
+    assert whitening["base_model"] == "reid-dermoscopy-t1" and whitening["patients"] == 10
+    assert description["calibrated_on"] == "out-of-fold whitening-set"
+    assert -1.0 < description["threshold"] <= 1.0
+    assert "reid-dermoscopy-t1" in (whitened / "MODEL_CARD.md").read_text()
+
+    data = load_set(scan_modality(unseen / "dermoscopy", "dermoscopy")[:8], 96)
+    base = l2_normalise(ReidModel(trained).embed(data.images))
+    got = ReidModel(whitened).embed(data.images)
+    np.testing.assert_array_equal(got, ReidModel(whitened).embed(data.images))
+    # The model is its base followed by the stored affine whitening and a normalisation.
+    stored = np.load(whitened / "weights.npz")
+    matrix, bias = (stored[k].astype(np.float32) for k in sorted(stored.files)[-2:])
+    assert matrix.shape == (base.shape[1], description["config"]["whitening_dim"])
+    np.testing.assert_allclose(got, l2_normalise(base @ matrix + bias), atol=2e-3)
+
+    with pytest.raises(ValueError, match="already ends in a whitening"):
+        whiten_reid(whitened, unseen / "dermoscopy", tmp_path, version="w2")
+
+
 def test_patient_split_is_disjoint() -> None:
     from pipeline.models.reid import patient_split
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from pipeline.metrics import cosine_similarity, retrieval_scores
+from pipeline.metrics import cosine_similarity, pair_scores, retrieval_scores
 
 DIMS = (32, 64, 128)
 SHRINKAGE = (0.1, 0.3, 0.6)
@@ -80,6 +80,49 @@ def fit_within_class_whitening(
     return Projection(mean, pca @ (vectors / np.sqrt(values)))
 
 
+def patient_folds(
+    labels: Sequence[str], folds: int = 4, seed: int = 0
+) -> list[npt.NDArray[np.bool_]]:
+    """Masks of held-out images, one per fold; no patient is on both sides of a fold."""
+    names = np.asarray(labels)
+    patients = np.unique(names)
+    np.random.default_rng(seed).shuffle(patients)
+    masks = []
+    for fold in range(min(folds, len(patients))):
+        held = np.isin(names, patients[fold::folds])
+        if len(set(names[held])) >= 2 and (~held).any():
+            masks.append(held)
+    if not masks:
+        raise ValueError("cross-validation needs images of at least three patients")
+    return masks
+
+
+def out_of_fold_pairs(
+    features: npt.NDArray[np.floating],
+    labels: Sequence[str],
+    dims: int,
+    shrinkage: float,
+    *,
+    folds: int = 4,
+    seed: int = 0,
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.bool_], list[float], list[float]]:
+    """Pair scores of each fold's images under a projection fitted without them, pooled
+    (scores, genuine), with each fold's P@1 and mAP@R: figures for patients the fit never saw."""
+    x = np.asarray(features, np.float64)
+    names = np.asarray(labels)
+    scores, genuine, p_at_1, map_at_r = [], [], [], []
+    for held in patient_folds(labels, folds, seed):
+        projection = fit_within_class_whitening(x[~held], names[~held].tolist(), dims, shrinkage)
+        similarity = cosine_similarity(projection.apply(x[held]))
+        fold_scores, fold_genuine = pair_scores(similarity, names[held].tolist())
+        scores.append(fold_scores)
+        genuine.append(fold_genuine)
+        retrieval = retrieval_scores(similarity, names[held].tolist())
+        p_at_1.append(retrieval.p_at_1)
+        map_at_r.append(retrieval.map_at_r)
+    return np.concatenate(scores), np.concatenate(genuine), p_at_1, map_at_r
+
+
 def select_projection(
     features: npt.NDArray[np.floating],
     labels: Sequence[str],
@@ -90,25 +133,10 @@ def select_projection(
     seed: int = 0,
 ) -> ProjectionChoice:
     """Dimension and shrinkage by the mean mAP@R over ``folds`` patient-disjoint folds."""
-    x = np.asarray(features, np.float64)
-    names = np.asarray(labels)
-    patients = np.unique(names)
-    np.random.default_rng(seed).shuffle(patients)
-    splits = []
-    for fold in range(min(folds, len(patients))):
-        held = np.isin(names, patients[fold::folds])
-        if len(set(names[held])) >= 2 and len(set(names[~held])) >= 1:
-            splits.append(held)
-    if not splits:
-        raise ValueError("cross-validation needs images of at least three patients")
     table: list[dict[str, float]] = []
     for d in dims:
         for s in shrinkage:
-            scores = []
-            for held in splits:
-                projection = fit_within_class_whitening(x[~held], names[~held].tolist(), d, s)
-                similarity = cosine_similarity(projection.apply(x[held]))
-                scores.append(retrieval_scores(similarity, names[held].tolist()).map_at_r)
-            table.append({"dims": d, "shrinkage": s, "cv_map_at_r": float(np.mean(scores))})
+            *_, map_at_r = out_of_fold_pairs(features, labels, d, s, folds=folds, seed=seed)
+            table.append({"dims": d, "shrinkage": s, "cv_map_at_r": float(np.mean(map_at_r))})
     best = max(table, key=lambda row: row["cv_map_at_r"])
     return ProjectionChoice(int(best["dims"]), best["shrinkage"], best["cv_map_at_r"], table)
