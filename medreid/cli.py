@@ -242,6 +242,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     enroll.add_argument("--study", help="enroll received instances of this study")
     enroll.add_argument("--patient", help="enroll received instances of this header patient ID")
+    enroll.add_argument(
+        "--again-from",
+        metavar="MODEL",
+        help="enroll the gallery of an earlier model version (e.g. reid-xray-v1) again under "
+        "the model now serving, from the images it was enrolled from",
+    )
+    enroll.add_argument(
+        "--into",
+        metavar="NAME",
+        help="with --again-from: enroll into this model folder (name or path) before it serves",
+    )
 
     demo = commands.add_parser(
         "demo",
@@ -843,14 +854,33 @@ def cmd_models(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_enroll(settings: Settings, args: argparse.Namespace) -> int:
     from medreid.app import build_database, os_user
-    from medreid.enrollment import enroll_folder, enroll_received
+    from medreid.enrollment import enroll_again, enroll_folder, enroll_received
 
-    if (args.dataset is None) == (args.study is None and args.patient is None):
-        raise SystemExit("medreid enroll: give a DATASET folder, or --study / --patient")
+    sources = [args.dataset is not None, bool(args.study or args.patient), bool(args.again_from)]
+    if args.into and not args.again_from:
+        raise SystemExit("medreid enroll: --into goes with --again-from")
+    if sum(sources) != 1:
+        raise SystemExit(
+            "medreid enroll: give one of a DATASET folder, --study / --patient, or --again-from"
+        )
     engine, sessions = build_database(settings)
     progress = _Progress("enroll")
+    gone = 0
     try:
-        if args.dataset is not None:
+        if args.again_from:
+            into = None
+            if args.into:
+                into = Path(args.into)
+                into = into if into.is_dir() else settings.models.dir / args.into
+            counts, gone = enroll_again(
+                settings,
+                sessions,
+                os_user(),
+                from_model=args.again_from,
+                into=into,
+                progress=progress,
+            )
+        elif args.dataset is not None:
             counts = enroll_folder(
                 settings, sessions, args.dataset, os_user(), progress, files=args.files
             )
@@ -865,6 +895,8 @@ def cmd_enroll(settings: Settings, args: argparse.Namespace) -> int:
         engine.dispose()
     for model, count in counts.items():
         print(f"{model}: {count} embeddings enrolled")
+    if gone:
+        print(f"{gone} entries of {args.again_from} not enrolled again: their image is gone")
     if not counts:
         print("nothing enrolled: no images, or no re-identification model for their modality")
     return 0

@@ -4,7 +4,7 @@ instances already received."""
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from sqlalchemy import select
@@ -13,10 +13,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from medreid.app import pipeline_config
 from medreid.settings import Settings
 from pipeline.datasets.reader import DatasetItem, iter_images, scan
+from pipeline.models.artifacts import read_model
 from pipeline.modelstore import embedding_bytes, load_model, resolve
 from pipeline.records import StageError
 from storage import audit
-from storage.models import Instance
+from storage.models import GalleryEntry, Instance
 from storage.repository import (
     NewGalleryEntry,
     active_models,
@@ -37,8 +38,9 @@ def _enroll(
     work: dict[str, list[tuple[DatasetItem, int | None]]],
     enrolled_by: str,
     progress: Callable[[int, int], None] | None = None,
+    folders: Mapping[str, object] | None = None,
 ) -> dict[str, int]:
-    folders = _embedders(settings, sessions)
+    folders = _embedders(settings, sessions) if folders is None else folders
     counts: dict[str, int] = {}
     total = sum(len(v) for m, v in work.items() if m in folders)
     done = 0
@@ -146,3 +148,55 @@ def enroll_received(
         return _enroll(settings, sessions, work, enrolled_by)
     except StageError as exc:
         raise ValueError(exc.reason) from None
+
+
+def enroll_again(
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    enrolled_by: str,
+    *,
+    from_model: str,
+    into: Path | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[dict[str, int], int]:
+    """The gallery of an earlier model version enrolled again under the model now serving each
+    modality, from the images it was enrolled from: a received instance's spooled file, or the
+    enrolled file where it still exists. Returns the counts and the entries whose image is gone.
+
+    Embeddings of two model versions are not comparable, so a new version starts with an empty
+    gallery; this carries the identities over without a new enrollment from the PACS. With
+    ``into`` (a model folder), the entries go to that model instead, before it serves."""
+    spool = settings.spool.dir.resolve()
+    with sessions.begin() as session:
+        rows = session.execute(
+            select(GalleryEntry, Instance.spool_path)
+            .outerjoin(Instance, Instance.id == GalleryEntry.source_instance_id)
+            .where(GalleryEntry.model_version == from_model)
+            .order_by(GalleryEntry.id)
+        ).all()
+    if not rows:
+        raise ValueError(f"the gallery has no entries of {from_model}")
+    serving = _embedders(settings, sessions)
+    if into is not None:
+        target = read_model(into)
+        if target["kind"] != "reid":
+            raise ValueError(f"{into.name} is not a re-identification model")
+        serving = {target["modality"]: into}
+    for modality in {entry.modality for entry, _ in rows}:
+        if modality not in serving:
+            raise ValueError(f"no re-identification model for {modality} to enroll into")
+        described = read_model(Path(str(serving[modality])))
+        if f"reid-{modality}-{described['version']}" == from_model:
+            raise ValueError(f"{from_model} is the model enrolling {modality}: nothing to move")
+    work: dict[str, list[tuple[DatasetItem, int | None]]] = {}
+    gone = 0
+    for entry, spool_path in rows:
+        source = spool / spool_path if spool_path else None
+        if source is None and entry.source_path:
+            source = Path(entry.source_path)
+        if source is None or not source.is_file():
+            gone += 1
+            continue
+        item = DatasetItem(source, entry.modality, entry.patient_id)
+        work.setdefault(entry.modality, []).append((item, entry.source_instance_id))
+    return _enroll(settings, sessions, work, enrolled_by, progress, serving), gone
