@@ -43,12 +43,13 @@ bench: install
 	$(BIN)/python -m benchmarks.console_pages
 
 # The default models: COMPA and one re-identification model per modality, trained on generated
-# hospitals never used for evaluation (seed 21; CT and MRI from seed 22, whose series have three
-# slices spread over the volume; dermoscopy from seed 23, twice the patients, rotations to 30
-# degrees as its lesions turn between visits) plus, for COMPA, the real images beside the
-# checkout when they are there. ImageNet initialisation from IMAGENET when that file exists.
-# Each fine-tuned network (kept under MODELS_DATA/base) is then followed by a within-class
-# whitening of its embeddings fitted on 200 other patients (seed 24): models-whitening.
+# hospitals never used for evaluation: COMPA on seeds 21 and 22 plus the real images beside the
+# checkout when they are there; X-ray on seed 21; MRI on seed 22 (series of three slices spread
+# over the volume); CT on seed 25 (300 patients, the same series); dermoscopy on seed 26 (1,000
+# patients, rotations to 30 degrees as lesions turn between visits). ImageNet initialisation
+# from IMAGENET when that file exists. Each fine-tuned network (kept under MODELS_BASE) is then
+# followed by a within-class whitening of its embeddings fitted on 200 other patients (seed 24):
+# models-whitening writes the served models into MODELS_DIR.
 MODELS_DIR  ?= models
 MODELS_DATA ?= var/models-data
 MODELS_BASE ?= $(MODELS_DATA)/base
@@ -59,7 +60,9 @@ models: install
 	$(BIN)/medreid synth --out $(MODELS_DATA)/train --patients 300 --visits 3 --slices 1 --seed 21
 	$(BIN)/medreid synth --out $(MODELS_DATA)/volumes --patients 150 --visits 3 --slices 3 \
 		--seed 22 --modalities ct,mri
-	$(BIN)/medreid synth --out $(MODELS_DATA)/derm600 --patients 600 --visits 3 --seed 23 \
+	$(BIN)/medreid synth --out $(MODELS_DATA)/ct300 --patients 300 --visits 3 --slices 3 \
+		--seed 25 --modalities ct
+	$(BIN)/medreid synth --out $(MODELS_DATA)/derm1000 --patients 1000 --visits 3 --seed 26 \
 		--modalities dermoscopy
 	weights=$$(test -f $(IMAGENET) && echo $(IMAGENET) || echo none); \
 	real=$$(test -d $(REAL) && echo $(REAL)); \
@@ -67,23 +70,22 @@ models: install
 		--out $(MODELS_DIR) \
 		--backbone-weights $$weights --version $(MODELS_VERSION) && \
 	$(BIN)/medreid train reid --modality xray $(MODELS_DATA)/train/xray \
-		--out $(MODELS_BASE) --backbone-weights $$weights --epochs 15 \
-		--version $(MODELS_VERSION) && \
-	$(BIN)/medreid train reid --modality dermoscopy $(MODELS_DATA)/derm600/dermoscopy \
+		--out $(MODELS_BASE) --backbone-weights $$weights --epochs 15 --version v1 && \
+	$(BIN)/medreid train reid --modality mri $(MODELS_DATA)/volumes/mri \
+		--out $(MODELS_BASE) --backbone-weights $$weights --epochs 15 --version v1 && \
+	$(BIN)/medreid train reid --modality ct $(MODELS_DATA)/ct300/ct \
+		--out $(MODELS_BASE) --backbone-weights $$weights --epochs 15 --version n2 && \
+	$(BIN)/medreid train reid --modality dermoscopy $(MODELS_DATA)/derm1000/dermoscopy \
 		--out $(MODELS_BASE) --backbone-weights $$weights --epochs 20 --rotation 30 \
-		--version v2 && \
-	for modality in ct mri; do \
-		$(BIN)/medreid train reid --modality $$modality $(MODELS_DATA)/volumes/$$modality \
-			--out $(MODELS_BASE) --backbone-weights $$weights --epochs 15 \
-			--version $(MODELS_VERSION) || exit 1; \
-	done
+		--version n3
 	$(MAKE) models-whitening
 
 models-whitening: install
 	$(BIN)/medreid synth --out $(MODELS_DATA)/whitening --patients 200 --visits 3 --slices 3 \
 		--seed 24
-	for spec in xray:v1:v2 ct:v1:v2 mri:v1:v2 dermoscopy:v2:v3; do \
+	for spec in xray:v1:v2 ct:n2:v2 mri:v1:v2 dermoscopy:n3:v3; do \
 		modality=$${spec%%:*}; rest=$${spec#*:}; base=$${rest%%:*}; version=$${rest#*:}; \
+		rm -rf $(MODELS_DIR)/reid-$$modality-$$version; \
 		$(BIN)/medreid train whitening --model $(MODELS_BASE)/reid-$$modality-$$base \
 			$(MODELS_DATA)/whitening/$$modality --out $(MODELS_DIR) --version $$version \
 			|| exit 1; \
