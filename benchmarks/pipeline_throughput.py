@@ -221,8 +221,7 @@ def main() -> None:
         "target_per_s": TARGET_PER_S,
         "modalities": runs,
         "ratio_to_target": {
-            r["modality"]: round((r["flood"]["results_per_s"] or 0) / TARGET_PER_S, 2)
-            for r in runs
+            r["modality"]: round((r["flood"]["results_per_s"] or 0) / TARGET_PER_S, 2) for r in runs
         },
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)

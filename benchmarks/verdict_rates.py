@@ -51,6 +51,7 @@ def series_rates(
             header_patient=header.patient_id,
             header_modality=header.modality,
             tag_map=DEFAULT_TAG_MAP,
+            margin=AnalysisSettings().mismatch_margin,
         )
         wrong_tag, swapped = row["mislabelled"] == "True", row["swapped"] == "True"
         tag_flag = verdict.modality_verdict == "mismatch"

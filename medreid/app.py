@@ -159,6 +159,7 @@ def build_analyser(settings: Settings, sessions: sessionmaker[Session]) -> Analy
             tag_map=settings.analysis.tag_mapping(),
             on_disagreement=settings.analysis.on_disagreement,
             top_k=settings.analysis.top_k,
+            mismatch_margin=settings.analysis.mismatch_margin,
         ),
     )
 
@@ -191,6 +192,7 @@ def run_worker(settings: Settings, *, name: str, should_stop: Callable[[], bool]
             modalities=settings.analysis.series_modalities,
             quiet_s=settings.analysis.series_quiet_s,
             tag_map=settings.analysis.tag_mapping(),
+            mismatch_margin=settings.analysis.mismatch_margin,
         ),
     )
     try:

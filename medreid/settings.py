@@ -165,6 +165,7 @@ class AnalysisSettingsSection:
     )
     on_disagreement: str = "prediction"
     top_k: int = 5
+    mismatch_margin: float = 0.1
     auto_enroll_new_patients: bool = False
     series_modalities: tuple[str, ...] = ("CT", "MR")
     series_quiet_s: float = 30.0
@@ -182,6 +183,7 @@ class AnalysisSettingsSection:
                 f"analysis.on_disagreement: {self.on_disagreement!r} is not prediction or hold"
             )
         _check_range("analysis.top_k", self.top_k, 1, 100)
+        _check_range("analysis.mismatch_margin", self.mismatch_margin, 0.0, 2.0)
         _check_range("analysis.series_quiet_s", self.series_quiet_s, 0.0, 86400.0)
         for code in self.series_modalities:
             if not code.strip() or code.strip().upper() != code.strip() or len(code) > 16:

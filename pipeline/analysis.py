@@ -14,6 +14,7 @@ import numpy.typing as npt
 from pipeline.gallery import GalleryIndex
 from pipeline.records import FloatImage
 from pipeline.verdicts import (
+    DEFAULT_MISMATCH_MARGIN,
     DEFAULT_TAG_MAP,
     IdentityDecision,
     IdentityVerdict,
@@ -58,6 +59,7 @@ class AnalysisSettings:
     tag_map: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_TAG_MAP))
     on_disagreement: str = "prediction"  # or "hold"
     top_k: int = 5
+    mismatch_margin: float | None = DEFAULT_MISMATCH_MARGIN
 
 
 @dataclass(frozen=True)
@@ -137,6 +139,7 @@ def analyse(
                     embedder.threshold,
                     header_enrolled=gallery.is_enrolled(header_patient),
                     header_score=header_score,
+                    margin=settings.mismatch_margin,
                 )
             decisions[i] = (
                 [{"patient_id": m.patient_id, "score": round(m.score, 5)} for m in found],

@@ -75,6 +75,7 @@ def aggregate_series(
     header_patient: str | None,
     header_modality: str | None,
     tag_map: Mapping[str, str],
+    margin: float | None = None,
 ) -> SeriesVerdict:
     """The series verdict from its images' findings (failed images count, but carry nothing)."""
     predicted = [f.predicted_modality for f in findings if f.predicted_modality]
@@ -113,6 +114,7 @@ def aggregate_series(
                 threshold,
                 header_enrolled=header_mean is not None,
                 header_score=header_mean,
+                margin=margin,
             )
             identity, matched = decision.verdict, decision.matched_patient
     return SeriesVerdict(

@@ -81,6 +81,12 @@ class IdentityDecision:
     header_score: float | None
 
 
+# How much better another patient must match than the header's patient, both above the
+# threshold, for a mismatch (a cosine difference; chosen on generated hospital seed 125, see
+# docs/pipeline.md).
+DEFAULT_MISMATCH_MARGIN = 0.1
+
+
 def identity_verdict(
     matches: Sequence[Match],
     header_patient: str | None,
@@ -88,12 +94,15 @@ def identity_verdict(
     *,
     header_enrolled: bool,
     header_score: float | None = None,
+    margin: float | None = None,
 ) -> IdentityDecision:
     """Decide from the gallery's best matches (best first, one per patient).
 
-    - consistent: the header's patient matches (at or above the threshold);
-    - mismatch: another enrolled patient matches and the header's patient does not: a possible
-      wrong-patient error;
+    - consistent: the header's patient matches (at or above the threshold), and no other
+      patient matches better by ``margin`` or more;
+    - mismatch: another enrolled patient matches and the header's patient does not, or matches
+      worse by at least ``margin``: a possible wrong-patient error (two patients can both pass
+      a threshold calibrated per pair; the image is then the better one's);
     - new_patient: nobody matches and the header's patient is not enrolled;
     - unverifiable: nobody matches although the header's patient is enrolled, or there is no
       gallery or header patient to compare with.
@@ -103,6 +112,16 @@ def identity_verdict(
         header_score = next((m.score for m in matches if m.patient_id == header_patient), None)
     best_score = best.score if best else None
     if header_score is not None and header_score >= threshold:
+        other = next((m for m in matches if m.patient_id != header_patient), None)
+        if (
+            margin is not None
+            and other is not None
+            and other.score >= threshold
+            and other.score - header_score >= margin
+        ):
+            return IdentityDecision(
+                IdentityVerdict.MISMATCH, other.patient_id, best_score, header_score
+            )
         return IdentityDecision(
             IdentityVerdict.CONSISTENT, header_patient, best_score, header_score
         )

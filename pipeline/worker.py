@@ -124,6 +124,7 @@ class SeriesPolicy:
     modalities: tuple[str, ...] = ("CT", "MR")
     quiet_s: float = 30.0
     tag_map: Mapping[str, str] | None = None
+    mismatch_margin: float | None = None
 
 
 def series_audit_records(row: SeriesVerdictRow, worker: str) -> list[audit.AuditRecord]:
@@ -445,6 +446,7 @@ class Worker:
                 header_patient=header.patient_id,
                 header_modality=header.modality,
                 tag_map=policy.tag_map or {},
+                margin=policy.mismatch_margin,
             )
             saved = save_series_verdict(
                 session, row=series_row(header, verdict, candidate.last_received_at, self.name)

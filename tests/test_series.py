@@ -84,6 +84,29 @@ def test_one_odd_slice_neither_raises_nor_hides_a_series_alarm() -> None:
     assert swapped.matched_patient_id == "P2"
 
 
+def test_a_series_whose_patient_passes_but_another_matches_far_better_is_a_mismatch() -> None:
+    # Every slice passes the threshold (0.5) for the header's P1, and matches P2 better: the
+    # margin decides, on the series' mean scores (P1 0.6, P2 0.75).
+    slices = [
+        finding(matches=[("P2", 0.8), ("P1", 0.6)], header_score=0.6),
+        finding(matches=[("P2", 0.7), ("P1", 0.6)], header_score=0.6),
+    ]
+    judged = {
+        margin: aggregate_series(
+            slices,
+            header_patient="P1",
+            header_modality="MR",
+            tag_map=DEFAULT_TAG_MAP,
+            margin=margin,
+        )
+        for margin in (None, 0.1, 0.2)
+    }
+    assert judged[None].identity_verdict is IdentityVerdict.CONSISTENT
+    assert judged[0.1].identity_verdict is IdentityVerdict.MISMATCH
+    assert judged[0.1].matched_patient_id == "P2"
+    assert judged[0.2].identity_verdict is IdentityVerdict.CONSISTENT
+
+
 def test_series_modality_is_the_majority_of_its_images() -> None:
     verdict = aggregate_series(
         [finding("mri"), finding("mri"), finding("ct"), finding(None, verdict=None)],

@@ -63,10 +63,28 @@ def test_identity_verdicts() -> None:
     assert (
         identity_verdict([], None, t, header_enrolled=False).verdict is IdentityVerdict.UNVERIFIABLE
     )
-    # both above the threshold: the header's patient wins
+    # both above the threshold: the header's patient wins, unless the other matches better
+    # by the margin or more
     both = [Match("B", 0.97), Match("A", 0.9)]
     assert (
         identity_verdict(both, "A", t, header_enrolled=True).verdict is IdentityVerdict.CONSISTENT
+    )
+    close = identity_verdict(both, "A", t, header_enrolled=True, margin=0.1)
+    assert close.verdict is IdentityVerdict.CONSISTENT and close.matched_patient == "A"
+    apart = identity_verdict(both, "A", t, header_enrolled=True, margin=0.05)
+    assert apart.verdict is IdentityVerdict.MISMATCH and apart.matched_patient == "B"
+    assert (apart.best_score, apart.header_score) == (0.97, 0.9)
+    # the other must itself pass the threshold; the header's score may come from outside top-k
+    low = [Match("A", 0.82), Match("B", 0.79)]
+    assert (
+        identity_verdict(low, "A", t, header_enrolled=True, margin=0.0).verdict
+        is IdentityVerdict.CONSISTENT
+    )
+    assert (
+        identity_verdict(
+            [Match("B", 0.99)], "A", t, header_enrolled=True, header_score=0.85, margin=0.1
+        ).verdict
+        is IdentityVerdict.MISMATCH
     )
 
 
