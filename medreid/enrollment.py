@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from medreid.app import pipeline_config
 from medreid.settings import Settings
 from pipeline.datasets.reader import DatasetItem, iter_images, scan
-from pipeline.models.artifacts import read_model
+from pipeline.models.artifacts import model_name, read_model
 from pipeline.modelstore import embedding_bytes, load_model, resolve
 from pipeline.records import StageError
 from storage import audit
@@ -185,8 +185,7 @@ def enroll_again(
     for modality in {entry.modality for entry, _ in rows}:
         if modality not in serving:
             raise ValueError(f"no re-identification model for {modality} to enroll into")
-        described = read_model(Path(str(serving[modality])))
-        if f"reid-{modality}-{described['version']}" == from_model:
+        if model_name(read_model(Path(str(serving[modality])))) == from_model:
             raise ValueError(f"{from_model} is the model enrolling {modality}: nothing to move")
     work: dict[str, list[tuple[DatasetItem, int | None]]] = {}
     gone = 0

@@ -33,6 +33,13 @@ def new_version() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
 
 
+def model_name(description: dict[str, Any]) -> str:
+    """The name a model goes by, and its folder's: ``compa-v1``, ``reid-xray-v2``."""
+    if description["kind"] == "compa":
+        return f"compa-{description['version']}"
+    return f"reid-{description['modality']}-{description['version']}"
+
+
 def command_line() -> str:
     """The command that made the model, as one would type it again."""
     program = Path(sys.argv[0]).name

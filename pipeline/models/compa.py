@@ -277,7 +277,6 @@ def train_compa(
     backbone.set_weights(artifacts.quantise(backbone.get_weights()))
 
     version = version or artifacts.new_version()
-    folder = out / f"compa-{version}"
     description = {
         "kind": "compa",
         "modality": "all",
@@ -301,6 +300,7 @@ def train_compa(
         "training_seconds": round(time.monotonic() - started, 1),
         "environment": artifacts.environment(),
     }
+    folder = out / artifacts.model_name(description)
     artifacts.write_model(folder, description, compa_card(description))
     artifacts.save_weights(folder, backbone.get_weights())
     np.savez_compressed(
@@ -352,5 +352,5 @@ def load_compa(folder: Path) -> CompaModel:
             float(description["temperature"]),
             float(description["other_logit"]),
         )
-    model.version = f"compa-{description['version']}"
+    model.version = artifacts.model_name(description)
     return model
