@@ -44,6 +44,7 @@ from pipeline.metrics import (
 from pipeline.models import artifacts
 from pipeline.models.backbone import Preprocessing, build_backbone, predictor, quiet_tensorflow
 from pipeline.models.projection import (
+    ProjectionChoice,
     fit_within_class_whitening,
     out_of_fold_pairs,
     select_projection,
@@ -288,6 +289,36 @@ def _finetune(
     return embedder, history
 
 
+def _feature_progress(progress: Progress | None) -> Callable[[int, int], None] | None:
+    """Images embedded so far, reported as the "features" phase."""
+    if progress is None:
+        return None
+    return lambda done, total: progress("features", done, total, {})
+
+
+def _choose_projection(
+    features: npt.NDArray[np.float32], labels: list[str], seed: int, progress: Progress | None
+) -> ProjectionChoice:
+    choice = select_projection(features, labels, seed=seed)
+    if progress:
+        progress(
+            "fit",
+            1,
+            1,
+            {"dims": choice.dims, "shrinkage": choice.shrinkage, "cv_map_at_r": choice.map_at_r},
+        )
+    return choice
+
+
+def _rates_at(
+    pairs: npt.NDArray[np.float64], genuine: npt.NDArray[np.bool_], threshold: float
+) -> dict[str, float]:
+    return {
+        "true_match_rate_at_threshold": float((pairs[genuine] >= threshold).mean()),
+        "false_match_rate_at_threshold": float((pairs[~genuine] >= threshold).mean()),
+    }
+
+
 def _fit_frozen(
     config: ReidConfig, train: LoadedSet, prep: Preprocessing, progress: Progress | None
 ) -> tuple[Any, list[dict[str, float]], ReidConfig]:
@@ -299,13 +330,8 @@ def _fit_frozen(
             "--backbone-weights none they are random and so are its features"
         )
     backbone = build_backbone(config.backbone, config.alpha, config.size, config.backbone_weights)
-
-    def features_done(done: int, total: int) -> None:
-        if progress:
-            progress("features", done, total, {})
-
-    features = embed_images(backbone, train.images, prep, progress=features_done)
-    choice = select_projection(features, train.labels, seed=config.seed)
+    features = embed_images(backbone, train.images, prep, progress=_feature_progress(progress))
+    choice = _choose_projection(features, train.labels, config.seed, progress)
     projection = fit_within_class_whitening(features, train.labels, choice.dims, choice.shrinkage)
     fitted = replace(config, embedding_dim=projection.matrix.shape[1])
     embedder = build_embedder(fitted, "none", backbone=backbone)
@@ -316,13 +342,6 @@ def _fit_frozen(
         {**row, "chosen": float((row["dims"], row["shrinkage"]) == (choice.dims, choice.shrinkage))}
         for row in choice.table
     ]
-    if progress:
-        progress(
-            "fit",
-            1,
-            1,
-            {"dims": choice.dims, "shrinkage": choice.shrinkage, "cv_map_at_r": choice.map_at_r},
-        )
     return embedder, history, fitted
 
 
@@ -368,12 +387,12 @@ def train_reid(
     cal_embeddings = embed_images(embedder, calibration.images, prep)
     pairs, genuine = pair_scores(cosine_similarity(cal_embeddings), calibration.labels)
     threshold = threshold_for_false_match_rate(pairs, genuine, config.false_match_rate)
-    metrics = _scores(cal_embeddings, calibration.labels)
-    metrics["true_match_rate_at_threshold"] = float((pairs[genuine] >= threshold).mean())
-    metrics["false_match_rate_at_threshold"] = float((pairs[~genuine] >= threshold).mean())
+    metrics = {
+        **_scores(cal_embeddings, calibration.labels),
+        **_rates_at(pairs, genuine, threshold),
+    }
 
     version = version or artifacts.new_version()
-    folder = out / f"reid-{config.modality}-{version}"
     description = {
         "kind": "reid",
         "modality": config.modality,
@@ -403,6 +422,7 @@ def train_reid(
         "training_seconds": round(time.monotonic() - started, 1),
         "environment": artifacts.environment(),
     }
+    folder = out / artifacts.model_name(description)
     artifacts.write_model(folder, description, reid_card(description))
     artifacts.save_weights(folder, embedder.get_weights())
     return TrainedReid(folder, description)
@@ -437,22 +457,8 @@ def whiten_reid(
     data = load_set(scan_modality(dataset, config.modality), config.size, pipeline)
     if len(set(data.labels)) < 8:
         raise ValueError(f"{dataset} needs images of at least 8 patients to fit a whitening")
-
-    def embedded(done: int, total: int) -> None:
-        if progress:
-            progress("features", done, total, {})
-
-    embeddings = l2_normalise(
-        embed_images(model.model, data.images, model.preprocessing, progress=embedded)
-    )
-    choice = select_projection(embeddings, data.labels, seed=config.seed)
-    if progress:
-        progress(
-            "fit",
-            1,
-            1,
-            {"dims": choice.dims, "shrinkage": choice.shrinkage, "cv_map_at_r": choice.map_at_r},
-        )
+    embeddings = model.embed(data.images, progress=_feature_progress(progress))
+    choice = _choose_projection(embeddings, data.labels, config.seed, progress)
     pairs, genuine, p_at_1, map_at_r = out_of_fold_pairs(
         embeddings, data.labels, choice.dims, choice.shrinkage, seed=config.seed
     )
@@ -462,8 +468,7 @@ def whiten_reid(
         "map_at_r": float(np.mean(map_at_r)),
         "roc_auc": roc_auc(pairs, genuine),
         "eer": equal_error_rate(pairs, genuine)[0],
-        "true_match_rate_at_threshold": float((pairs[genuine] >= threshold).mean()),
-        "false_match_rate_at_threshold": float((pairs[~genuine] >= threshold).mean()),
+        **_rates_at(pairs, genuine, threshold),
     }
     projection = fit_within_class_whitening(embeddings, data.labels, choice.dims, choice.shrinkage)
     whitened = replace(config, whitening_dim=projection.matrix.shape[1])
@@ -479,7 +484,6 @@ def whiten_reid(
     )
     base_description = model.description
     version = version or artifacts.new_version()
-    folder = out / f"reid-{config.modality}-{version}"
     description = {
         **base_description,
         "version": version,
@@ -505,6 +509,7 @@ def whiten_reid(
         "training_seconds": round(time.monotonic() - started, 1),
         "environment": artifacts.environment(),
     }
+    folder = out / artifacts.model_name(description)
     artifacts.write_model(folder, description, reid_card(description))
     artifacts.save_weights(folder, embedder.get_weights())
     return TrainedReid(folder, description)
@@ -598,8 +603,10 @@ class ReidModel:
 
     @property
     def version(self) -> str:
-        return f"reid-{self.config.modality}-{self.description['version']}"
+        return artifacts.model_name(self.description)
 
-    def embed(self, images: list[FloatImage]) -> npt.NDArray[np.float32]:
+    def embed(
+        self, images: list[FloatImage], progress: Callable[[int, int], None] | None = None
+    ) -> npt.NDArray[np.float32]:
         """Embeddings of enhanced images (any size; they are resized here)."""
-        return l2_normalise(embed_images(self.model, images, self.preprocessing))
+        return l2_normalise(embed_images(self.model, images, self.preprocessing, progress=progress))
