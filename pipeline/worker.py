@@ -17,6 +17,7 @@ from pipeline.analysis import Analysis, HeaderFacts
 from pipeline.modelstore import Analyser, embedding_bytes
 from pipeline.runner import PipelineConfig, PipelineResult, run_pipeline
 from pipeline.series import ImageFinding, SeriesVerdict, aggregate_series
+from pipeline.verdicts import DEFAULT_MISMATCH_MARGIN
 from storage import audit
 from storage.models import Instance, SeriesVerdictRow, utcnow
 from storage.repository import (
@@ -124,7 +125,7 @@ class SeriesPolicy:
     modalities: tuple[str, ...] = ("CT", "MR")
     quiet_s: float = 30.0
     tag_map: Mapping[str, str] | None = None
-    mismatch_margin: float | None = None
+    mismatch_margin: float | None = DEFAULT_MISMATCH_MARGIN  # as AnalysisSettings'
 
 
 def series_audit_records(row: SeriesVerdictRow, worker: str) -> list[audit.AuditRecord]:
