@@ -87,9 +87,36 @@ def test_fsync_is_called_for_file_and_directory(
 
     monkeypatch.setattr(os, "fsync", counting_fsync)
     spool = Spool(tmp_path / "spool")
+    # opening a new spool makes its directories durable
+    assert len(calls) == 1
+    calls.clear()
     spool.write("1.2.3.6", 1, SHA, (b"data",))
-    # the file, its new directory's two parents, and the directory after the rename
-    assert len(calls) >= 2
+    # the file, and its directory after the rename
+    assert len(calls) == 2
     calls.clear()
     Spool(tmp_path / "nosync", fsync=False).write("1.2.3.6", 1, SHA, (b"data",))
     assert calls == []
+
+
+def test_the_directories_are_made_when_the_spool_is_opened(tmp_path: Path) -> None:
+    Spool(tmp_path / "spool")
+    made = sorted(p.name for p in (tmp_path / "spool").iterdir())
+    assert len(made) == 256 and made[0] == "00" and made[-1] == "ff"
+    assert all((tmp_path / "spool" / name).is_dir() for name in made)
+
+
+def test_a_directory_removed_after_opening_is_made_again(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    directory = spool.path_for("1.2.3.7", 1, SHA).parent
+    directory.rmdir()
+    path = spool.write("1.2.3.7", 1, SHA, (b"data",))
+    assert path.read_bytes() == b"data"
+
+
+def test_files_of_the_two_level_layout_still_resolve(tmp_path: Path) -> None:
+    # spools written before the single level keep their stored relative paths
+    old = tmp_path / "spool" / "ab" / "cd" / "1.2.3.8.v1.abababababab.dcm"
+    old.parent.mkdir(parents=True)
+    old.write_bytes(b"old")
+    spool = Spool(tmp_path / "spool")
+    assert spool.absolute("ab/cd/1.2.3.8.v1.abababababab.dcm").read_bytes() == b"old"
