@@ -27,6 +27,8 @@ from scp.status import (
     SpoolFull,
 )
 from scp.wellformed import MalformedDataset, check_well_formed
+from storage.db import READ_ONLY
+from storage.groupcommit import GroupCommit
 from storage.models import Instance
 from storage.repository import (
     NewInstance,
@@ -92,6 +94,11 @@ def read_header(dataset: bytes, transfer_syntax_uid: str) -> HeaderFields:
         raise DatasetUnreadable(f"dataset cannot be parsed: {type(exc).__name__}") from exc
 
 
+def _record(session: Session, item: tuple[NewInstance, int, str]) -> int:
+    new, version, spool_path = item
+    return record_instance(session, new=new, version=version, spool_path=spool_path)
+
+
 class StoreService:
     def __init__(
         self,
@@ -108,6 +115,10 @@ class StoreService:
         # Stores of one UID are serialised within this process, so that the version number
         # and the duplicate check cannot race; different UIDs run in parallel.
         self._uid_locks = [threading.Lock() for _ in range(64)]
+        # Associations storing at once share their commits (and fsyncs).
+        self._records: GroupCommit[tuple[NewInstance, int, str], int] = GroupCommit(
+            sessions, _record
+        )
 
     def check_request(self, request: StoreRequest) -> HeaderFields:
         if request.sop_class_uid not in self.supported_sop_classes:
@@ -136,7 +147,10 @@ class StoreService:
         lock = self._uid_locks[hash(uid) % len(self._uid_locks)]
         with lock:
             for _attempt in range(3):
-                with self.sessions.begin() as session:
+                with self.sessions() as session:
+                    # a snapshot read: no write lock, so receiving associations do not
+                    # queue for it (a concurrent insert of this UID fails below and retries)
+                    session.connection(execution_options=READ_ONLY)
                     versions = stored_versions(session, sop_instance_uid=uid)
                 if sha256 in versions:
                     return self._duplicate(header, versions[sha256], len(request.dataset))
@@ -159,17 +173,16 @@ class StoreService:
                     association_id=association_id,
                 )
                 try:
-                    with self.sessions.begin() as session:
-                        instance_id = record_instance(
-                            session,
-                            new=new,
-                            version=version,
-                            spool_path=self.spool.relative(path),
-                        )
+                    instance_id = self._records.submit((new, version, self.spool.relative(path)))
                 except IntegrityError:
                     # Another process recorded this UID meanwhile: look again from the top.
                     self._discard_unless_recorded(path)
                     continue
+                except Exception:
+                    # Not recorded (the database is away or refused it): the sender is told
+                    # so and sends again, and the spool keeps only what was acknowledged.
+                    self._discard_after_failure(path)
+                    raise
                 return StoredInstance(
                     instance_id=instance_id,
                     version=version,
@@ -193,9 +206,18 @@ class StoreService:
 
     def _discard_unless_recorded(self, path: Path) -> None:
         relative = self.spool.relative(path)
-        with self.sessions.begin() as session:
+        with self.sessions() as session:
+            session.connection(execution_options=READ_ONLY)
             referenced = session.scalar(
                 select(Instance.id).where(Instance.spool_path == relative).limit(1)
             )
         if referenced is None:
             self.spool.discard(path)
+
+    def _discard_after_failure(self, path: Path) -> None:
+        try:
+            self._discard_unless_recorded(path)
+        except Exception as exc:
+            # Whether the commit landed is unknown: keep the file rather than risk a row
+            # without its dataset.
+            log.warning("kept %s: cannot tell whether it was recorded (%s)", path, exc)

@@ -19,6 +19,11 @@ log = logging.getLogger(__name__)
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
 
+# Execution options of a connection that only reads: on SQLite its transaction begins
+# DEFERRED, a snapshot that takes no write lock (every other transaction is IMMEDIATE).
+READ_ONLY: dict[str, Any] = {"medreid_read_only": True}
+
+
 class SchemaNotCurrentError(RuntimeError):
     """The database is not at the migrations' head revision."""
 
@@ -50,6 +55,9 @@ def make_engine(url: str, *, busy_timeout_s: float = 30.0, **kwargs: Any) -> Eng
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
+        if connection.get_execution_options().get("medreid_read_only"):
+            connection.exec_driver_sql("BEGIN")
+            return
         # IMMEDIATE takes the write lock at BEGIN, so a claim's SELECT and UPDATE are atomic
         # and concurrent writers wait on busy_timeout instead of failing on upgrade.
         connection.exec_driver_sql("BEGIN IMMEDIATE")

@@ -1,0 +1,105 @@
+"""Group commit on SQLite and PostgreSQL: threads' writes share transactions, errors do not."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from sqlalchemy import event, func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from storage.groupcommit import GroupCommit
+from storage.models import Instance
+from storage.repository import NewInstance, record_instance
+from tests.conftest import Database
+from tests.test_storage import new_instance
+
+pytestmark = pytest.mark.db
+
+
+def count_commits(database: Database) -> list[int]:
+    commits: list[int] = []
+    event.listen(database.engine, "commit", lambda _connection: commits.append(1))
+    return commits
+
+
+def recorded(database: Database) -> int:
+    with database.sessions() as session:
+        return int(session.scalar(select(func.count()).select_from(Instance)) or 0)
+
+
+def test_a_lone_write_commits_alone(database: Database) -> None:
+    commits = count_commits(database)
+    group: GroupCommit[NewInstance, int] = GroupCommit(
+        database.sessions,
+        lambda session, new: record_instance(session, new=new, version=1, spool_path="x"),
+    )
+    first = group.submit(new_instance("1.2.3.1"))
+    second = group.submit(new_instance("1.2.3.2"))
+    assert first != second
+    assert len(commits) == 2
+    assert recorded(database) == 2
+
+
+def held_batch(
+    database: Database, items: list[NewInstance]
+) -> tuple[list[int | BaseException | None], int]:
+    """The first item's transaction is held open until all the others are queued, so they
+    are committed together; each item's outcome and the number of commits."""
+    commits = count_commits(database)
+    writing, go = threading.Event(), threading.Event()
+
+    def write(session: Session, new: NewInstance) -> int:
+        if new is items[0]:
+            writing.set()
+            go.wait(10)
+        return record_instance(session, new=new, version=1, spool_path=new.sop_instance_uid)
+
+    group: GroupCommit[NewInstance, int] = GroupCommit(database.sessions, write)
+    outcomes: list[int | BaseException | None] = [None] * len(items)
+
+    def submit(index: int) -> None:
+        try:
+            outcomes[index] = group.submit(items[index])
+        except Exception as exc:
+            outcomes[index] = exc
+
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(len(items))]
+    threads[0].start()
+    assert writing.wait(10)
+    for thread in threads[1:]:
+        thread.start()
+    deadline = time.monotonic() + 10
+    while group.queued < len(items) - 1 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    go.set()
+    for thread in threads:
+        thread.join(10)
+    return outcomes, len(commits)
+
+
+def test_writes_queued_meanwhile_share_one_commit(database: Database) -> None:
+    items = [new_instance(f"1.2.3.{n}", sha=f"{n:064x}") for n in range(8)]
+    outcomes, commits = held_batch(database, items)
+    assert all(isinstance(outcome, int) for outcome in outcomes)
+    assert len(set(outcomes)) == 8
+    # the held one alone, then the seven queued behind it together
+    assert commits == 2
+    assert recorded(database) == 8
+    with database.sessions() as session:
+        paths = {i: p for i, p in session.execute(select(Instance.id, Instance.spool_path))}
+    ids = [outcome for outcome in outcomes if isinstance(outcome, int)]
+    assert [paths[instance_id] for instance_id in ids] == [i.sop_instance_uid for i in items]
+
+
+def test_one_items_error_is_its_own(database: Database) -> None:
+    with database.sessions.begin() as session:
+        record_instance(session, new=new_instance("1.2.3.5"), version=1, spool_path="old")
+    # the fourth repeats a stored UID and version: only it fails
+    items = [new_instance(f"1.2.3.{n}", sha=f"{n:064x}") for n in (1, 2, 3, 5, 6)]
+    outcomes, _commits = held_batch(database, items)
+    assert isinstance(outcomes[3], IntegrityError)
+    assert all(isinstance(outcomes[i], int) for i in (0, 1, 2, 4))
+    assert recorded(database) == 5
