@@ -64,14 +64,18 @@ class Spool:
     def write(
         self, sop_instance_uid: str, version: int, sha256: str, chunks: tuple[bytes, ...]
     ) -> Path:
-        path = self.path_for(sop_instance_uid, version, sha256)
-        directory = path.parent
+        return self.place(self.stage(sop_instance_uid, chunks), sop_instance_uid, version, sha256)
+
+    def stage(self, sop_instance_uid: str, chunks: tuple[bytes, ...]) -> Path:
+        """Write and fsync the chunks under a temporary name in the UID's directory; ``place``
+        gives the file its name, or ``discard`` removes it."""
+        directory = self.path_for(sop_instance_uid, 0, "").parent
         if not directory.is_dir():
             # removed since the spool was opened
             directory.mkdir(exist_ok=True)
             if self.fsync:
                 _fsync_dir(self.root)
-        temporary = directory / f".{path.name}.{uuid.uuid4().hex}.part"
+        temporary = directory / f".{sop_instance_uid}.{uuid.uuid4().hex}.part"
         try:
             with open(temporary, "wb") as handle:
                 for chunk in chunks:
@@ -79,12 +83,21 @@ class Spool:
                 handle.flush()
                 if self.fsync:
                     os.fsync(handle.fileno())
-            os.replace(temporary, path)
         except BaseException:
             temporary.unlink(missing_ok=True)
             raise
+        return temporary
+
+    def place(self, staged: Path, sop_instance_uid: str, version: int, sha256: str) -> Path:
+        """Rename a staged file to its version's path, durably."""
+        path = self.path_for(sop_instance_uid, version, sha256)
+        try:
+            os.replace(staged, path)
+        except BaseException:
+            staged.unlink(missing_ok=True)
+            raise
         if self.fsync:
-            _fsync_dir(directory)
+            _fsync_dir(path.parent)
         return path
 
     def discard(self, path: Path) -> None:

@@ -7,10 +7,13 @@ import io
 import logging
 import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import Dataset
+from pydicom.filereader import read_dataset
+from pydicom.tag import BaseTag
 from pydicom.uid import UID
 from pynetdicom.dsutils import decode
 from sqlalchemy import select
@@ -58,6 +61,15 @@ def _text(ds: Dataset, keyword: str, limit: int) -> str | None:
     return text[:limit] if text else None
 
 
+# The fields read here are all at or before (0020,000E) Series Instance UID; the check above
+# has seen the rest, so pydicom need not read it (the pixel data least of all).
+_LAST_INDEXED_TAG = 0x0020000E
+
+
+def _after_indexed_fields(tag: BaseTag, _vr: str | None, _length: int) -> bool:
+    return tag > _LAST_INDEXED_TAG
+
+
 def read_header(dataset: bytes, transfer_syntax_uid: str) -> HeaderFields:
     """Check the received dataset's structure, then read the fields we index by.
 
@@ -76,12 +88,15 @@ def read_header(dataset: bytes, transfer_syntax_uid: str) -> HeaderFields:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ds = decode(
-                io.BytesIO(dataset),
-                syntax.is_implicit_VR,
-                syntax.is_little_endian,
-                syntax.is_deflated,
-            )
+            if syntax.is_deflated:
+                ds = decode(io.BytesIO(dataset), False, True, True)
+            else:
+                ds = read_dataset(
+                    io.BytesIO(dataset),
+                    syntax.is_implicit_VR,
+                    syntax.is_little_endian,
+                    stop_when=_after_indexed_fields,
+                )
             return HeaderFields(
                 sop_instance_uid=_text(ds, "SOPInstanceUID", 64),
                 sop_class_uid=_text(ds, "SOPClassUID", 64),
@@ -97,6 +112,14 @@ def read_header(dataset: bytes, transfer_syntax_uid: str) -> HeaderFields:
 def _record(session: Session, item: tuple[NewInstance, int, str]) -> int:
     new, version, spool_path = item
     return record_instance(session, new=new, version=version, spool_path=spool_path)
+
+
+# Below this size a thread handoff costs about what hashing beside the write saves.
+OVERLAP_MIN_BYTES = 256 * 1024
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 class StoreService:
@@ -115,6 +138,7 @@ class StoreService:
         # Stores of one UID are serialised within this process, so that the version number
         # and the duplicate check cannot race; different UIDs run in parallel.
         self._uid_locks = [threading.Lock() for _ in range(64)]
+        self._hashing = ThreadPoolExecutor(max_workers=4, thread_name_prefix="medreid-hash")
         # Associations storing at once share their commits (and fsyncs).
         self._records: GroupCommit[tuple[NewInstance, int, str], int] = GroupCommit(
             sessions, _record
@@ -142,7 +166,6 @@ class StoreService:
     def store(self, request: StoreRequest, *, association_id: int | None) -> StoredInstance:
         """Write durably and record; raises a StoreRefused (or another error) otherwise."""
         header = self.check_request(request)
-        sha256 = hashlib.sha256(request.dataset).hexdigest()
         uid = request.sop_instance_uid
         lock = self._uid_locks[hash(uid) % len(self._uid_locks)]
         with lock:
@@ -152,12 +175,10 @@ class StoreService:
                     # queue for it (a concurrent insert of this UID fails below and retries)
                     session.connection(execution_options=READ_ONLY)
                     versions = stored_versions(session, sop_instance_uid=uid)
-                if sha256 in versions:
-                    return self._duplicate(header, versions[sha256], len(request.dataset))
                 version = max(versions.values(), default=0) + 1
-                path = self.spool.write(
-                    uid, version, sha256, (request.file_header, request.dataset)
-                )
+                sha256, path = self._write(request, versions, version)
+                if path is None:
+                    return self._duplicate(header, versions[sha256], len(request.dataset))
                 new = NewInstance(
                     sop_instance_uid=uid,
                     sop_class_uid=request.sop_class_uid,
@@ -193,6 +214,27 @@ class StoreService:
                 )
         # A transient race with another process on the same UID: ask the sender to retry.
         raise DatabaseUnavailable("SOP Instance UID is being stored concurrently; send it again")
+
+    def _write(
+        self, request: StoreRequest, versions: dict[str, int], version: int
+    ) -> tuple[str, Path | None]:
+        """The dataset's SHA-256 and its spool path, or no path when it is a stored version."""
+        chunks = (request.file_header, request.dataset)
+        if versions or len(request.dataset) < OVERLAP_MIN_BYTES:
+            sha256 = _sha256(request.dataset)
+            if sha256 in versions:
+                return sha256, None
+            return sha256, self.spool.write(request.sop_instance_uid, version, sha256, chunks)
+        # A UID never stored cannot be a duplicate: hash while the file is written and
+        # fsynced (both release the GIL), then name it by the hash.
+        digest = self._hashing.submit(_sha256, request.dataset)
+        staged = self.spool.stage(request.sop_instance_uid, chunks)
+        try:
+            sha256 = digest.result()
+        except BaseException:
+            self.spool.discard(staged)
+            raise
+        return sha256, self.spool.place(staged, request.sop_instance_uid, version, sha256)
 
     def _duplicate(self, header: HeaderFields, version: int, size: int) -> StoredInstance:
         return StoredInstance(

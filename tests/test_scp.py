@@ -26,10 +26,18 @@ from tests.conftest import Database, ServerFactory
 from tests.dicom_factory import CT_IMAGE_STORAGE, encode, make_dataset
 
 
-def ct(uid: str | None = None, value: int = 100) -> Dataset:
+def ct(uid: str | None = None, value: int = 100, side: int = 4) -> Dataset:
     return make_dataset(
-        np.full((4, 4), value, dtype=np.uint16), sop_instance_uid=uid, patient_id="PX"
+        np.full((side, side), value, dtype=np.uint16), sop_instance_uid=uid, patient_id="PX"
     )
+
+
+# 4 x 4 is hashed before its write; 512 x 512 (512 KiB) is hashed while it is written
+SIDES = pytest.mark.parametrize("side", [4, 512])
+
+
+def leftovers(spool: Path) -> list[Path]:
+    return [p for p in spool.rglob("*") if p.is_file() and p.suffix != ".dcm"]
 
 
 def associate(
@@ -73,10 +81,11 @@ def test_echo(make_server: ServerFactory) -> None:
     assoc.release()
 
 
+@SIDES
 def test_store_is_durable_and_recorded_before_success(
-    make_server: ServerFactory, sqlite_database: Database, tmp_path: Path
+    make_server: ServerFactory, sqlite_database: Database, tmp_path: Path, side: int
 ) -> None:
-    ds = ct()
+    ds = ct(side=side)
     assert store(make_server(), ds) == [StoreStatus.SUCCESS]
     # the server records the release in its own thread, maybe after the SCU has returned
     deadline = time.monotonic() + 5
@@ -104,6 +113,8 @@ def test_store_is_durable_and_recorded_before_success(
     assert reread.PixelData == ds.PixelData
     body = spooled[file_header_length(spooled) :]
     assert hashlib.sha256(body).hexdigest() == instance.sha256
+    assert instance.spool_path.split(".")[-2] == instance.sha256[:12]
+    assert leftovers(tmp_path / "spool") == []
     assert audit_types(sqlite_database) == [
         "Association Accepted",
         None,  # DICOM Instances Transferred, one per study
@@ -117,22 +128,26 @@ def file_header_length(part10: bytes) -> int:
     return 144 + int(group_length)
 
 
+@SIDES
 def test_a_resent_identical_instance_is_not_duplicated(
-    make_server: ServerFactory, sqlite_database: Database
+    make_server: ServerFactory, sqlite_database: Database, tmp_path: Path, side: int
 ) -> None:
-    ds = ct()
+    ds = ct(side=side)
     server = make_server()
     assert store(server, ds, ds) == [0, 0]
     assert store(server, ds) == [0]
     assert count(sqlite_database, Instance) == 1
     assert count(sqlite_database, Job) == 1
+    assert len(list((tmp_path / "spool").rglob("*.dcm"))) == 1
+    assert leftovers(tmp_path / "spool") == []
 
 
+@SIDES
 def test_a_resent_instance_with_new_content_is_a_new_version(
-    make_server: ServerFactory, sqlite_database: Database
+    make_server: ServerFactory, sqlite_database: Database, side: int
 ) -> None:
     uid = generate_uid()
-    assert store(make_server(), ct(uid, 100), ct(uid, 200)) == [0, 0]
+    assert store(make_server(), ct(uid, 100, side), ct(uid, 200, side)) == [0, 0]
     with sqlite_database.sessions.begin() as session:
         versions = session.scalars(select(Instance.version).order_by(Instance.version)).all()
         paths = session.scalars(select(Instance.spool_path)).all()
@@ -232,6 +247,7 @@ def test_an_unparseable_dataset_gets_cannot_understand(
     assert status.Status == StoreStatus.CANNOT_UNDERSTAND
     assert "cannot be parsed" in status.ErrorComment
     assert count(sqlite_database, Instance) == 0
+    assert [p for p in (tmp_path / "spool").rglob("*") if p.is_file()] == []
 
 
 def test_a_dataset_that_contradicts_its_command_is_refused(
@@ -247,6 +263,7 @@ def test_a_dataset_that_contradicts_its_command_is_refused(
     status = _send_file(make_server(), path)
     assert status.Status == StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS
     assert count(sqlite_database, Instance) == 0
+    assert [p for p in (tmp_path / "spool").rglob("*") if p.is_file()] == []
 
 
 @pytest.mark.parametrize("uid", ["1.2.3/../../../../tmp/evil", "1.2.x", "1.2.3..", "/etc/passwd"])
