@@ -4,9 +4,12 @@ and once with its pipeline running) and to two receivers that keep files only:
 pynetdicom's storescp and DCMTK's storescp.
 
     python -m benchmarks.ingest [--ct 2000] [--radiographs 200] [--compressed 200] [--quick]
+                                [--rounds 3]
 
-Prints instances and MB per second, each receiver's CPU time and peak RSS, and the ratios of
-medreid to each baseline; writes JSON and a PNG beside them.
+The receivers take turns, round after round, on each set and sender. Prints the median
+instances and MB per second of the rounds (and their range), each receiver's CPU time and peak
+RSS, and the ratios of medreid to each baseline (of the medians, and round by round); writes
+JSON and a PNG beside them.
 """
 
 from __future__ import annotations
@@ -228,6 +231,63 @@ def measure(receiver: Receiver, files: list[Path], send: Callable[[], int]) -> d
     }
 
 
+def measure_once(
+    name: str,
+    set_name: str,
+    files: list[Path],
+    sender: str,
+    syntax_flag: str | None,
+    args: argparse.Namespace,
+    work: Path,
+    service: dict[str, Any],
+) -> dict[str, Any]:
+    """One receiver, fresh, receiving one set from one sender."""
+    receiver = start_receiver(name, work / f"{set_name}-{sender[:5]}", args.models)
+    if name.startswith("medreid") and name not in service:
+        time.sleep(2.0 if name == "medreid" else 15.0)  # workers load models
+        service[name] = {
+            "start_up_s": round(receiver.started_s, 2),
+            "idle_rss_mb": round(rss_bytes(receiver.process.pid) / 1e6, 1),
+        }
+    elif name == "medreid + pipeline":
+        time.sleep(15.0)
+
+    def send() -> int:
+        if sender == "storescu":
+            return send_storescu(files, receiver.port, syntax_flag)
+        return send_pynetdicom(files, receiver.port)
+
+    try:
+        row = measure(receiver, files, send)
+    except RuntimeError as exc:
+        row = {"files": len(files), "error": str(exc)[:200]}
+    finally:
+        stop_receiver(receiver)
+        shutil.rmtree(work / f"{set_name}-{sender[:5]}" / name, ignore_errors=True)
+    row.update(receiver=name, set=set_name, sender=sender)
+    return row
+
+
+def median_row(
+    receiver: str, set_name: str, sender: str, runs: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The median of a receiver's rounds, with the range of its rates."""
+    mine = [
+        r
+        for r in runs
+        if (r["receiver"], r["set"], r["sender"]) == (receiver, set_name, sender)
+        and "instances_per_s" in r
+    ]
+    row: dict[str, Any] = {"receiver": receiver, "set": set_name, "sender": sender}
+    if not mine:
+        return {**row, "error": "no run completed"}
+    for key in ("instances_per_s", "mb_per_s", "cpu_s", "peak_rss_mb", "seconds"):
+        row[key] = round(float(np.median([r[key] for r in mine])), 2)
+    rates = [r["instances_per_s"] for r in mine]
+    row.update(files=mine[0]["files"], rounds=len(mine), rate_min=min(rates), rate_max=max(rates))
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ct", type=int, default=2000)
@@ -238,6 +298,9 @@ def main() -> None:
         "--receivers", default=",".join(RECEIVERS), help="comma-separated subset of the receivers"
     )
     parser.add_argument("--sets", default="ct,radiograph,ct_rle")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="times each receiver gets each set (the median)"
+    )
     parser.add_argument("--data", type=Path, default=Path("var/bench-data"))
     parser.add_argument("--models", type=Path, default=Path("models").resolve())
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/ingest.json"))
@@ -248,43 +311,31 @@ def main() -> None:
     sets = {k: v for k, v in sets.items() if k in args.sets.split(",")}
     receivers = [r for r in RECEIVERS if r in args.receivers.split(",")]
     syntax_flags = {"ct": None, "radiograph": None, "ct_rle": "-xr"}
-    rows: list[dict[str, Any]] = []
+    runs: list[dict[str, Any]] = []
     service: dict[str, Any] = {}
     work = Path(tempfile.mkdtemp(prefix="medreid-ingest-"))
     try:
-        for name in receivers:
-            for set_name, files in sets.items():
-                for sender in ("storescu", "pynetdicom x4"):
-                    receiver = start_receiver(name, work / f"{set_name}-{sender[:5]}", args.models)
-                    if name.startswith("medreid") and set_name == "ct" and sender == "storescu":
-                        time.sleep(2.0 if name == "medreid" else 15.0)  # workers load models
-                        service[name] = {
-                            "start_up_s": round(receiver.started_s, 2),
-                            "idle_rss_mb": round(rss_bytes(receiver.process.pid) / 1e6, 1),
-                        }
-                    if sender == "storescu":
-                        flag = syntax_flags[set_name]
-
-                        def send(f: list[Path] = files, p: int = receiver.port,
-                                 x: str | None = flag) -> int:  # fmt: skip
-                            return send_storescu(f, p, x)
-                    else:
-
-                        def send(f: list[Path] = files, p: int = receiver.port,
-                                 x: str | None = None) -> int:  # fmt: skip
-                            return send_pynetdicom(f, p)
-
-                    try:
-                        row = measure(receiver, files, send)
-                    except RuntimeError as exc:
-                        row = {"files": len(files), "error": str(exc)[:200]}
-                    finally:
-                        stop_receiver(receiver)
-                    row.update(receiver=name, set=set_name, sender=sender)
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
+        # Receivers take turns on each set and sender, round after round, so that a drift of
+        # this machine's speed falls on all of them alike; each figure is a median of rounds.
+        for set_name, files in sets.items():
+            for sender in ("storescu", "pynetdicom x4"):
+                for round_number in range(1, args.rounds + 1):
+                    for name in receivers:
+                        run = measure_once(
+                            name, set_name, files, sender, syntax_flags[set_name], args, work,
+                            service,
+                        )  # fmt: skip
+                        run["round"] = round_number
+                        runs.append(run)
+                        print(json.dumps(run), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    rows = [
+        median_row(receiver, set_name, sender, runs)
+        for receiver in receivers
+        for set_name in sets
+        for sender in ("storescu", "pynetdicom x4")
+    ]
 
     def rate(receiver: str, set_name: str, sender: str) -> float | None:
         for row in rows:
@@ -292,12 +343,22 @@ def main() -> None:
                 return row.get("instances_per_s")
         return None
 
-    ratios = []
+    def round_rates(receiver: str, set_name: str, sender: str) -> dict[int, float]:
+        return {
+            r["round"]: r["instances_per_s"]
+            for r in runs
+            if (r["receiver"], r["set"], r["sender"]) == (receiver, set_name, sender)
+            and "instances_per_s" in r
+        }
+
+    ratios: list[dict[str, Any]] = []
     for set_name in sets:
         for sender in ("storescu", "pynetdicom x4"):
             ours = rate("medreid", set_name, sender)
             for baseline in ("pynetdicom storescp", "DCMTK storescp"):
                 theirs = rate(baseline, set_name, sender)
+                mine, other = (round_rates(r, set_name, sender) for r in ("medreid", baseline))
+                per_round = [round(mine[k] / other[k], 2) for k in sorted(mine) if k in other]
                 ratios.append(
                     {
                         "set": set_name,
@@ -306,24 +367,35 @@ def main() -> None:
                         "medreid_over_baseline": round(ours / theirs, 2)
                         if ours and theirs
                         else None,
+                        "per_round": per_round,
                     }
                 )
     print()
-    print(f"{'receiver':22} {'set':11} {'sender':14} {'inst/s':>8} {'MB/s':>7} {'CPU s':>7} "
-          f"{'peak RSS MB':>11}")  # fmt: skip
+    print(f"medians of {args.rounds} rounds")
+    print(f"{'receiver':22} {'set':11} {'sender':14} {'inst/s':>8} {'range':>13} {'MB/s':>7} "
+          f"{'CPU s':>7} {'peak RSS MB':>11}")  # fmt: skip
     for row in rows:
+        spread = f"{row['rate_min']}-{row['rate_max']}" if "rate_min" in row else "-"
         print(
             f"{row['receiver']:22} {row['set']:11} {row['sender']:14} "
-            f"{row.get('instances_per_s', '-'):>8} {row.get('mb_per_s', '-'):>7} "
+            f"{row.get('instances_per_s', '-'):>8} {spread:>13} {row.get('mb_per_s', '-'):>7} "
             f"{row.get('cpu_s', '-'):>7} {row.get('peak_rss_mb', '-'):>11}"
         )
     print()
     for ratio in ratios:
+        rounds = ", ".join(str(r) for r in ratio["per_round"])
         print(
             f"medreid / {ratio['baseline']:20} {ratio['set']:11} {ratio['sender']:14} "
-            f"{ratio['medreid_over_baseline']}"
+            f"{ratio['medreid_over_baseline']}   (each round: {rounds or '-'})"
         )
-    report = {"rows": rows, "ratios": ratios, "service": service, "cpus": os.cpu_count()}
+    report = {
+        "rows": rows,
+        "ratios": ratios,
+        "runs": runs,
+        "service": service,
+        "cpus": os.cpu_count(),
+        "rounds": args.rounds,
+    }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2))
     plot(rows, args.json.with_suffix(".png"))
