@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 ItemT = TypeVar("ItemT")
@@ -36,8 +37,9 @@ class GroupCommit(Generic[ItemT, ResultT]):
     """``submit(item)`` runs ``write(session, item)`` in a committed transaction shared with
     the items other threads submitted meanwhile, and returns its result or raises its error.
 
-    If the shared transaction fails, each of its items is written again in a transaction of
-    its own, so one item's error (a duplicate key, say) is that item's alone."""
+    If the shared transaction fails for one item (a duplicate key, say), each item is written
+    again in a transaction of its own, so that error is that item's alone; if the database
+    itself fails (away, or locked past its timeout), every item of the batch gets that error."""
 
     def __init__(
         self,
@@ -82,8 +84,13 @@ class GroupCommit(Generic[ItemT, ResultT]):
                 try:
                     with self._sessions.begin() as session:
                         results = [self._write(session, pending.item) for pending in batch]
+                except (OperationalError, InterfaceError) as exc:
+                    # The database is away or locked past its timeout: the same answer for
+                    # all, now, rather than each item waiting out the timeout in turn.
+                    for pending in batch:
+                        pending.settle(error=exc)
                 except Exception:
-                    pass  # written again one by one below
+                    pass  # one item's fault, a duplicate key say: each is written alone below
                 else:
                     for pending, result in zip(batch, results, strict=True):
                         pending.settle(result)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 from sqlalchemy import event, func, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from storage.groupcommit import GroupCommit
@@ -43,11 +44,17 @@ def test_a_lone_write_commits_alone(database: Database) -> None:
     assert recorded(database) == 2
 
 
+def record(session: Session, new: NewInstance) -> int:
+    return record_instance(session, new=new, version=1, spool_path=new.sop_instance_uid)
+
+
 def held_batch(
-    database: Database, items: list[NewInstance]
+    database: Database,
+    items: list[NewInstance],
+    then: Callable[[Session, NewInstance], int] = record,
 ) -> tuple[list[int | BaseException | None], int]:
     """The first item's transaction is held open until all the others are queued, so they
-    are committed together; each item's outcome and the number of commits."""
+    are written together by ``then``; each item's outcome and the number of commits."""
     commits = count_commits(database)
     writing, go = threading.Event(), threading.Event()
 
@@ -55,7 +62,8 @@ def held_batch(
         if new is items[0]:
             writing.set()
             go.wait(10)
-        return record_instance(session, new=new, version=1, spool_path=new.sop_instance_uid)
+            return record(session, new)
+        return then(session, new)
 
     group: GroupCommit[NewInstance, int] = GroupCommit(database.sessions, write)
     outcomes: list[int | BaseException | None] = [None] * len(items)
@@ -103,3 +111,19 @@ def test_one_items_error_is_its_own(database: Database) -> None:
     assert isinstance(outcomes[3], IntegrityError)
     assert all(isinstance(outcomes[i], int) for i in (0, 1, 2, 4))
     assert recorded(database) == 5
+
+
+def test_a_database_failure_answers_the_whole_batch_at_once(database: Database) -> None:
+    attempts: list[str] = []
+
+    def database_away(session: Session, new: NewInstance) -> int:
+        attempts.append(new.sop_instance_uid)
+        raise OperationalError("INSERT ...", {}, Exception("database is locked"))
+
+    items = [new_instance(f"1.2.3.{n}", sha=f"{n:064x}") for n in range(5)]
+    outcomes, _commits = held_batch(database, items, then=database_away)
+    assert isinstance(outcomes[0], int)
+    assert all(isinstance(outcome, OperationalError) for outcome in outcomes[1:])
+    # one attempt for the batch of four, none again one by one
+    assert attempts == ["1.2.3.1"]
+    assert recorded(database) == 1
