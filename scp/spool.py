@@ -51,15 +51,19 @@ class Spool:
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
 
-    def path_for(self, sop_instance_uid: str, version: int, sha256: str) -> Path:
-        """Where a version lives. Fans out by a hash so no directory grows huge; the content
-        hash in the name keeps two different datasets from ever sharing a path."""
+    def directory_for(self, sop_instance_uid: str) -> Path:
+        """The fan-out directory of a UID's versions, by a hash so no directory grows huge."""
         # Digits and dots only (the pattern), so the name can neither climb out of its
         # directory nor name another one.
         if not is_valid_uid(sop_instance_uid):
             raise ValueError(f"not a valid UID: {sop_instance_uid!r}")
-        digest = hashlib.sha1(sop_instance_uid.encode("ascii")).hexdigest()
-        return self.root / digest[:2] / f"{sop_instance_uid}.v{version}.{sha256[:12]}.dcm"
+        return self.root / hashlib.sha1(sop_instance_uid.encode("ascii")).hexdigest()[:2]
+
+    def path_for(self, sop_instance_uid: str, version: int, sha256: str) -> Path:
+        """Where a version lives; the content hash in the name keeps two different datasets
+        from ever sharing a path."""
+        name = f"{sop_instance_uid}.v{version}.{sha256[:12]}.dcm"
+        return self.directory_for(sop_instance_uid) / name
 
     def write(
         self, sop_instance_uid: str, version: int, sha256: str, chunks: tuple[bytes, ...]
@@ -69,7 +73,7 @@ class Spool:
     def stage(self, sop_instance_uid: str, chunks: tuple[bytes, ...]) -> Path:
         """Write and fsync the chunks under a temporary name in the UID's directory; ``place``
         gives the file its name, or ``discard`` removes it."""
-        directory = self.path_for(sop_instance_uid, 0, "").parent
+        directory = self.directory_for(sop_instance_uid)
         if not directory.is_dir():
             # removed since the spool was opened
             directory.mkdir(exist_ok=True)
