@@ -428,10 +428,31 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
             )
             for g in groups
         ]
-        ax.bar(np.arange(len(groups)) + k * width, values, width, label=receiver)
+        found = [
+            next(
+                (r for r in rows if (r["receiver"], r["set"], r["sender"]) == (receiver, *g)),
+                {},
+            )
+            for g in groups
+        ]
+        # the range of the rounds around each median
+        spread = np.array(
+            [
+                [v - r.get("rate_min", v) for v, r in zip(values, found, strict=True)],
+                [r.get("rate_max", v) - v for v, r in zip(values, found, strict=True)],
+            ]
+        )
+        ax.bar(
+            np.arange(len(groups)) + k * width,
+            values,
+            width,
+            yerr=spread,
+            capsize=2,
+            label=receiver,
+        )
     ax.set_xticks(np.arange(len(groups)) + width * (len(RECEIVERS) - 1) / 2)
     ax.set_xticklabels([f"{s}\n{snd}" for s, snd in groups])
-    ax.set_ylabel("instances per second")
+    ax.set_ylabel("instances per second (median and range of rounds)")
     ax.set_title("Ingest on this machine (medreid durable: fsync + database row before Success)")
     ax.legend()
     fig.tight_layout()
