@@ -116,6 +116,8 @@ def _record(session: Session, item: tuple[NewInstance, int, str]) -> int:
 
 # Below this size a thread handoff costs about what hashing beside the write saves.
 OVERLAP_MIN_BYTES = 256 * 1024
+# One pool for the process: its threads start on first use and idle between datasets.
+_HASHING = ThreadPoolExecutor(max_workers=4, thread_name_prefix="medreid-hash")
 
 
 def _sha256(data: bytes) -> str:
@@ -138,7 +140,6 @@ class StoreService:
         # Stores of one UID are serialised within this process, so that the version number
         # and the duplicate check cannot race; different UIDs run in parallel.
         self._uid_locks = [threading.Lock() for _ in range(64)]
-        self._hashing = ThreadPoolExecutor(max_workers=4, thread_name_prefix="medreid-hash")
         # Associations storing at once share their commits (and fsyncs).
         self._records: GroupCommit[tuple[NewInstance, int, str], int] = GroupCommit(
             sessions, _record
@@ -227,7 +228,7 @@ class StoreService:
             return sha256, self.spool.write(request.sop_instance_uid, version, sha256, chunks)
         # A UID never stored cannot be a duplicate: hash while the file is written and
         # fsynced (both release the GIL), then name it by the hash.
-        digest = self._hashing.submit(_sha256, request.dataset)
+        digest = _HASHING.submit(_sha256, request.dataset)
         staged = self.spool.stage(request.sop_instance_uid, chunks)
         try:
             sha256 = digest.result()
