@@ -422,6 +422,10 @@ def train_reid(
         "training_seconds": round(time.monotonic() - started, 1),
         "environment": artifacts.environment(),
     }
+    return _save(out, description, embedder)
+
+
+def _save(out: Path, description: dict[str, Any], embedder: Any) -> TrainedReid:
     folder = out / artifacts.model_name(description)
     artifacts.write_model(folder, description, reid_card(description))
     artifacts.save_weights(folder, embedder.get_weights())
@@ -509,10 +513,7 @@ def whiten_reid(
         "training_seconds": round(time.monotonic() - started, 1),
         "environment": artifacts.environment(),
     }
-    folder = out / artifacts.model_name(description)
-    artifacts.write_model(folder, description, reid_card(description))
-    artifacts.save_weights(folder, embedder.get_weights())
-    return TrainedReid(folder, description)
+    return _save(out, description, embedder)
 
 
 def reid_card(d: dict[str, Any]) -> str:
