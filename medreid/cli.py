@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 from medreid import __version__
 from medreid.output import FORMATS, parse_when, render
@@ -483,7 +483,22 @@ def cmd_config(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-class _Progress:
+class _Bar:
+    """A tqdm bar, closed when its ``with`` block ends."""
+
+    bar: Any
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
+class _Progress(_Bar):
     """A tqdm bar driven by (done, total) callbacks; quiet when stderr is not a terminal."""
 
     def __init__(self, description: str) -> None:
@@ -495,9 +510,6 @@ class _Progress:
         self.bar.total = total
         self.bar.n = done
         self.bar.refresh()
-
-    def close(self) -> None:
-        self.bar.close()
 
 
 def _pipeline_config(settings: Settings) -> Any:
@@ -625,7 +637,7 @@ def _brightness(text: str | None) -> tuple[float, float] | None:
     return (low, high)
 
 
-class _TrainProgress:
+class _TrainProgress(_Bar):
     def __init__(self) -> None:
         from tqdm import tqdm
 
@@ -651,9 +663,6 @@ class _TrainProgress:
             shown = {k: round(v, 4) for k, v in record.items()}
             self.bar.write(f"epoch {done}/{total}: {shown}")
 
-    def close(self) -> None:
-        self.bar.close()
-
 
 def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
     from pipeline.models.backbone import BackboneError
@@ -662,8 +671,7 @@ def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
         if args.kind == "compa":
             from pipeline.models.compa import CompaConfig, train_compa
 
-            progress = _Progress("features")
-            try:
+            with _Progress("features") as progress:
                 trained = train_compa(
                     CompaConfig(args.backbone_weights, args.size, args.prototypes, seed=args.seed),
                     args.datasets,
@@ -672,8 +680,6 @@ def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
                     pipeline=_pipeline_config(settings),
                     progress=lambda _phase, done, total: progress(done, total),
                 )
-            finally:
-                progress.close()
             print(
                 f"COMPA: validation accuracy {trained.description['metrics']['accuracy']:.4f}"
                 f"; model in {trained.folder}"
@@ -682,8 +688,7 @@ def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
         if args.kind == "whitening":
             from pipeline.models.reid import whiten_reid
 
-            whitening_progress = _TrainProgress()
-            try:
+            with _TrainProgress() as whitening_progress:
                 result = whiten_reid(
                     args.model,
                     args.dataset,
@@ -692,8 +697,6 @@ def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
                     pipeline=_pipeline_config(settings),
                     progress=whitening_progress,
                 )
-            finally:
-                whitening_progress.close()
             metrics = result.description["metrics"]
             print(
                 f"{result.description['modality']}: out-of-fold P@1 {metrics['p_at_1']:.3f}, "
@@ -720,8 +723,7 @@ def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
             brightness=_brightness(args.brightness),
             seed=args.seed,
         )
-        train_progress = _TrainProgress()
-        try:
+        with _TrainProgress() as train_progress:
             result = train_reid(
                 config,
                 args.dataset,
@@ -730,8 +732,6 @@ def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
                 pipeline=_pipeline_config(settings),
                 progress=train_progress,
             )
-        finally:
-            train_progress.close()
     except (BackboneError, FileNotFoundError, ValueError) as exc:
         raise SystemExit(f"medreid train: {exc}") from None
     metrics = result.description["metrics"]
