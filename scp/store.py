@@ -30,7 +30,7 @@ from scp.status import (
     SpoolFull,
 )
 from scp.wellformed import MalformedDataset, check_well_formed
-from storage.db import READ_ONLY
+from storage.db import snapshot
 from storage.groupcommit import GroupCommit
 from storage.models import Instance
 from storage.repository import (
@@ -171,10 +171,9 @@ class StoreService:
         lock = self._uid_locks[hash(uid) % len(self._uid_locks)]
         with lock:
             for _attempt in range(3):
-                with self.sessions() as session:
-                    # a snapshot read: no write lock, so receiving associations do not
-                    # queue for it (a concurrent insert of this UID fails below and retries)
-                    session.connection(execution_options=READ_ONLY)
+                # no write lock, so receiving associations do not queue for it (a
+                # concurrent insert of this UID fails below and looks again)
+                with snapshot(self.sessions) as session:
                     versions = stored_versions(session, sop_instance_uid=uid)
                 version = max(versions.values(), default=0) + 1
                 sha256, path = self._write(request, versions, version)
@@ -249,8 +248,7 @@ class StoreService:
 
     def _discard_unless_recorded(self, path: Path) -> None:
         relative = self.spool.relative(path)
-        with self.sessions() as session:
-            session.connection(execution_options=READ_ONLY)
+        with snapshot(self.sessions) as session:
             referenced = session.scalar(
                 select(Instance.id).where(Instance.spool_path == relative).limit(1)
             )

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
 # Execution options of a connection that only reads: on SQLite its transaction begins
 # DEFERRED, a snapshot that takes no write lock (every other transaction is IMMEDIATE).
-READ_ONLY: dict[str, Any] = {"medreid_read_only": True}
+_READ_ONLY: dict[str, Any] = {"medreid_read_only": True}
 
 
 class SchemaNotCurrentError(RuntimeError):
@@ -67,6 +69,14 @@ def make_engine(url: str, *, busy_timeout_s: float = 30.0, **kwargs: Any) -> Eng
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
+
+
+@contextmanager
+def snapshot(sessions: sessionmaker[Session]) -> Iterator[Session]:
+    """A session that only reads: on SQLite a snapshot without the write lock."""
+    with sessions() as session:
+        session.connection(execution_options=_READ_ONLY)
+        yield session
 
 
 def alembic_config(url: str) -> Config:
