@@ -271,16 +271,15 @@ def measure_once(
     return row
 
 
+def _key(run: dict[str, Any]) -> tuple[str, str, str]:
+    return run["receiver"], run["set"], run["sender"]
+
+
 def median_row(
     receiver: str, set_name: str, sender: str, runs: list[dict[str, Any]]
 ) -> dict[str, Any]:
     """The median of a receiver's rounds, with the range of its rates."""
-    mine = [
-        r
-        for r in runs
-        if (r["receiver"], r["set"], r["sender"]) == (receiver, set_name, sender)
-        and "instances_per_s" in r
-    ]
+    mine = [r for r in runs if _key(r) == (receiver, set_name, sender) and "instances_per_s" in r]
     row: dict[str, Any] = {"receiver": receiver, "set": set_name, "sender": sender}
     if not mine:
         return {**row, "error": "no run completed"}
@@ -342,7 +341,7 @@ def main() -> None:
 
     def rate(receiver: str, set_name: str, sender: str) -> float | None:
         for row in rows:
-            if (row["receiver"], row["set"], row["sender"]) == (receiver, set_name, sender):
+            if _key(row) == (receiver, set_name, sender):
                 return row.get("instances_per_s")
         return None
 
@@ -350,8 +349,7 @@ def main() -> None:
         return {
             r["round"]: r["instances_per_s"]
             for r in runs
-            if (r["receiver"], r["set"], r["sender"]) == (receiver, set_name, sender)
-            and "instances_per_s" in r
+            if _key(r) == (receiver, set_name, sender) and "instances_per_s" in r
         }
 
     ratios: list[dict[str, Any]] = []
@@ -419,18 +417,14 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     for k, receiver in enumerate(RECEIVERS):
         values = [
             next(
-                (
-                    r.get("instances_per_s", 0)
-                    for r in rows
-                    if (r["receiver"], r["set"], r["sender"]) == (receiver, *g)
-                ),
+                (r.get("instances_per_s", 0) for r in rows if _key(r) == (receiver, *g)),
                 0,
             )
             for g in groups
         ]
         found = [
             next(
-                (r for r in rows if (r["receiver"], r["set"], r["sender"]) == (receiver, *g)),
+                (r for r in rows if _key(r) == (receiver, *g)),
                 {},
             )
             for g in groups
