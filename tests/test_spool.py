@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
-from scp.spool import Spool, is_valid_uid
+from scp import spool as spool_module
+from scp.spool import WRITEBACK_SLICE_BYTES, Spool, is_valid_uid
 
 SHA = "ab" * 32
 
@@ -96,6 +98,39 @@ def test_fsync_is_called_for_file_and_directory(
     calls.clear()
     Spool(tmp_path / "nosync", fsync=False).write("1.2.3.6", 1, SHA, (b"data",))
     assert calls == []
+
+
+def test_a_large_file_is_written_in_slices_each_sent_to_disk_before_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started: list[tuple[int, int]] = []
+    monkeypatch.setattr(
+        spool_module,
+        "_START_WRITEBACK",
+        lambda _fd, offset, length: started.append((offset, length)),
+    )
+    header = b"H" * 132
+    dataset = bytes(range(256)) * (WRITEBACK_SLICE_BYTES * 5 // 2 // 256) + b"tail"
+    path = Spool(tmp_path / "spool").write("1.2.3.9", 1, SHA, (header, dataset))
+    assert path.read_bytes() == header + dataset
+    # every full slice followed by more data, in order; the last slice is left to the fsync
+    slice_bytes = WRITEBACK_SLICE_BYTES
+    assert started == [(len(header), slice_bytes), (len(header) + slice_bytes, slice_bytes)]
+
+    started.clear()
+    Spool(tmp_path / "small").write("1.2.3.9", 1, SHA, (header, b"x" * 1000))
+    Spool(tmp_path / "nosync", fsync=False).write("1.2.3.9", 1, SHA, (header, dataset))
+    assert started == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sync_file_range is Linux's")
+def test_writeback_is_started_by_the_kernel_call_on_linux(tmp_path: Path) -> None:
+    start = spool_module._writeback_starter()
+    assert start is not None
+    with open(tmp_path / "f", "wb", buffering=0) as handle:
+        handle.write(b"x" * 8192)
+        start(handle.fileno(), 0, 8192)  # returns at once; the data is unchanged
+    assert (tmp_path / "f").read_bytes() == b"x" * 8192
 
 
 def test_the_directories_are_made_when_the_spool_is_opened(tmp_path: Path) -> None:
