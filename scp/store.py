@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import logging
+import re
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -52,58 +54,83 @@ class HeaderFields:
     modality: str | None
 
 
+# keyword, tag and the most characters kept (the column's width) of each indexed field
+_INDEXED_FIELDS = {
+    "sop_instance_uid": ("SOPInstanceUID", 0x00080018, 64),
+    "sop_class_uid": ("SOPClassUID", 0x00080016, 64),
+    "study_instance_uid": ("StudyInstanceUID", 0x0020000D, 64),
+    "series_instance_uid": ("SeriesInstanceUID", 0x0020000E, 64),
+    "patient_id": ("PatientID", 0x00100020, 64),
+    "modality": ("Modality", 0x00080060, 16),
+}
+_INDEXED_TAGS = frozenset(tag for _keyword, tag, _limit in _INDEXED_FIELDS.values())
+# The fields are all at or before (0020,000E) Series Instance UID, so where pydicom must read
+# them it need not read the rest (the pixel data least of all).
+_LAST_INDEXED_TAG = max(_INDEXED_TAGS)
+# Bytes that make a value more than plain text: any of the character set's own bytes, the
+# ESC of ISO 2022 code extensions, the backslash between values.
+_NOT_PLAIN = re.compile(rb"[^\x00-\x1a\x1c-\x5b\x5d-\x7f]")
+
+
+def _clean(text: str, limit: int) -> str | None:
+    # NUL pads UIDs, and PostgreSQL refuses it inside text
+    text = text.replace("\x00", "").strip()
+    return text[:limit] if text else None
+
+
 def _text(ds: Dataset, keyword: str, limit: int) -> str | None:
     value = ds.get(keyword)
     if value is None or value == "":
         return None
-    # NUL pads UIDs, and PostgreSQL refuses it inside text
-    text = str(value).replace("\x00", "").strip()
-    return text[:limit] if text else None
-
-
-# The fields read here are all at or before (0020,000E) Series Instance UID; the check above
-# has seen the rest, so pydicom need not read it (the pixel data least of all).
-_LAST_INDEXED_TAG = 0x0020000E
+    return _clean(str(value), limit)
 
 
 def _after_indexed_fields(tag: BaseTag, _vr: str | None, _length: int) -> bool:
     return tag > _LAST_INDEXED_TAG
 
 
+@functools.lru_cache(maxsize=64)
+def _syntax_flags(transfer_syntax_uid: str) -> tuple[bool, bool, bool]:
+    """Implicit VR, little endian, deflated."""
+    syntax = UID(transfer_syntax_uid)
+    return syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated
+
+
 def read_header(dataset: bytes, transfer_syntax_uid: str) -> HeaderFields:
     """Check the received dataset's structure, then read the fields we index by.
 
     The structural walk refuses truncated or garbled data while the sender still waits for
-    our answer; pydicom then reads only the few elements asked for."""
-    syntax = UID(transfer_syntax_uid)
+    our answer, and keeps the indexed fields' values as it passes them. Those in plain ASCII
+    (nearly all) are read from there; pydicom reads the rest, with the dataset's character
+    set."""
+    implicit, little, deflated = _syntax_flags(transfer_syntax_uid)
     try:
-        check_well_formed(
-            dataset,
-            implicit=syntax.is_implicit_VR,
-            little=syntax.is_little_endian,
-            deflated=syntax.is_deflated,
+        raw = check_well_formed(
+            dataset, implicit=implicit, little=little, deflated=deflated, wanted=_INDEXED_TAGS
         )
     except MalformedDataset as exc:
         raise DatasetUnreadable(f"dataset cannot be parsed: {exc}") from exc
+    if not any(_NOT_PLAIN.search(value) for value in raw.values()):
+        return HeaderFields(
+            **{
+                name: _clean(raw[tag].decode("ascii"), limit) if tag in raw else None
+                for name, (_keyword, tag, limit) in _INDEXED_FIELDS.items()
+            }
+        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if syntax.is_deflated:
+            if deflated:
                 ds = decode(io.BytesIO(dataset), False, True, True)
             else:
                 ds = read_dataset(
-                    io.BytesIO(dataset),
-                    syntax.is_implicit_VR,
-                    syntax.is_little_endian,
-                    stop_when=_after_indexed_fields,
+                    io.BytesIO(dataset), implicit, little, stop_when=_after_indexed_fields
                 )
             return HeaderFields(
-                sop_instance_uid=_text(ds, "SOPInstanceUID", 64),
-                sop_class_uid=_text(ds, "SOPClassUID", 64),
-                study_instance_uid=_text(ds, "StudyInstanceUID", 64),
-                series_instance_uid=_text(ds, "SeriesInstanceUID", 64),
-                patient_id=_text(ds, "PatientID", 64),
-                modality=_text(ds, "Modality", 16),
+                **{
+                    name: _text(ds, keyword, limit)
+                    for name, (keyword, _tag, limit) in _INDEXED_FIELDS.items()
+                }
             )
     except Exception as exc:
         raise DatasetUnreadable(f"dataset cannot be parsed: {type(exc).__name__}") from exc

@@ -2,7 +2,9 @@
 
 pydicom reads truncated or over-long elements leniently (it warns and keeps what it got);
 a receiver must not acknowledge such data. This walks the element structure (tags, VRs,
-lengths, sequences, items, encapsulated fragments) and fails on the first inconsistency.
+lengths, sequences, items, encapsulated fragments) and fails on the first inconsistency. On the
+way it keeps the values of the top-level elements asked for, so that the receiver need not
+parse the dataset a second time for the few fields it indexes.
 """
 
 from __future__ import annotations
@@ -38,10 +40,14 @@ class MalformedDataset(ValueError):
 
 
 class _Walker:
-    def __init__(self, data: bytes, implicit: bool, little: bool) -> None:
+    def __init__(
+        self, data: bytes, implicit: bool, little: bool, wanted: frozenset[int] = frozenset()
+    ) -> None:
         self.data = data
         self.implicit = implicit
         self.endian = "<" if little else ">"
+        self.wanted = wanted
+        self.found: dict[int, bytes] = {}
 
     def _u16(self, offset: int) -> int:
         return int(struct.unpack_from(f"{self.endian}H", self.data, offset)[0])
@@ -109,6 +115,8 @@ class _Walker:
                 return inner.sequence(value_at, None, depth + 1)
             return self.sequence(value_at, None, depth + 1)
         self._need(value_at, length, f"the value of {name} ({length} bytes)")
+        if depth == 0 and tag in self.wanted:
+            self.found[tag] = self.data[value_at : value_at + length]
         if vr == b"SQ" or (self.implicit and self._looks_like_sequence(value_at, length)):
             self.sequence(value_at, value_at + length, depth + 1)
         return value_at + length
@@ -156,8 +164,17 @@ class _Walker:
             offset += 8 + length
 
 
-def check_well_formed(data: bytes, *, implicit: bool, little: bool, deflated: bool) -> None:
-    """Raise :class:`MalformedDataset` unless ``data`` is a structurally complete dataset."""
+def check_well_formed(
+    data: bytes,
+    *,
+    implicit: bool,
+    little: bool,
+    deflated: bool,
+    wanted: frozenset[int] = frozenset(),
+) -> dict[int, bytes]:
+    """Raise :class:`MalformedDataset` unless ``data`` is a structurally complete dataset.
+
+    Returns the raw values of the top-level elements whose tags are ``wanted`` and present."""
     if deflated:
         try:
             inflater = zlib.decompressobj(-zlib.MAX_WBITS)
@@ -166,11 +183,14 @@ def check_well_formed(data: bytes, *, implicit: bool, little: bool, deflated: bo
             raise MalformedDataset(f"deflated data cannot be inflated: {exc}") from None
     if not data:
         raise MalformedDataset("the dataset is empty")
+    walker = _Walker(data, implicit, little, wanted)
     try:
-        _Walker(data, implicit, little).dataset(0, len(data), 0)
+        walker.dataset(0, len(data), 0)
     except MalformedDataset as exc:
         # Some senders encode implicit VR under an explicit VR syntax; pydicom reads those,
         # so we accept them when they are well formed as implicit VR.
         if implicit or not little or not str(exc).startswith("invalid VR"):
             raise
-        _Walker(data, True, True).dataset(0, len(data), 0)
+        walker = _Walker(data, True, True, wanted)
+        walker.dataset(0, len(data), 0)
+    return walker.found
