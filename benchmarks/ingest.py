@@ -6,15 +6,17 @@ pynetdicom's storescp and DCMTK's storescp.
     python -m benchmarks.ingest [--ct 2000] [--radiographs 200] [--compressed 200] [--quick]
                                 [--rounds 3]
 
-The receivers take turns, round after round, on each set and sender. Prints the median
-instances and MB per second of the rounds (and their range), each receiver's CPU time and peak
-RSS, and the ratios of medreid to each baseline (of the medians, and round by round); writes
-JSON and a PNG beside them.
+The receivers take turns, round after round, on each set and sender. Prints the median instances
+and MB per second of the rounds (and their range), each receiver's CPU time and peak RSS, and
+the ratios of medreid to each baseline (of the medians, and round by round); writes JSON and a
+PNG beside them. ``--receivers`` may add "medreid (spool fsync off)", which is not durable: it
+shows what the spool's fsyncs cost, in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -129,8 +131,9 @@ def start_receiver(name: str, work: Path, models: Path) -> Receiver:
             MEDREID_SPOOL_MIN_FREE_MB="64",
             MEDREID_LOGGING_LEVEL="WARNING",
             MEDREID_MODELS_DIR=str(models),
-            MEDREID_WORKERS_PROCESSES="0" if name == "medreid" else "1",
+            MEDREID_WORKERS_PROCESSES="1" if name == WITH_PIPELINE else "0",
             MEDREID_WORKERS_BATCH_SIZE="32",
+            MEDREID_SPOOL_FSYNC="false" if name == SPOOL_FSYNC_OFF else "true",
         )
         subprocess.run(
             [sys.executable, "-m", "medreid.cli", "db", "upgrade"],
@@ -213,7 +216,11 @@ def send_pynetdicom(files: list[Path], port: int, associations: int = 4) -> int:
 
 # --------------------------------------------------------------------------- measuring
 
-RECEIVERS = ("medreid", "medreid + pipeline", "pynetdicom storescp", "DCMTK storescp")
+WITH_PIPELINE = "medreid + pipeline"
+# Not durable, so not run unless asked for: what the spool's two fsyncs per instance cost.
+SPOOL_FSYNC_OFF = "medreid (spool fsync off)"
+RECEIVERS = ("medreid", WITH_PIPELINE, "pynetdicom storescp", "DCMTK storescp")
+ALL_RECEIVERS = (*RECEIVERS, SPOOL_FSYNC_OFF)
 
 
 def measure(receiver: Receiver, files: list[Path], send: Callable[[], int]) -> dict[str, Any]:
@@ -247,12 +254,12 @@ def measure_once(
     """One receiver, fresh, receiving one set from one sender."""
     receiver = start_receiver(name, work / f"{set_name}-{sender[:5]}", args.models)
     if name.startswith("medreid") and name not in service:
-        time.sleep(2.0 if name == "medreid" else 15.0)  # workers load models
+        time.sleep(15.0 if name == WITH_PIPELINE else 2.0)  # workers load models
         service[name] = {
             "start_up_s": round(receiver.started_s, 2),
             "idle_rss_mb": round(rss_bytes(receiver.process.pid) / 1e6, 1),
         }
-    elif name == "medreid + pipeline":
+    elif name == WITH_PIPELINE:
         time.sleep(15.0)
 
     def send() -> int:
@@ -297,7 +304,9 @@ def main() -> None:
     parser.add_argument("--compressed", type=int, default=200)
     parser.add_argument("--quick", action="store_true", help="500 CT, 40 radiographs, 50 RLE")
     parser.add_argument(
-        "--receivers", default=",".join(RECEIVERS), help="comma-separated subset of the receivers"
+        "--receivers",
+        default=",".join(RECEIVERS),
+        help=f"comma-separated, of: {', '.join(ALL_RECEIVERS)}",
     )
     parser.add_argument("--sets", default="ct,radiograph,ct_rle")
     parser.add_argument(
@@ -311,7 +320,7 @@ def main() -> None:
         args.ct, args.radiographs, args.compressed = 500, 40, 50
     sets = make_files(args.data, args.ct, args.radiographs, args.compressed)
     sets = {k: v for k, v in sets.items() if k in args.sets.split(",")}
-    receivers = [r for r in RECEIVERS if r in args.receivers.split(",")]
+    receivers = [r for r in ALL_RECEIVERS if r in args.receivers.split(",")]
     syntax_flags = {"ct": None, "radiograph": None, "ct_rle": "-xr"}
     runs: list[dict[str, Any]] = []
     service: dict[str, Any] = {}
@@ -353,34 +362,35 @@ def main() -> None:
         }
 
     ratios: list[dict[str, Any]] = []
-    for set_name in sets:
-        for sender in ("storescu", "pynetdicom x4"):
-            ours = rate("medreid", set_name, sender)
-            for baseline in ("pynetdicom storescp", "DCMTK storescp"):
-                if baseline not in receivers:
-                    continue
-                theirs = rate(baseline, set_name, sender)
-                mine, other = (round_rates(r, set_name, sender) for r in ("medreid", baseline))
-                per_round = [round(mine[k] / other[k], 2) for k in sorted(mine) if k in other]
-                ratios.append(
-                    {
-                        "set": set_name,
-                        "sender": sender,
-                        "baseline": baseline,
-                        "medreid_over_baseline": round(ours / theirs, 2)
-                        if ours and theirs
-                        else None,
-                        "per_round": per_round,
-                    }
-                )
+    for set_name, sender, medreid, baseline in itertools.product(
+        sets,
+        ("storescu", "pynetdicom x4"),
+        ("medreid", SPOOL_FSYNC_OFF),
+        ("pynetdicom storescp", "DCMTK storescp"),
+    ):
+        if medreid not in receivers or baseline not in receivers:
+            continue
+        ours, theirs = rate(medreid, set_name, sender), rate(baseline, set_name, sender)
+        mine, other = (round_rates(r, set_name, sender) for r in (medreid, baseline))
+        per_round = [round(mine[k] / other[k], 2) for k in sorted(mine) if k in other]
+        ratios.append(
+            {
+                "receiver": medreid,
+                "set": set_name,
+                "sender": sender,
+                "baseline": baseline,
+                "medreid_over_baseline": round(ours / theirs, 2) if ours and theirs else None,
+                "per_round": per_round,
+            }
+        )
     print()
     print(f"medians of {args.rounds} rounds")
-    print(f"{'receiver':22} {'set':11} {'sender':14} {'inst/s':>8} {'range':>13} {'MB/s':>7} "
+    print(f"{'receiver':26} {'set':11} {'sender':14} {'inst/s':>8} {'range':>13} {'MB/s':>7} "
           f"{'CPU s':>7} {'peak RSS MB':>11}")  # fmt: skip
     for row in rows:
         spread = f"{row['rate_min']}-{row['rate_max']}" if "rate_min" in row else "-"
         print(
-            f"{row['receiver']:22} {row['set']:11} {row['sender']:14} "
+            f"{row['receiver']:26} {row['set']:11} {row['sender']:14} "
             f"{row.get('instances_per_s', '-'):>8} {spread:>13} {row.get('mb_per_s', '-'):>7} "
             f"{row.get('cpu_s', '-'):>7} {row.get('peak_rss_mb', '-'):>11}"
         )
@@ -388,8 +398,8 @@ def main() -> None:
     for ratio in ratios:
         rounds = ", ".join(str(r) for r in ratio["per_round"])
         print(
-            f"medreid / {ratio['baseline']:20} {ratio['set']:11} {ratio['sender']:14} "
-            f"{ratio['medreid_over_baseline']}   (each round: {rounds or '-'})"
+            f"{ratio['receiver']:>26} / {ratio['baseline']:20} {ratio['set']:11} "
+            f"{ratio['sender']:14} {ratio['medreid_over_baseline']}   (each round: {rounds or '-'})"
         )
     report = {
         "rows": rows,
@@ -412,9 +422,10 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     groups = sorted({(r["set"], r["sender"]) for r in rows})
+    shown = [name for name in ALL_RECEIVERS if any(r["receiver"] == name for r in rows)]
     fig, ax = plt.subplots(figsize=(11, 4.5))
-    width = 0.8 / len(RECEIVERS)
-    for k, receiver in enumerate(RECEIVERS):
+    width = 0.8 / len(shown)
+    for k, receiver in enumerate(shown):
         values = [
             next(
                 (r.get("instances_per_s", 0) for r in rows if _key(r) == (receiver, *g)),
@@ -444,7 +455,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
             capsize=2,
             label=receiver,
         )
-    ax.set_xticks(np.arange(len(groups)) + width * (len(RECEIVERS) - 1) / 2)
+    ax.set_xticks(np.arange(len(groups)) + width * (len(shown) - 1) / 2)
     ax.set_xticklabels([f"{s}\n{snd}" for s, snd in groups])
     ax.set_ylabel("instances per second (median and range of rounds)")
     ax.set_title("Ingest on this machine (medreid durable: fsync + database row before Success)")
