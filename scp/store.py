@@ -33,7 +33,7 @@ from scp.status import (
 )
 from scp.wellformed import MalformedDataset, check_well_formed
 from storage.db import snapshot
-from storage.groupcommit import GroupCommit
+from storage.groupcommit import CommitOutcomeUnknown, GroupCommit
 from storage.models import Instance
 from storage.repository import (
     NewInstance,
@@ -197,11 +197,17 @@ class StoreService:
         uid = request.sop_instance_uid
         lock = self._uid_locks[hash(uid) % len(self._uid_locks)]
         with lock:
-            for _attempt in range(3):
-                # no write lock, so receiving associations do not queue for it (a
-                # concurrent insert of this UID fails below and looks again)
-                with snapshot(self.sessions) as session:
-                    versions = stored_versions(session, sop_instance_uid=uid)
+            for attempt in range(4):
+                if attempt == 0:
+                    # Nearly every UID arrives once: store it as version 1 without looking
+                    # first. The unique keys on (UID, version) and (UID, SHA-256) refuse the
+                    # row of a UID stored before, and then we look.
+                    versions: dict[str, int] = {}
+                else:
+                    # no write lock, so receiving associations do not queue for it (a
+                    # concurrent insert of this UID fails below and looks again)
+                    with snapshot(self.sessions) as session:
+                        versions = stored_versions(session, sop_instance_uid=uid)
                 version = max(versions.values(), default=0) + 1
                 sha256, path = self._write(request, versions, version)
                 if path is None:
@@ -223,13 +229,21 @@ class StoreService:
                 try:
                     instance_id = self._records.submit((new, version, self.spool.relative(path)))
                 except IntegrityError:
-                    # Another process recorded this UID meanwhile: look again from the top.
+                    # Stored before, or by another process meanwhile: look, and go again. (A
+                    # resent identical dataset was just renamed over its own stored file, with
+                    # the same bytes, which stays.)
                     self._discard_unless_recorded(path)
                     continue
-                except Exception:
-                    # Not recorded (the database is away or refused it): the sender is told
-                    # so and sends again, and the spool keeps only what was acknowledged.
+                except CommitOutcomeUnknown as exc:
+                    # The commit itself failed: the row may be there, so the file stays
+                    # unless the database can say it is not.
                     self._discard_after_failure(path)
+                    raise DatabaseUnavailable("the database failed while committing") from exc
+                except Exception:
+                    # Not recorded (the database is away or refused it, and rolled back):
+                    # the sender is told so and sends again, and the spool keeps only what
+                    # was acknowledged.
+                    self.spool.discard(path)
                     raise
                 return StoredInstance(
                     instance_id=instance_id,

@@ -21,6 +21,12 @@ ItemT = TypeVar("ItemT")
 ResultT = TypeVar("ResultT")
 
 
+class CommitOutcomeUnknown(Exception):
+    """The database failed during the commit itself: the items may or may not be recorded.
+
+    Any other error a submitter sees was raised before the commit, and rolled back."""
+
+
 @dataclass(eq=False)
 class _Pending(Generic[ItemT, ResultT]):
     item: ItemT
@@ -39,7 +45,8 @@ class GroupCommit(Generic[ItemT, ResultT]):
 
     If the shared transaction fails for one item (a duplicate key, say), each item is written
     again in a transaction of its own, so that error is that item's alone; if the database
-    itself fails (away, or locked past its timeout), every item of the batch gets that error."""
+    itself fails (away, or locked past its timeout), every item of the batch gets that error.
+    A failure of the commit itself is raised as :class:`CommitOutcomeUnknown`."""
 
     def __init__(
         self,
@@ -82,9 +89,8 @@ class GroupCommit(Generic[ItemT, ResultT]):
         try:
             if len(batch) > 1:
                 try:
-                    with self._sessions.begin() as session:
-                        results = [self._write(session, pending.item) for pending in batch]
-                except (OperationalError, InterfaceError) as exc:
+                    results = self._transaction([pending.item for pending in batch])
+                except (OperationalError, InterfaceError, CommitOutcomeUnknown) as exc:
                     # The database is away or locked past its timeout: the same answer for
                     # all, now, rather than each item waiting out the timeout in turn.
                     for pending in batch:
@@ -109,9 +115,25 @@ class GroupCommit(Generic[ItemT, ResultT]):
 
     def _write_alone(self, pending: _Pending[ItemT, ResultT]) -> None:
         try:
-            with self._sessions.begin() as session:
-                result = self._write(session, pending.item)
+            (result,) = self._transaction([pending.item])
         except Exception as exc:
             pending.settle(error=exc)
         else:
             pending.settle(result)
+
+    def _transaction(self, items: list[ItemT]) -> list[ResultT]:
+        """Write the items in one transaction and commit it. An error before the commit
+        rolls it back and is raised as it is."""
+        with self._sessions() as session:
+            session.begin()
+            results = [self._write(session, item) for item in items]
+            session.flush()
+            connection = session.connection()
+            try:
+                session.commit()
+            except Exception as exc:
+                # A connection whose commit failed may still hold its transaction (SQLite
+                # keeps it open): closed, not put back in the pool for the next writer.
+                connection.invalidate()
+                raise CommitOutcomeUnknown(f"the commit failed: {exc}") from exc
+        return results

@@ -11,7 +11,7 @@ from sqlalchemy import event, func, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
-from storage.groupcommit import GroupCommit
+from storage.groupcommit import CommitOutcomeUnknown, GroupCommit
 from storage.models import Instance
 from storage.repository import NewInstance, record_instance
 from tests.conftest import Database
@@ -127,3 +127,34 @@ def test_a_database_failure_answers_the_whole_batch_at_once(database: Database) 
     # one attempt for the batch of four, none again one by one
     assert attempts == ["1.2.3.1"]
     assert recorded(database) == 1
+
+
+def test_a_failed_commit_is_told_apart_from_an_error_before_it(database: Database) -> None:
+    commits: list[int] = []
+
+    def second_commit_fails(_connection: object) -> None:
+        commits.append(1)
+        if len(commits) == 2:
+            raise OperationalError("COMMIT", {}, Exception("disk I/O error"))
+
+    event.listen(database.engine, "commit", second_commit_fails)
+    try:
+        items = [new_instance(f"1.2.3.{n}", sha=f"{n:064x}") for n in range(4)]
+        outcomes, _commits = held_batch(database, items)
+    finally:
+        event.remove(database.engine, "commit", second_commit_fails)
+    # the held one commits; the batch behind it fails in its commit, all of it, at once
+    assert isinstance(outcomes[0], int)
+    assert all(isinstance(outcome, CommitOutcomeUnknown) for outcome in outcomes[1:])
+    assert len(commits) == 2
+    assert recorded(database) == 1
+
+    def refused(session: Session, new: NewInstance) -> int:
+        raise OperationalError("INSERT ...", {}, Exception("database is locked"))
+
+    # an error before the commit is raised as it is: nothing was committed
+    with pytest.raises(OperationalError):
+        GroupCommit(database.sessions, refused).submit(new_instance("1.2.3.9"))
+    # and the connection whose commit failed was not handed to the next writer
+    assert isinstance(GroupCommit(database.sessions, record).submit(new_instance("1.2.3.8")), int)
+    assert recorded(database) == 2

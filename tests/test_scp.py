@@ -15,7 +15,8 @@ from pydicom import Dataset, dcmread
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom import _config as pynetdicom_config
-from sqlalchemy import create_engine, func, select
+from sqlalchemy import create_engine, event, func, select
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import sessionmaker
 
 from scp.contexts import VERIFICATION_CLASS
@@ -140,19 +141,31 @@ def test_a_resent_identical_instance_is_not_duplicated(
     assert count(sqlite_database, Job) == 1
     assert len(list((tmp_path / "spool").rglob("*.dcm"))) == 1
     assert leftovers(tmp_path / "spool") == []
+    with sqlite_database.sessions.begin() as session:
+        instance = session.scalars(select(Instance)).one()
+        stored = (tmp_path / "spool" / instance.spool_path).read_bytes()
+    assert hashlib.sha256(stored[file_header_length(stored) :]).hexdigest() == instance.sha256
 
 
 @SIDES
 def test_a_resent_instance_with_new_content_is_a_new_version(
-    make_server: ServerFactory, sqlite_database: Database, side: int
+    make_server: ServerFactory, sqlite_database: Database, tmp_path: Path, side: int
 ) -> None:
     uid = generate_uid()
-    assert store(make_server(), ct(uid, 100, side), ct(uid, 200, side)) == [0, 0]
+    server = make_server()
+    first = ct(uid, 100, side)
+    assert store(server, first, ct(uid, 200, side)) == [0, 0]
+    # the first again (a duplicate), then a third content
+    assert store(server, first, ct(uid, 300, side)) == [0, 0]
     with sqlite_database.sessions.begin() as session:
         versions = session.scalars(select(Instance.version).order_by(Instance.version)).all()
         paths = session.scalars(select(Instance.spool_path)).all()
-    assert versions == [1, 2]
-    assert len(set(paths)) == 2
+    assert versions == [1, 2, 3]
+    assert len(set(paths)) == 3
+    # exactly the recorded files: none left from trying a stored UID as a new one
+    spooled = {str(p.relative_to(tmp_path / "spool")) for p in (tmp_path / "spool").rglob("*.dcm")}
+    assert spooled == set(paths)
+    assert leftovers(tmp_path / "spool") == []
 
 
 def test_unknown_calling_ae_is_rejected_and_audited(
@@ -217,6 +230,39 @@ def test_database_unavailable_is_never_success(make_server: ServerFactory, tmp_p
     server = make_server(sessions=sessionmaker(broken))
     assert store(server, ct()) == [StoreStatus.OUT_OF_RESOURCES_DATABASE]
     assert not any(p.is_file() for p in (tmp_path / "spool").rglob("*"))
+
+
+@pytest.mark.parametrize("can_tell", [True, False])
+def test_a_failed_commit_is_never_success_and_keeps_a_file_only_when_in_doubt(
+    make_server: ServerFactory,
+    sqlite_database: Database,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    can_tell: bool,
+) -> None:
+    def failing_commit(_connection: Any) -> None:
+        raise OperationalError("COMMIT", {}, Exception("disk I/O error"))
+
+    server = make_server()
+    event.listen(sqlite_database.engine, "commit", failing_commit)
+    if not can_tell:
+        # nor can the database say afterwards whether the row is there
+        monkeypatch.setattr(
+            server.store, "_discard_unless_recorded", lambda _p: failing_commit(None)
+        )
+    try:
+        assert store(server, ct()) == [StoreStatus.OUT_OF_RESOURCES_DATABASE]
+    finally:
+        event.remove(sqlite_database.engine, "commit", failing_commit)
+    assert count(sqlite_database, Instance) == 0
+    kept = list((tmp_path / "spool").rglob("*.dcm"))
+    # the file goes where the database says the row is not there, and stays where it cannot
+    assert len(kept) == (0 if can_tell else 1)
+    assert leftovers(tmp_path / "spool") == []
+    # and the service goes on: the connection whose commit failed is not used again
+    monkeypatch.undo()
+    assert store(server, ct()) == [StoreStatus.SUCCESS]
+    assert count(sqlite_database, Instance) == 1
 
 
 def _send_file(server: DicomServer, path: Path) -> Dataset:
