@@ -19,7 +19,7 @@ from pydicom.tag import BaseTag
 from pydicom.uid import UID
 from pynetdicom.dsutils import decode
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from scp.records import StoredInstance, StoreRequest
@@ -239,11 +239,14 @@ class StoreService:
                     # unless the database can say it is not.
                     self._discard_after_failure(path)
                     raise DatabaseUnavailable("the database failed while committing") from exc
-                except Exception:
-                    # Not recorded (the database is away or refused it, and rolled back):
-                    # the sender is told so and sends again, and the spool keeps only what
-                    # was acknowledged.
+                except DBAPIError:
+                    # Raised before the commit, and rolled back (the database is away or
+                    # refused it): the sender is told so and sends again, and the spool keeps
+                    # only what was acknowledged.
                     self.spool.discard(path)
+                    raise
+                except Exception:
+                    self._discard_after_failure(path)
                     raise
                 return StoredInstance(
                     instance_id=instance_id,

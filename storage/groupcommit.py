@@ -9,6 +9,7 @@ and paying a log fsync each. A thread alone commits alone, with no wait added.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,6 +17,8 @@ from typing import Generic, TypeVar
 
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+
+log = logging.getLogger(__name__)
 
 ItemT = TypeVar("ItemT")
 ResultT = TypeVar("ResultT")
@@ -134,6 +137,9 @@ class GroupCommit(Generic[ItemT, ResultT]):
             except Exception as exc:
                 # A connection whose commit failed may still hold its transaction (SQLite
                 # keeps it open): closed, not put back in the pool for the next writer.
-                connection.invalidate()
+                try:
+                    connection.invalidate()
+                except Exception:
+                    log.warning("could not close a connection whose commit failed", exc_info=True)
                 raise CommitOutcomeUnknown(f"the commit failed: {exc}") from exc
         return results
