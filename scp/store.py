@@ -269,8 +269,8 @@ class StoreService:
             if sha256 in versions:
                 return sha256, None
             return sha256, self.spool.write(request.sop_instance_uid, version, sha256, chunks)
-        # A UID never stored cannot be a duplicate: hash while the file is written and
-        # fsynced (both release the GIL), then name it by the hash.
+        # No stored version to compare with (a UID tried as new): hash while the file is
+        # written and fsynced (both release the GIL), then name it by the hash.
         digest = _HASHING.submit(_sha256, request.dataset)
         staged = self.spool.stage(request.sop_instance_uid, chunks)
         try:
