@@ -196,6 +196,7 @@ class StoreService:
         header = self.check_request(request)
         uid = request.sop_instance_uid
         lock = self._uid_locks[hash(uid) % len(self._uid_locks)]
+        sha256: str | None = None  # known after the first write, not hashed again
         with lock:
             for attempt in range(4):
                 if attempt == 0:
@@ -209,7 +210,7 @@ class StoreService:
                     with snapshot(self.sessions) as session:
                         versions = stored_versions(session, sop_instance_uid=uid)
                 version = max(versions.values(), default=0) + 1
-                sha256, path = self._write(request, versions, version)
+                sha256, path = self._write(request, versions, version, sha256)
                 if path is None:
                     return self._duplicate(header, versions[sha256], len(request.dataset))
                 new = NewInstance(
@@ -260,12 +261,17 @@ class StoreService:
         raise DatabaseUnavailable("SOP Instance UID is being stored concurrently; send it again")
 
     def _write(
-        self, request: StoreRequest, versions: dict[str, int], version: int
+        self,
+        request: StoreRequest,
+        versions: dict[str, int],
+        version: int,
+        sha256: str | None,
     ) -> tuple[str, Path | None]:
-        """The dataset's SHA-256 and its spool path, or no path when it is a stored version."""
+        """The dataset's SHA-256 (hashed here unless given) and its spool path, or no path
+        when it is a stored version."""
         chunks = (request.file_header, request.dataset)
-        if versions or len(request.dataset) < OVERLAP_MIN_BYTES:
-            sha256 = _sha256(request.dataset)
+        if sha256 is not None or versions or len(request.dataset) < OVERLAP_MIN_BYTES:
+            sha256 = sha256 or _sha256(request.dataset)
             if sha256 in versions:
                 return sha256, None
             return sha256, self.spool.write(request.sop_instance_uid, version, sha256, chunks)

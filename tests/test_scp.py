@@ -19,6 +19,7 @@ from sqlalchemy import create_engine, event, func, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import sessionmaker
 
+import scp.store
 from scp.contexts import VERIFICATION_CLASS
 from scp.server import DicomServer
 from scp.status import StoreStatus
@@ -131,12 +132,26 @@ def file_header_length(part10: bytes) -> int:
 
 @SIDES
 def test_a_resent_identical_instance_is_not_duplicated(
-    make_server: ServerFactory, sqlite_database: Database, tmp_path: Path, side: int
+    make_server: ServerFactory,
+    sqlite_database: Database,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    side: int,
 ) -> None:
+    hashed: list[int] = []
+    real_sha256 = scp.store._sha256
+
+    def counting_sha256(data: bytes) -> str:
+        hashed.append(len(data))
+        return real_sha256(data)
+
+    monkeypatch.setattr(scp.store, "_sha256", counting_sha256)
     ds = ct(side=side)
     server = make_server()
     assert store(server, ds, ds) == [0, 0]
     assert store(server, ds) == [0]
+    # each dataset hashed once, though a re-send is tried as new before it is looked up
+    assert len(hashed) == 3
     assert count(sqlite_database, Instance) == 1
     assert count(sqlite_database, Job) == 1
     assert len(list((tmp_path / "spool").rglob("*.dcm"))) == 1
