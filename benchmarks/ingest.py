@@ -426,20 +426,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(11, 4.5))
     width = 0.8 / len(shown)
     for k, receiver in enumerate(shown):
-        values = [
-            next(
-                (r.get("instances_per_s", 0) for r in rows if _key(r) == (receiver, *g)),
-                0,
-            )
-            for g in groups
-        ]
-        found = [
-            next(
-                (r for r in rows if _key(r) == (receiver, *g)),
-                {},
-            )
-            for g in groups
-        ]
+        found = [next((r for r in rows if _key(r) == (receiver, *g)), {}) for g in groups]
+        values = [r.get("instances_per_s", 0) for r in found]
         # the range of the rounds around each median
         spread = np.array(
             [
