@@ -12,11 +12,13 @@ from typing import Any
 from pydicom import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.events import EventHandlerType
+from pynetdicom.pdu_primitives import A_RELEASE
 from sqlalchemy.orm import Session, sessionmaker
 
 from medreid.settings import ScpSettings
 from scp.contexts import IMAGE_STORAGE_CLASSES, TRANSFER_SYNTAXES, VERIFICATION_CLASS
 from scp.filemeta import file_meta_header
+from scp.prompt import make_prompt
 from scp.records import Peer, StoreRequest
 from scp.status import StoreStatus, error_comment, status_for
 from scp.store import StoreService
@@ -120,10 +122,11 @@ class DicomServer:
 
     def handlers(self) -> list[EventHandlerType]:
         return [
+            (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
-            (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_ACSE_SENT, self._on_acse_sent),
             (evt.EVT_ABORTED, self._on_aborted),
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
             (evt.EVT_C_STORE, self._on_c_store),
@@ -197,6 +200,13 @@ class DicomServer:
         )
 
     # ------------------------------------------------------------------ association events
+
+    def _on_conn_open(self, event: Any) -> None:
+        # before the association's threads start: they wake on work instead of polling
+        try:
+            make_prompt(event.assoc)
+        except Exception:
+            log.warning("association left to poll: could not set up its wake-ups", exc_info=True)
 
     def _on_requested(self, event: Any) -> None:
         peer = self._peer(event)
@@ -278,10 +288,15 @@ class DicomServer:
         with self._lock:
             return self._associations.get(id(event.assoc))
 
-    def _on_released(self, event: Any) -> None:
-        state = self._state(event)
-        if state is not None:
-            state.released = True
+    def _on_acse_sent(self, event: Any) -> None:
+        # Released once our A-RELEASE response is queued for the peer: the peer may close the
+        # connection as soon as it has it, and EVT_CONN_CLOSE (from the DUL thread) may then
+        # come before EVT_RELEASED (from the association thread).
+        primitive = event.primitive
+        if isinstance(primitive, A_RELEASE) and primitive.result is not None:
+            state = self._state(event)
+            if state is not None:
+                state.released = True
 
     def _on_aborted(self, event: Any) -> None:
         state = self._state(event)

@@ -21,6 +21,7 @@ from sqlalchemy.orm import sessionmaker
 
 import scp.store
 from scp.contexts import VERIFICATION_CLASS
+from scp.prompt import is_prompt
 from scp.server import DicomServer
 from scp.status import StoreStatus
 from storage.models import Association, AuditEvent, Instance, Job
@@ -81,6 +82,20 @@ def test_echo(make_server: ServerFactory) -> None:
     assert assoc.is_established
     assert assoc.send_c_echo().Status == 0x0000
     assoc.release()
+
+
+def test_our_associations_wake_on_work_and_serve_as_before(make_server: ServerFactory) -> None:
+    server = make_server()
+    assoc = associate(server)
+    assert assoc.is_established
+    (acceptor,) = [a for a in server.ae.active_associations if a.is_acceptor]
+    assert is_prompt(acceptor)
+    # messages back to back, each answered in turn
+    for n in range(50):
+        assert assoc.send_c_echo().Status == 0x0000
+        assert int(assoc.send_c_store(ct(value=n)).Status) == 0x0000
+    assoc.release()
+    assert assoc.is_released
 
 
 @SIDES
