@@ -11,6 +11,7 @@ from typing import Any
 
 from pydicom import Dataset
 from pynetdicom import AE, evt
+from pynetdicom import _config as pynetdicom_config
 from pynetdicom.events import EventHandlerType
 from pynetdicom.pdu_primitives import A_RELEASE
 from sqlalchemy.orm import Session, sessionmaker
@@ -150,6 +151,10 @@ class DicomServer:
         )
 
     def start(self) -> None:
+        # pynetdicom's standard handlers narrate every PDU and message at INFO and DEBUG, and
+        # copy each received dataset to see whether it is empty: bound only where it is logged.
+        narrated = logging.getLogger("pynetdicom").isEnabledFor(logging.INFO)
+        pynetdicom_config.LOG_HANDLER_LEVEL = "standard" if narrated else "none"
         address = (self.settings.bind_address, self.settings.port)
         tls = self.tls()
         self._server = self.ae.start_server(

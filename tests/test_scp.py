@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import struct
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 from pydicom import Dataset, dcmread
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom import _config as pynetdicom_config
 from sqlalchemy import create_engine, event, func, select
 from sqlalchemy.exc import OperationalError
@@ -96,6 +97,27 @@ def test_our_associations_wake_on_work_and_serve_as_before(make_server: ServerFa
         assert int(assoc.send_c_store(ct(value=n)).Status) == 0x0000
     assoc.release()
     assert assoc.is_released
+
+
+@pytest.mark.parametrize("level", [logging.WARNING, logging.DEBUG])
+def test_pynetdicom_narrates_only_where_it_is_logged(
+    make_server: ServerFactory,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    level: int,
+) -> None:
+    monkeypatch.setattr(pynetdicom_config, "LOG_HANDLER_LEVEL", "standard")
+    caplog.set_level(level, logger="pynetdicom")
+    server = make_server()
+    assoc = associate(server)
+    (acceptor,) = [a for a in server.ae.active_associations if a.is_acceptor]
+    assert int(assoc.send_c_store(ct()).Status) == 0x0000
+    assoc.release()
+    narrated = [r for r in caplog.records if r.getMessage() == "Received Store Request"]
+    if level == logging.DEBUG:
+        assert acceptor.get_handlers(evt.EVT_DIMSE_RECV) and narrated
+    else:
+        assert acceptor.get_handlers(evt.EVT_DIMSE_RECV) == [] and not narrated
 
 
 @SIDES
