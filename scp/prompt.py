@@ -20,7 +20,6 @@ is its own plain sleep.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import queue
 import select
@@ -30,8 +29,6 @@ import weakref
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
-
-log = logging.getLogger(__name__)
 
 # pynetdicom's reactors sleep this long when idle; shorter sleeps of the same threads (waits
 # for a flag another thread sets) are woken too, longer ones (after an abort) never.
@@ -96,12 +93,9 @@ def make_prompt(assoc: Any) -> None:
     (pynetdicom's EVT_CONN_OPEN); anything unexpected leaves it as pynetdicom made it."""
     install()
     dul = assoc.dul
-    if dul.is_alive() or assoc.is_alive():
-        return
-    if not (dul.to_provider_queue.empty() and dul.to_user_queue.empty()):
-        return
-    if not assoc.dimse.msg_queue.empty():
-        return
+    queues = (dul.to_provider_queue, dul.to_user_queue, assoc.dimse.msg_queue)
+    if dul.is_alive() or assoc.is_alive() or not all(q.empty() for q in queues):
+        return  # already at work: replacing its queues could lose what they hold
     reactor_woken = threading.Event()
     read_end, write_end = os.pipe()
     os.set_blocking(read_end, False)

@@ -80,7 +80,6 @@ class _AssociationState:
     failed: int = 0
     bytes_stored: int = 0
     released: bool = False
-    aborted: bool = False
     # study UID -> [patient ID, instances stored]
     studies: dict[str, list[Any]] = field(default_factory=dict)
 
@@ -128,7 +127,6 @@ class DicomServer:
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_ACSE_SENT, self._on_acse_sent),
-            (evt.EVT_ABORTED, self._on_aborted),
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
             (evt.EVT_C_STORE, self._on_c_store),
             (evt.EVT_C_ECHO, self._on_c_echo),
@@ -302,11 +300,6 @@ class DicomServer:
             state = self._state(event)
             if state is not None:
                 state.released = True
-
-    def _on_aborted(self, event: Any) -> None:
-        state = self._state(event)
-        if state is not None:
-            state.aborted = True
 
     def _on_conn_close(self, event: Any) -> None:
         with self._lock:

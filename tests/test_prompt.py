@@ -98,7 +98,7 @@ def test_the_dul_thread_wakes_when_its_socket_has_data() -> None:
         peer.close()
 
 
-def test_a_started_association_is_left_as_it_is() -> None:
+def test_an_association_already_at_work_is_left_as_it_is() -> None:
     assoc = unstarted_acceptor()
     assoc.dimse.msg_queue.put((1, "already queued"))
     make_prompt(assoc)

@@ -57,6 +57,12 @@ def associate(
     return ae.associate("127.0.0.1", server.port, ae_title=called)
 
 
+def our_side(server: DicomServer) -> Any:
+    """The server's association of the one open now."""
+    (acceptor,) = [a for a in server.ae.active_associations if a.is_acceptor]
+    return acceptor
+
+
 def store(server: DicomServer, *datasets: Any) -> list[int]:
     assoc = associate(server)
     assert assoc.is_established
@@ -89,7 +95,7 @@ def test_our_associations_wake_on_work_and_serve_as_before(make_server: ServerFa
     server = make_server()
     assoc = associate(server)
     assert assoc.is_established
-    (acceptor,) = [a for a in server.ae.active_associations if a.is_acceptor]
+    acceptor = our_side(server)
     assert is_prompt(acceptor)
     # messages back to back, each answered in turn
     for n in range(50):
@@ -110,7 +116,7 @@ def test_pynetdicom_narrates_only_where_it_is_logged(
     caplog.set_level(level, logger="pynetdicom")
     server = make_server()
     assoc = associate(server)
-    (acceptor,) = [a for a in server.ae.active_associations if a.is_acceptor]
+    acceptor = our_side(server)
     assert int(assoc.send_c_store(ct()).Status) == 0x0000
     assoc.release()
     narrated = [r for r in caplog.records if r.getMessage() == "Received Store Request"]
