@@ -21,6 +21,7 @@ from scp.contexts import IMAGE_STORAGE_CLASSES, TRANSFER_SYNTAXES, VERIFICATION_
 from scp.filemeta import file_meta_header
 from scp.prompt import make_prompt
 from scp.records import Peer, StoreRequest
+from scp.responses import respond_directly
 from scp.status import StoreStatus, error_comment, status_for
 from scp.store import StoreService
 from scp.tls import AuditedTLS, TLSFailure, server_context
@@ -210,6 +211,10 @@ class DicomServer:
             make_prompt(event.assoc)
         except Exception:
             log.warning("association left to poll: could not set up its wake-ups", exc_info=True)
+        try:
+            respond_directly(event.assoc)
+        except Exception:
+            log.warning("responses left to pynetdicom's encoder: could not set up", exc_info=True)
 
     def _on_requested(self, event: Any) -> None:
         peer = self._peer(event)
