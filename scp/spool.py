@@ -28,6 +28,9 @@ _UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 UID_MAX_LENGTH = 64
 
 
+# a new file, never one already there
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+
 FANOUT_DIRECTORIES = tuple(f"{n:02x}" for n in range(256))
 
 
@@ -41,6 +44,9 @@ class Spool:
         self.fsync = fsync
         self.root.mkdir(parents=True, exist_ok=True)
         self._make_fanout()
+        # made once: joining paths is a noticeable part of each instance's CPU time
+        self._directories = {name: self.root / name for name in FANOUT_DIRECTORIES}
+        self._root_prefix = f"{self.root}{os.sep}"
 
     def _make_fanout(self) -> None:
         made = False
@@ -61,7 +67,7 @@ class Spool:
         # directory nor name another one.
         if not is_valid_uid(sop_instance_uid):
             raise ValueError(f"not a valid UID: {sop_instance_uid!r}")
-        return self.root / hashlib.sha1(sop_instance_uid.encode("ascii")).hexdigest()[:2]
+        return self._directories[hashlib.sha1(sop_instance_uid.encode("ascii")).hexdigest()[:2]]
 
     def path_for(self, sop_instance_uid: str, version: int, sha256: str) -> Path:
         """Where a version lives; the content hash in the name keeps two different datasets
@@ -74,24 +80,29 @@ class Spool:
     ) -> Path:
         return self.place(self.stage(sop_instance_uid, chunks), sop_instance_uid, version, sha256)
 
-    def stage(self, sop_instance_uid: str, chunks: tuple[bytes, ...]) -> Path:
+    def stage(self, sop_instance_uid: str, chunks: tuple[bytes, ...], *, sync: bool = True) -> Path:
         """Write and fsync the chunks under a temporary name in the UID's directory; ``place``
-        gives the file its name, or ``discard`` removes it."""
+        gives the file its name, or ``discard`` removes it. Without ``sync`` the fsync is left
+        to ``sync``."""
         directory = self.directory_for(sop_instance_uid)
-        if not directory.is_dir():
-            # removed since the spool was opened
+        temporary = directory / f".{sop_instance_uid}.{uuid.uuid4().hex}.part"
+        try:
+            fd = os.open(temporary, _CREATE, 0o644)
+        except FileNotFoundError:
+            # its directory was removed since the spool was opened
             directory.mkdir(exist_ok=True)
             if self.fsync:
                 _fsync_dir(self.root)
-        temporary = directory / f".{sop_instance_uid}.{uuid.uuid4().hex}.part"
+            fd = os.open(temporary, _CREATE, 0o644)
         try:
-            with open(temporary, "wb", buffering=0) as handle:
-                self._write_chunks(handle.fileno(), chunks)
-                if self.fsync:
-                    os.fsync(handle.fileno())
+            self._write_chunks(fd, chunks)
+            if sync and self.fsync:
+                os.fsync(fd)
         except BaseException:
             temporary.unlink(missing_ok=True)
             raise
+        finally:
+            os.close(fd)
         return temporary
 
     def _write_chunks(self, fd: int, chunks: tuple[bytes, ...]) -> None:
@@ -124,12 +135,29 @@ class Spool:
             _fsync_dir(path.parent)
         return path
 
+    def sync(self, staged: Path) -> None:
+        """fsync a file staged without it; the file is removed if that fails."""
+        if not self.fsync:
+            return
+        try:
+            fd = os.open(staged, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except BaseException:
+            staged.unlink(missing_ok=True)
+            raise
+
     def discard(self, path: Path) -> None:
         """Remove a file that was written but never recorded (the database refused it)."""
         path.unlink(missing_ok=True)
 
     def relative(self, path: Path) -> str:
-        return str(path.relative_to(self.root))
+        text = str(path)
+        if text.startswith(self._root_prefix):
+            return text[len(self._root_prefix) :]
+        return str(path.relative_to(self.root))  # not under the root: raises ValueError
 
     def absolute(self, stored: str) -> Path:
         return self.root / stored

@@ -9,7 +9,8 @@ import logging
 import re
 import threading
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,8 +144,10 @@ def _record(session: Session, item: tuple[NewInstance, int, str]) -> int:
 
 # Below this size a thread handoff costs about what hashing beside the write saves.
 OVERLAP_MIN_BYTES = 256 * 1024
-# One pool for the process: its threads start on first use and idle between datasets.
+# Pools for the process: their threads start on first use and idle between datasets.
 _HASHING = ThreadPoolExecutor(max_workers=4, thread_name_prefix="medreid-hash")
+# a thread for each association that may be storing at once
+_SYNCING = ThreadPoolExecutor(max_workers=32, thread_name_prefix="medreid-fsync")
 
 
 def _sha256(data: bytes) -> str:
@@ -210,7 +213,7 @@ class StoreService:
                     with snapshot(self.sessions) as session:
                         versions = stored_versions(session, sop_instance_uid=uid)
                 version = max(versions.values(), default=0) + 1
-                sha256, path = self._write(request, versions, version, sha256)
+                sha256, path, durable = self._write(request, versions, version, sha256)
                 if path is None:
                     return self._duplicate(header, versions[sha256], len(request.dataset))
                 new = NewInstance(
@@ -228,7 +231,11 @@ class StoreService:
                     association_id=association_id,
                 )
                 try:
-                    instance_id = self._records.submit((new, version, self.spool.relative(path)))
+                    # with a file still being made durable, the rows are written meanwhile
+                    # and committed once it is (submit returns only then, whatever happens)
+                    instance_id = self._records.submit(
+                        (new, version, self.spool.relative(path)), ready=durable
+                    )
                 except IntegrityError:
                     # Stored before, or by another process meanwhile: look, and go again. (A
                     # resent identical dataset was just renamed over its own stored file, with
@@ -266,25 +273,41 @@ class StoreService:
         versions: dict[str, int],
         version: int,
         sha256: str | None,
-    ) -> tuple[str, Path | None]:
+    ) -> tuple[str, Path | None, Future[Path] | None]:
         """The dataset's SHA-256 (hashed here unless given) and its spool path, or no path
-        when it is a stored version."""
+        when it is a stored version; with the future of its fsync and naming where those
+        are still under way."""
         chunks = (request.file_header, request.dataset)
+        uid = request.sop_instance_uid
         if sha256 is not None or versions or len(request.dataset) < OVERLAP_MIN_BYTES:
             sha256 = sha256 or _sha256(request.dataset)
             if sha256 in versions:
-                return sha256, None
-            return sha256, self.spool.write(request.sop_instance_uid, version, sha256, chunks)
+                return sha256, None, None
+            return sha256, self.spool.write(uid, version, sha256, chunks), None
         # No stored version to compare with (a UID tried as new): hash while the file is
-        # written and fsynced (both release the GIL), then name it by the hash.
+        # written, and fsync and name it while its rows are written (all release the GIL).
         digest = _HASHING.submit(_sha256, request.dataset)
-        staged = self.spool.stage(request.sop_instance_uid, chunks)
+        try:
+            staged = self.spool.stage(uid, chunks, sync=False)
+        except BaseException:
+            wait_for([digest])
+            raise
+        durable = _SYNCING.submit(self._sync_and_place, staged, uid, version, digest)
+        try:
+            sha256 = digest.result()
+        except BaseException:
+            wait_for([durable])  # which removes the file
+            raise
+        return sha256, self.spool.path_for(uid, version, sha256), durable
+
+    def _sync_and_place(self, staged: Path, uid: str, version: int, digest: Future[str]) -> Path:
+        self.spool.sync(staged)
         try:
             sha256 = digest.result()
         except BaseException:
             self.spool.discard(staged)
             raise
-        return sha256, self.spool.place(staged, request.sop_instance_uid, version, sha256)
+        return self.spool.place(staged, uid, version, sha256)
 
     def _duplicate(self, header: HeaderFields, version: int, size: int) -> StoredInstance:
         return StoredInstance(

@@ -5,6 +5,9 @@ several associations store at once, the first thread to find the database free c
 everything queued by then in one transaction; the others wait for that commit instead of
 queueing on the database's write lock (SQLite's busy handler sleeps in steps of milliseconds)
 and paying a log fsync each. A thread alone commits alone, with no wait added.
+
+An item may come with a future that must be done before its row may be committed (its
+file's fsync, say): the rows are written while it runs, and the commit waits for it.
 """
 
 from __future__ import annotations
@@ -12,8 +15,10 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_for
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -33,6 +38,7 @@ class CommitOutcomeUnknown(Exception):
 @dataclass(eq=False)
 class _Pending(Generic[ItemT, ResultT]):
     item: ItemT
+    ready: Future[object] | None = None
     done: threading.Event = field(default_factory=threading.Event)
     result: ResultT | None = None
     error: BaseException | None = None
@@ -72,8 +78,17 @@ class GroupCommit(Generic[ItemT, ResultT]):
         with self._queue_lock:
             return len(self._queue)
 
-    def submit(self, item: ItemT) -> ResultT:
-        pending: _Pending[ItemT, ResultT] = _Pending(item)
+    def submit(self, item: ItemT, *, ready: Future[Any] | None = None) -> ResultT:
+        """Commit ``item``; with ``ready``, not before that is done, and its error is the
+        item's. Returns or raises only once ``ready`` is done, whatever happened."""
+        pending: _Pending[ItemT, ResultT] = _Pending(item, ready)
+        try:
+            return self._submit(pending)
+        finally:
+            if ready is not None:
+                wait_for([ready])
+
+    def _submit(self, pending: _Pending[ItemT, ResultT]) -> ResultT:
         with self._queue_lock:
             self._queue.append(pending)
         while not pending.done.is_set():
@@ -92,7 +107,7 @@ class GroupCommit(Generic[ItemT, ResultT]):
         try:
             if len(batch) > 1:
                 try:
-                    results = self._transaction([pending.item for pending in batch])
+                    results = self._transaction(batch)
                 except (OperationalError, InterfaceError, CommitOutcomeUnknown) as exc:
                     # The database is away or locked past its timeout: the same answer for
                     # all, now, rather than each item waiting out the timeout in turn.
@@ -118,19 +133,22 @@ class GroupCommit(Generic[ItemT, ResultT]):
 
     def _write_alone(self, pending: _Pending[ItemT, ResultT]) -> None:
         try:
-            (result,) = self._transaction([pending.item])
+            (result,) = self._transaction([pending])
         except Exception as exc:
             pending.settle(error=exc)
         else:
             pending.settle(result)
 
-    def _transaction(self, items: list[ItemT]) -> list[ResultT]:
-        """Write the items in one transaction and commit it. An error before the commit
-        rolls it back and is raised as it is."""
+    def _transaction(self, batch: list[_Pending[ItemT, ResultT]]) -> list[ResultT]:
+        """Write the items in one transaction and commit it once their futures are done. An
+        error before the commit (a future's included) rolls it back and is raised as it is."""
         with self._sessions() as session:
             session.begin()
-            results = [self._write(session, item) for item in items]
+            results = [self._write(session, pending.item) for pending in batch]
             session.flush()
+            for pending in batch:
+                if pending.ready is not None:
+                    pending.ready.result()
             connection = session.connection()
             try:
                 session.commit()

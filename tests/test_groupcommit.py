@@ -5,12 +5,14 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 
 import pytest
 from sqlalchemy import event, func, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
+from storage.db import snapshot
 from storage.groupcommit import CommitOutcomeUnknown, GroupCommit
 from storage.models import Instance
 from storage.repository import NewInstance, record_instance
@@ -27,7 +29,8 @@ def count_commits(database: Database) -> list[int]:
 
 
 def recorded(database: Database) -> int:
-    with database.sessions() as session:
+    # a snapshot: it need not wait for a writer's lock
+    with snapshot(database.sessions) as session:
         return int(session.scalar(select(func.count()).select_from(Instance)) or 0)
 
 
@@ -158,3 +161,91 @@ def test_a_failed_commit_is_told_apart_from_an_error_before_it(database: Databas
     # and the connection whose commit failed was not handed to the next writer
     assert isinstance(GroupCommit(database.sessions, record).submit(new_instance("1.2.3.8")), int)
     assert recorded(database) == 2
+
+
+def test_a_row_is_written_while_its_future_runs_and_committed_only_after_it(
+    database: Database,
+) -> None:
+    written = threading.Event()
+
+    def write_then(session: Session, new: NewInstance) -> int:
+        instance_id = record(session, new)
+        written.set()
+        return instance_id
+
+    group: GroupCommit[NewInstance, int] = GroupCommit(database.sessions, write_then)
+    ready: Future[None] = Future()
+    outcome: list[int] = []
+    submitter = threading.Thread(
+        target=lambda: outcome.append(group.submit(new_instance("1.2.3.1"), ready=ready))
+    )
+    submitter.start()
+    try:
+        assert written.wait(10)  # the row is written before the future is done...
+        time.sleep(0.05)
+        assert recorded(database) == 0  # ...and not committed
+        assert submitter.is_alive()
+    finally:
+        ready.set_result(None)
+        submitter.join(10)
+    assert len(outcome) == 1 and recorded(database) == 1
+
+
+def test_a_failed_future_fails_its_item_alone(database: Database) -> None:
+    failed: Future[None] = Future()
+    failed.set_exception(OSError(5, "Input/output error"))
+    done: Future[None] = Future()
+    done.set_result(None)
+    futures = {"1.2.3.2": failed}
+    commits = count_commits(database)
+    writing, go = threading.Event(), threading.Event()
+
+    def write(session: Session, new: NewInstance) -> int:
+        if new.sop_instance_uid == "1.2.3.0":
+            writing.set()
+            go.wait(10)
+        return record(session, new)
+
+    group: GroupCommit[NewInstance, int] = GroupCommit(database.sessions, write)
+    items = [new_instance(f"1.2.3.{n}", sha=f"{n:064x}") for n in range(4)]
+    outcomes: list[int | BaseException | None] = [None] * len(items)
+
+    def submit(index: int) -> None:
+        item = items[index]
+        try:
+            outcomes[index] = group.submit(item, ready=futures.get(item.sop_instance_uid, done))
+        except Exception as exc:
+            outcomes[index] = exc
+
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(len(items))]
+    threads[0].start()
+    assert writing.wait(10)
+    for thread in threads[1:]:
+        thread.start()
+    deadline = time.monotonic() + 10
+    while group.queued < len(items) - 1 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    go.set()
+    for thread in threads:
+        thread.join(10)
+    # the batch of three failed for one future, and was written again one item at a time
+    assert isinstance(outcomes[2], OSError)
+    assert all(isinstance(outcomes[i], int) for i in (0, 1, 3))
+    assert recorded(database) == 3
+    assert len(commits) == 3
+
+
+def test_submit_returns_only_once_its_future_is_done_even_when_the_write_fails(
+    database: Database,
+) -> None:
+    def refused(session: Session, new: NewInstance) -> int:
+        raise IntegrityError("INSERT ...", {}, Exception("UNIQUE constraint failed"))
+
+    ready: Future[None] = Future()
+    timer = threading.Timer(0.2, ready.set_result, args=(None,))
+    timer.start()
+    started = time.monotonic()
+    with pytest.raises(IntegrityError):
+        GroupCommit(database.sessions, refused).submit(new_instance("1.2.3.1"), ready=ready)
+    assert ready.done() and time.monotonic() - started >= 0.15
+    timer.join()

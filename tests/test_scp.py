@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import logging
+import os
 import struct
 import time
 from pathlib import Path
@@ -165,6 +167,35 @@ def test_store_is_durable_and_recorded_before_success(
         None,  # DICOM Instances Transferred, one per study
         "Association Released",
     ]
+
+
+@SIDES
+def test_a_failed_fsync_is_never_success_and_leaves_nothing(
+    make_server: ServerFactory,
+    sqlite_database: Database,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    side: int,
+) -> None:
+    real_fsync = os.fsync
+
+    def failing_fsync(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    server = make_server()
+    ds = ct(side=side)
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    assoc = associate(server)
+    answer = assoc.send_c_store(ds)
+    assoc.release()
+    assert answer.Status == StoreStatus.OUT_OF_RESOURCES
+    assert "Input/output error" in answer.ErrorComment
+    assert count(sqlite_database, Instance) == 0
+    assert [p for p in (tmp_path / "spool").rglob("*") if p.is_file()] == []
+    # the disk recovers, and the sender's retry is stored
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert store(server, ds) == [StoreStatus.SUCCESS]
+    assert count(sqlite_database, Instance) == 1
 
 
 def file_header_length(part10: bytes) -> int:

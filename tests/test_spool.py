@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import sys
 from pathlib import Path
 
@@ -98,6 +99,39 @@ def test_fsync_is_called_for_file_and_directory(
     calls.clear()
     Spool(tmp_path / "nosync", fsync=False).write("1.2.3.6", 1, SHA, (b"data",))
     assert calls == []
+
+
+def test_a_file_staged_without_fsync_is_fsynced_by_sync_or_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[bytes] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        if stat.S_ISREG(os.fstat(fd).st_mode):  # files, not their directories
+            synced.append(os.pread(fd, 16, 0))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    spool = Spool(tmp_path / "spool")
+    synced.clear()
+    staged = spool.stage("1.2.3.6", (b"first file",), sync=False)
+    assert synced == [] and staged.read_bytes() == b"first file"
+    spool.sync(staged)
+    assert synced == [b"first file"]
+    assert spool.place(staged, "1.2.3.6", 1, SHA).read_bytes() == b"first file"
+
+    def failing_fsync(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    staged = spool.stage("1.2.3.7", (b"second",), sync=False)
+    with pytest.raises(OSError, match="Input/output"):
+        spool.sync(staged)
+    assert not staged.exists()
+    # a spool without fsync does none
+    unsynced = Spool(tmp_path / "nosync", fsync=False)
+    unsynced.sync(unsynced.stage("1.2.3.8", (b"third",), sync=False))
 
 
 def test_a_large_file_is_written_in_slices_each_sent_to_disk_before_the_next(
