@@ -319,6 +319,9 @@ def main() -> None:
     if args.quick:
         args.ct, args.radiographs, args.compressed = 500, 40, 50
     sets = make_files(args.data, args.ct, args.radiographs, args.compressed)
+    # Files just generated may still be being written out by the kernel: measured before
+    # that is done, the first receiver would share the disk with it.
+    os.sync()
     sets = {k: v for k, v in sets.items() if k in args.sets.split(",")}
     receivers = [r for r in ALL_RECEIVERS if r in args.receivers.split(",")]
     syntax_flags = {"ct": None, "radiograph": None, "ct_rle": "-xr"}
