@@ -82,8 +82,8 @@ class Spool:
 
     def stage(self, sop_instance_uid: str, chunks: tuple[bytes, ...], *, sync: bool = True) -> Path:
         """Write and fsync the chunks under a temporary name in the UID's directory; ``place``
-        gives the file its name, or ``discard`` removes it. Without ``sync`` the fsync is left
-        to ``sync``."""
+        gives the file its name, or ``discard`` removes it. With ``sync=False`` the caller
+        fsyncs it later, with :meth:`sync`."""
         directory = self.directory_for(sop_instance_uid)
         temporary = directory / f".{sop_instance_uid}.{uuid.uuid4().hex}.part"
         try:
