@@ -55,9 +55,11 @@ def held_batch(
     database: Database,
     items: list[NewInstance],
     then: Callable[[Session, NewInstance], int] = record,
+    ready: dict[str, Future[None]] | None = None,
 ) -> tuple[list[int | BaseException | None], int]:
     """The first item's transaction is held open until all the others are queued, so they
-    are written together by ``then``; each item's outcome and the number of commits."""
+    are written together by ``then``; each item's outcome and the number of commits. Items
+    whose UIDs ``ready`` names are submitted with those futures."""
     commits = count_commits(database)
     writing, go = threading.Event(), threading.Event()
 
@@ -72,8 +74,9 @@ def held_batch(
     outcomes: list[int | BaseException | None] = [None] * len(items)
 
     def submit(index: int) -> None:
+        item = items[index]
         try:
-            outcomes[index] = group.submit(items[index])
+            outcomes[index] = group.submit(item, ready=(ready or {}).get(item.sop_instance_uid))
         except Exception as exc:
             outcomes[index] = exc
 
@@ -194,45 +197,13 @@ def test_a_row_is_written_while_its_future_runs_and_committed_only_after_it(
 def test_a_failed_future_fails_its_item_alone(database: Database) -> None:
     failed: Future[None] = Future()
     failed.set_exception(OSError(5, "Input/output error"))
-    done: Future[None] = Future()
-    done.set_result(None)
-    futures = {"1.2.3.2": failed}
-    commits = count_commits(database)
-    writing, go = threading.Event(), threading.Event()
-
-    def write(session: Session, new: NewInstance) -> int:
-        if new.sop_instance_uid == "1.2.3.0":
-            writing.set()
-            go.wait(10)
-        return record(session, new)
-
-    group: GroupCommit[NewInstance, int] = GroupCommit(database.sessions, write)
     items = [new_instance(f"1.2.3.{n}", sha=f"{n:064x}") for n in range(4)]
-    outcomes: list[int | BaseException | None] = [None] * len(items)
-
-    def submit(index: int) -> None:
-        item = items[index]
-        try:
-            outcomes[index] = group.submit(item, ready=futures.get(item.sop_instance_uid, done))
-        except Exception as exc:
-            outcomes[index] = exc
-
-    threads = [threading.Thread(target=submit, args=(i,)) for i in range(len(items))]
-    threads[0].start()
-    assert writing.wait(10)
-    for thread in threads[1:]:
-        thread.start()
-    deadline = time.monotonic() + 10
-    while group.queued < len(items) - 1 and time.monotonic() < deadline:
-        time.sleep(0.005)
-    go.set()
-    for thread in threads:
-        thread.join(10)
+    outcomes, commits = held_batch(database, items, ready={"1.2.3.2": failed})
     # the batch of three failed for one future, and was written again one item at a time
     assert isinstance(outcomes[2], OSError)
     assert all(isinstance(outcomes[i], int) for i in (0, 1, 3))
     assert recorded(database) == 3
-    assert len(commits) == 3
+    assert commits == 3
 
 
 def test_submit_returns_only_once_its_future_is_done_even_when_the_write_fails(
