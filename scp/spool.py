@@ -140,6 +140,8 @@ class Spool:
         if not self.fsync:
             return
         try:
+            # Another descriptor than the writer's: Linux reports a writeback error that no
+            # descriptor has seen to the next fsync of any, so none is lost in between.
             fd = os.open(staged, os.O_RDONLY)
             try:
                 os.fsync(fd)
