@@ -285,7 +285,7 @@ class StoreService:
                 return sha256, None, None
             return sha256, self.spool.write(uid, version, sha256, chunks), None
         # No stored version to compare with (a UID tried as new): hash while the file is
-        # written, and fsync and name it while its rows are written (all release the GIL).
+        # written, then fsync and name it on a helper thread while its rows are written.
         digest = _HASHING.submit(_sha256, request.dataset)
         try:
             staged = self.spool.stage(uid, chunks, sync=False)
