@@ -18,7 +18,8 @@ def _short(element: int, vr: bytes, value: bytes) -> bytes:
     return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
 
 
-def _padded(text: str, pad: bytes) -> bytes:
+def padded(text: str, pad: bytes) -> bytes:
+    """A value's bytes padded to an even length (PS3.5 7.1.1), as every element needs."""
     raw = text.encode("ascii", errors="replace")
     return raw + pad if len(raw) % 2 else raw
 
@@ -36,11 +37,11 @@ def file_meta_header(
         (
             # (0002,0001) OB has a 4-byte length after two reserved bytes
             struct.pack("<HH2s2xI", 0x0002, 0x0001, b"OB", 2) + b"\x00\x01",
-            _short(0x0002, b"UI", _padded(sop_class_uid, b"\x00")),
-            _short(0x0003, b"UI", _padded(sop_instance_uid, b"\x00")),
-            _short(0x0010, b"UI", _padded(transfer_syntax_uid, b"\x00")),
-            _short(0x0012, b"UI", _padded(implementation_uid, b"\x00")),
-            _short(0x0013, b"SH", _padded(implementation_version, b" ")),
+            _short(0x0002, b"UI", padded(sop_class_uid, b"\x00")),
+            _short(0x0003, b"UI", padded(sop_instance_uid, b"\x00")),
+            _short(0x0010, b"UI", padded(transfer_syntax_uid, b"\x00")),
+            _short(0x0012, b"UI", padded(implementation_uid, b"\x00")),
+            _short(0x0013, b"SH", padded(implementation_version, b" ")),
         )
     )
     group_length = struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(body))

@@ -18,6 +18,8 @@ from pynetdicom import evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 
+from scp.filemeta import padded
+
 _C_STORE_RSP = 0x8001
 _NO_DATASET = 0x0101
 # Message Control Header of a command's last (here: only) fragment, PS3.8 E.2
@@ -29,23 +31,18 @@ def _element(element: int, value: bytes) -> bytes:
     return struct.pack("<HHI", 0x0000, element, len(value)) + value
 
 
-def _uid(uid: str) -> bytes:
-    raw = uid.encode("ascii")
-    return raw + b"\x00" if len(raw) % 2 else raw
-
-
 def c_store_rsp_command(
     *, message_id: int, sop_class_uid: str, sop_instance_uid: str, status: int
 ) -> bytes:
     """The encoded command set of a C-STORE response with no optional elements."""
     body = b"".join(
         (
-            _element(0x0002, _uid(sop_class_uid)),
+            _element(0x0002, padded(sop_class_uid, b"\x00")),
             _element(0x0100, struct.pack("<H", _C_STORE_RSP)),
             _element(0x0120, struct.pack("<H", message_id)),
             _element(0x0800, struct.pack("<H", _NO_DATASET)),
             _element(0x0900, struct.pack("<H", status)),
-            _element(0x1000, _uid(sop_instance_uid)),
+            _element(0x1000, padded(sop_instance_uid, b"\x00")),
         )
     )
     return _element(0x0000, struct.pack("<I", len(body))) + body
