@@ -43,15 +43,14 @@ class Spool:
         self.root = root.resolve()
         self.fsync = fsync
         self.root.mkdir(parents=True, exist_ok=True)
-        self._make_fanout()
         # made once: joining paths is a noticeable part of each instance's CPU time
         self._directories = {name: self.root / name for name in FANOUT_DIRECTORIES}
         self._root_prefix = f"{self.root}{os.sep}"
+        self._make_fanout()
 
     def _make_fanout(self) -> None:
         made = False
-        for name in FANOUT_DIRECTORIES:
-            directory = self.root / name
+        for directory in self._directories.values():
             if not directory.is_dir():
                 directory.mkdir(exist_ok=True)
                 made = True
