@@ -287,11 +287,7 @@ class StoreService:
         # No stored version to compare with (a UID tried as new): hash while the file is
         # written, then fsync and name it on a helper thread while its rows are written.
         digest = _HASHING.submit(_sha256, request.dataset)
-        try:
-            staged = self.spool.stage(uid, chunks, sync=False)
-        except BaseException:
-            wait_for([digest])
-            raise
+        staged = self.spool.stage(uid, chunks, sync=False)  # a failure leaves no file
         durable = _SYNCING.submit(self._sync_and_place, staged, uid, version, digest)
         try:
             sha256 = digest.result()

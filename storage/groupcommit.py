@@ -38,7 +38,7 @@ class CommitOutcomeUnknown(Exception):
 @dataclass(eq=False)
 class _Pending(Generic[ItemT, ResultT]):
     item: ItemT
-    ready: Future[object] | None = None
+    ready: Future[Any] | None = None
     done: threading.Event = field(default_factory=threading.Event)
     result: ResultT | None = None
     error: BaseException | None = None
