@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import logging
 import os
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
 from medreid import __version__
+from medreid.clock import Clock, utcnow
 from medreid.output import FORMATS, parse_when, render
 from medreid.settings import Settings, SettingsError, describe, load_settings
 
@@ -318,11 +320,11 @@ def _configure_logging(settings: Settings | None) -> None:
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
 
-def _when(value: str | None, option: str) -> Any:
+def _when(value: str | None, option: str, now: dt.datetime) -> Any:
     if value is None:
         return None
     try:
-        return parse_when(value)
+        return parse_when(value, now)
     except ValueError as exc:
         raise SystemExit(f"medreid: {option}: {exc}") from None
 
@@ -346,7 +348,7 @@ def _audit_listing(session: Any, kind: Any, args: argparse.Namespace, **detail: 
     )
 
 
-def cmd_db(settings: Settings, args: argparse.Namespace) -> int:
+def cmd_db(settings: Settings, args: argparse.Namespace, clock: Clock) -> int:
     from storage.db import current_revision, head_revision, make_engine, upgrade
 
     url = settings.database.url
@@ -365,14 +367,14 @@ def cmd_db(settings: Settings, args: argparse.Namespace) -> int:
     return 0 if current == head else 1
 
 
-def cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
+def cmd_audit(settings: Settings, args: argparse.Namespace, clock: Clock) -> int:
     from medreid.app import build_database
     from storage import audit
     from storage.repository import AuditFilter, query_audit
 
     where = AuditFilter(
-        since=_when(args.since, "--since"),
-        until=_when(args.until, "--until"),
+        since=_when(args.since, "--since", clock()),
+        until=_when(args.until, "--until", clock()),
         event=args.event,
         ae=args.ae,
         host=args.host,
@@ -399,14 +401,14 @@ def cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_instances(settings: Settings, args: argparse.Namespace) -> int:
+def cmd_instances(settings: Settings, args: argparse.Namespace, clock: Clock) -> int:
     from medreid.app import build_database
     from storage import audit
     from storage.repository import InstanceFilter, list_instances
 
     where = InstanceFilter(
-        since=_when(args.since, "--since"),
-        until=_when(args.until, "--until"),
+        since=_when(args.since, "--since", clock()),
+        until=_when(args.until, "--until", clock()),
         state=args.state,
         ae=args.ae,
         patient=args.patient,
@@ -449,14 +451,14 @@ def cmd_instances(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+def cmd_serve(settings: Settings, args: argparse.Namespace, clock: Clock) -> int:
     from medreid.app import serve
 
     config = str(args.config) if args.config else os.environ.get("MEDREID_CONFIG")
     return serve(settings, config)
 
 
-def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
+def cmd_worker(settings: Settings, args: argparse.Namespace, clock: Clock) -> int:
     import signal
     import threading
 
@@ -470,14 +472,14 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
+def cmd_demo(settings: Settings, args: argparse.Namespace, clock: Clock) -> int:
     from medreid.demo import run_demo
 
     config = str(args.config) if args.config else os.environ.get("MEDREID_CONFIG")
     return run_demo(settings, config, args.out, patients=args.patients, seed=args.seed)
 
 
-def cmd_config(settings: Settings, args: argparse.Namespace) -> int:
+def cmd_config(settings: Settings, args: argparse.Namespace, clock: Clock) -> int:
     for key, value in describe(settings):
         print(f"{key} = {value}")
     return 0
@@ -518,7 +520,7 @@ def _pipeline_config(settings: Settings) -> Any:
     return pipeline_config(settings)
 
 
-def cmd_synth(settings: Settings, args: argparse.Namespace) -> int:
+def cmd_synth(settings: Settings, args: argparse.Namespace, clock: Clock) -> int:
     import time
 
     from pipeline.datasets.synthetic import SynthOptions, generate, preview
@@ -556,7 +558,7 @@ def cmd_synth(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_augment(settings: Settings, args: argparse.Namespace) -> int:
+def cmd_augment(settings: Settings, args: argparse.Namespace, clock: Clock) -> int:
     from pipeline.datasets.augment import AugmentParams, export_augmented
 
     brightness = None
@@ -594,7 +596,7 @@ def cmd_augment(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_baseline(settings: Settings, args: argparse.Namespace) -> int:
+def cmd_baseline(settings: Settings, args: argparse.Namespace, clock: Clock) -> int:
     from dataclasses import asdict
 
     from pipeline.datasets.baseline import raw_pixel_baseline
@@ -664,7 +666,7 @@ class _TrainProgress(_Bar):
             self.bar.write(f"epoch {done}/{total}: {shown}")
 
 
-def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
+def cmd_train(settings: Settings, args: argparse.Namespace, clock: Clock) -> int:
     from pipeline.models.backbone import BackboneError
 
     try:
@@ -744,7 +746,7 @@ def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_evaluate(settings: Settings, args: argparse.Namespace) -> int:
+def cmd_evaluate(settings: Settings, args: argparse.Namespace, clock: Clock) -> int:
     import json
 
     from pipeline.models import evaluate
@@ -797,7 +799,7 @@ def cmd_evaluate(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_models(settings: Settings, args: argparse.Namespace) -> int:
+def cmd_models(settings: Settings, args: argparse.Namespace, clock: Clock) -> int:
     from dataclasses import asdict
 
     from pipeline.models.artifacts import ArtifactError, list_models, read_model
@@ -852,7 +854,7 @@ def cmd_models(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_enroll(settings: Settings, args: argparse.Namespace) -> int:
+def cmd_enroll(settings: Settings, args: argparse.Namespace, clock: Clock) -> int:
     from medreid.app import build_database, os_user
     from medreid.enrollment import enroll_again, enroll_folder, enroll_received
 
@@ -954,13 +956,13 @@ def _series_listing(settings: Settings, args: argparse.Namespace, where: ResultF
     return 0
 
 
-def cmd_results(settings: Settings, args: argparse.Namespace) -> int:
+def cmd_results(settings: Settings, args: argparse.Namespace, clock: Clock) -> int:
     from medreid.app import build_database
     from storage import audit
     from storage.repository import ResultFilter, list_results
 
     where = ResultFilter(
-        since=_when(args.since, "--since"),
+        since=_when(args.since, "--since", clock()),
         verdict=args.verdict,
         study=args.study,
         patient=args.patient,
@@ -1018,9 +1020,7 @@ def _read_password(args: argparse.Namespace) -> str:
     return first
 
 
-def cmd_users(settings: Settings, args: argparse.Namespace) -> int:
-    import datetime as dt
-
+def cmd_users(settings: Settings, args: argparse.Namespace, clock: Clock) -> int:
     from sqlalchemy.exc import IntegrityError
 
     from console.passwords import (
@@ -1034,7 +1034,7 @@ def cmd_users(settings: Settings, args: argparse.Namespace) -> int:
     from storage import audit
     from storage.accounts import add_user, disable_user, find_user, list_users, open_session
     from storage.accounts import set_password as store_password
-    from storage.models import SessionKind, utcnow
+    from storage.models import SessionKind
     from storage.repository import append_audit
 
     name: str = getattr(args, "name", "")
@@ -1090,7 +1090,7 @@ def cmd_users(settings: Settings, args: argparse.Namespace) -> int:
             user = find_user(session, username=name)
             if user is None:
                 raise SystemExit(f"medreid: no user {name!r}")
-            now = utcnow()
+            now = clock()
             if args.users_command == "password":
                 assert password_hash is not None
                 store_password(session, user=user, password_hash=password_hash, now=now)
@@ -1150,7 +1150,8 @@ COMMANDS = {
 }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, clock: Clock = utcnow) -> int:
+    """Runs one command; `clock` is the one source of "now" for what the command decides."""
     args = build_parser().parse_args(argv)
     try:
         settings = load_settings(args.config)
@@ -1163,7 +1164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from storage.db import SchemaNotCurrentError
 
     try:
-        return COMMANDS[args.command](settings, args)
+        return COMMANDS[args.command](settings, args, clock)
     except SchemaNotCurrentError as exc:
         print(f"medreid: {exc}", file=sys.stderr)
         return 3

@@ -60,9 +60,9 @@ def render(
     return "\n".join(lines)
 
 
-def parse_when(text: str, now: dt.datetime | None = None) -> dt.datetime:
-    """ISO 8601 ('2026-11-26', '2026-11-26T08:00') or relative ('30m', '12h', '7d') ago, UTC."""
-    now = now or dt.datetime.now(dt.UTC)
+def parse_when(text: str, now: dt.datetime) -> dt.datetime:
+    """ISO 8601 ('2026-11-26', '2026-11-26T08:00') or relative ('30m', '12h', '7d') before
+    ``now``, in UTC."""
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
     stripped = text.strip()
     if stripped and stripped[-1] in units and stripped[:-1].isdigit():

@@ -18,7 +18,7 @@ from console.passwords import new_token, token_digest
 from pipeline.runner import PipelineConfig
 from storage.accounts import find_user, open_session
 from storage.db import make_engine, make_sessionmaker, upgrade
-from storage.models import SessionKind, utcnow
+from storage.models import SessionKind
 from tests.conftest import Database
 from tests.console_fixtures import NOW, Clock, add_console_user, fill
 
@@ -44,7 +44,7 @@ def console_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FastAPI]:
             token_sha256=token_digest(TOKEN),
             csrf_token=None,
             client_host=None,
-            now=utcnow(),
+            now=NOW,
             expires_at=NOW.replace(year=2100),
         )
     yield create_app(
