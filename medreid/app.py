@@ -53,7 +53,11 @@ def os_user() -> str:
 def pipeline_config(settings: Settings) -> PipelineConfig:
     tile = settings.clahe.tile_grid
     return PipelineConfig(
-        decode=DecodeParams(frames=settings.decode.frames, max_frames=settings.decode.max_frames),
+        decode=DecodeParams(
+            frames=settings.decode.frames,
+            max_frames=settings.decode.max_frames,
+            max_bytes=settings.scp.max_dataset_mb * 1024 * 1024,
+        ),
         clahe=ClaheParams(clip_limit=settings.clahe.clip_limit, tile_grid=(tile[0], tile[1])),
     )
 
@@ -85,12 +89,17 @@ class Service:
 def build_service(settings: Settings) -> Service:
     engine, sessions = build_database(settings)
     require_current_schema(engine)
-    spool = Spool(settings.spool.dir, fsync=settings.spool.fsync)
+    spool = Spool(
+        settings.spool.dir,
+        fsync=settings.spool.fsync,
+        group_readable=settings.spool.group_readable,
+    )
     store = StoreService(
         spool=spool,
         sessions=sessions,
         min_free_bytes=settings.spool.min_free_mb * 1024 * 1024,
         supported_sop_classes=frozenset(IMAGE_STORAGE_CLASSES.values()),
+        max_dataset_bytes=settings.scp.max_dataset_mb * 1024 * 1024,
     )
     server = DicomServer(settings=settings.scp, store=store, sessions=sessions)
     return Service(settings, engine, sessions, server, node_name(settings))

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Self
 from medreid import __version__
 from medreid.clock import Clock, utcnow
 from medreid.output import FORMATS, parse_when, render
-from medreid.settings import Settings, SettingsError, describe, load_settings
+from medreid.settings import Settings, SettingsError, describe, load_settings, mask_secrets
 
 if TYPE_CHECKING:  # the commands import their heavy modules when they run
     from storage.repository import ResultFilter
@@ -281,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     user_commands.add_parser(
         "disable", help="disable a user and end its sessions and tokens"
     ).add_argument("name")
+
     token = user_commands.add_parser(
         "token", help="make an API bearer token for a user (printed once, stored hashed)"
     )
@@ -309,11 +310,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _MaskingFormatter(logging.Formatter):
+    """Formats a record, then masks any URL password in it (a database URL in an error)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return mask_secrets(super().format(record))
+
+
 def _configure_logging(settings: Settings | None) -> None:
     level = settings.logging.level.upper() if settings else "INFO"
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_MaskingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
     if level != "DEBUG":
         # Alembic and pynetdicom narrate every step at INFO; keep the service log readable.
         logging.getLogger("alembic").setLevel(logging.WARNING)
@@ -1058,6 +1066,7 @@ def cmd_users(settings: Settings, args: argparse.Namespace, clock: Clock) -> int
                 actor_user=os_user(),
                 actor_host=os.uname().nodename,
                 detail={"interface": "cli", "user": name, "change": change, **detail},
+                occurred_at=clock(),
             ),
         )
 
@@ -1100,6 +1109,7 @@ def cmd_users(settings: Settings, args: argparse.Namespace, clock: Clock) -> int
                 disable_user(session, user=user, now=now)
                 changed(session, "disabled")
                 print(f"user {name} disabled; its sessions and tokens are ended")
+
             else:
                 if user.disabled_at is not None:
                     raise SystemExit(f"medreid: user {name!r} is disabled")
@@ -1156,9 +1166,12 @@ def main(argv: Sequence[str] | None = None, *, clock: Clock = utcnow) -> int:
     try:
         settings = load_settings(args.config)
     except SettingsError as exc:
-        print(f"medreid: invalid configuration: {exc}", file=sys.stderr)
+        print(f"medreid: invalid configuration: {mask_secrets(str(exc))}", file=sys.stderr)
         return 2
     _configure_logging(settings)
+    # what the commands create (the SQLite database and its journals, the spool, exports) is
+    # the service user's alone, or its group's too where configured
+    os.umask(0o027 if settings.spool.group_readable else 0o077)
     from sqlalchemy.exc import OperationalError
 
     from storage.db import SchemaNotCurrentError
@@ -1169,7 +1182,7 @@ def main(argv: Sequence[str] | None = None, *, clock: Clock = utcnow) -> int:
         print(f"medreid: {exc}", file=sys.stderr)
         return 3
     except OperationalError as exc:
-        print(f"medreid: database unavailable: {exc.orig}", file=sys.stderr)
+        print(f"medreid: database unavailable: {mask_secrets(str(exc.orig))}", file=sys.stderr)
         return 4
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 import typing
 from collections.abc import Mapping
@@ -30,7 +31,12 @@ class ScpSettings:
     allowed_peers: tuple[str, ...] = ()
     require_called_ae: bool = True
     max_associations: int = 16
+    # connections that have not yet completed their association request, in all and per host
+    max_pending_connections: int = 64
+    max_pending_per_host: int = 16
     max_pdu: int = 131072
+    # the largest dataset received or inflated (Deflated syntax), and decoded pixel data
+    max_dataset_mb: int = 512
     acse_timeout_s: float = 30.0
     dimse_timeout_s: float = 60.0
     network_timeout_s: float = 60.0
@@ -53,6 +59,9 @@ class ScpSettings:
             )
         _check_range("scp.port", self.port, 1, 65535)
         _check_range("scp.max_associations", self.max_associations, 1, 1000)
+        _check_range("scp.max_pending_connections", self.max_pending_connections, 1, 10000)
+        _check_range("scp.max_pending_per_host", self.max_pending_per_host, 1, 10000)
+        _check_range("scp.max_dataset_mb", self.max_dataset_mb, 1, 64 * 1024)
         if self.max_pdu != 0:
             _check_range("scp.max_pdu", self.max_pdu, 4096, 2**32 - 1)
         for key in ("acse_timeout_s", "dimse_timeout_s", "network_timeout_s"):
@@ -79,9 +88,20 @@ class SpoolSettings:
     dir: Path = Path("var/spool")
     min_free_mb: int = 512
     fsync: bool = True
+    # false: what the service writes (spool, SQLite database) is its user's alone (0600 / 0700)
+    group_readable: bool = False
 
     def validate(self) -> None:
         _check_range("spool.min_free_mb", self.min_free_mb, 0, 2**40)
+
+
+# the password of a URL: scheme://user:PASSWORD@host
+_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:)[^@\s]+(?=@)")
+
+
+def mask_secrets(text: str) -> str:
+    """The text with the password of any URL in it replaced by ``***``."""
+    return _URL_PASSWORD.sub(r"\g<head>***", text)
 
 
 @dataclass(frozen=True)
@@ -91,7 +111,8 @@ class DatabaseSettings:
 
     def validate(self) -> None:
         if "://" not in self.url:
-            raise SettingsError(f"database.url: {self.url!r} is not a database URL")
+            # not repeated: what is not a URL may still hold a password
+            raise SettingsError("database.url: not a database URL (dialect://user@host/name)")
         _check_range("database.busy_timeout_s", self.busy_timeout_s, 0.0, 3600.0)
 
 
@@ -386,5 +407,5 @@ def describe(settings: Settings) -> list[tuple[str, str]]:
             value = getattr(obj, f.name)
             if isinstance(value, tuple):
                 value = list(value)
-            rows.append((f"{section.name}.{f.name}", str(value)))
+            rows.append((f"{section.name}.{f.name}", mask_secrets(str(value))))
     return rows

@@ -37,6 +37,18 @@ class DecodeParams:
     frames: str = "middle"  # "first", "middle" or "all"
     max_frames: int = 16
     auto_window_percentiles: tuple[float, float] = (0.5, 99.5)
+    # the most a dataset may hold once inflated or decompressed (scp.max_dataset_mb)
+    max_bytes: int = 512 * 1024 * 1024
+
+
+def declared_pixel_bytes(ds: Dataset) -> int:
+    """What the Pixel Data takes decoded, by its description: Rows x Columns x frames x
+    samples x bytes per sample; a compressed image's frames never need more."""
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    bits = int(ds.get("BitsAllocated", 8) or 8)
+    return (
+        int(ds.Rows) * int(ds.Columns) * number_of_frames(ds) * samples * max(1, (bits + 7) // 8)
+    )
 
 
 def choose_frames(total: int, policy: str, max_frames: int) -> tuple[int, ...]:
@@ -178,6 +190,12 @@ def decode_dataset(ds: Dataset, params: DecodeParams) -> DecodedImage:
             raise StageError(f"{keyword} is missing or zero")
 
     total = number_of_frames(ds)
+    declared = declared_pixel_bytes(ds)
+    if declared > params.max_bytes:
+        # refused before any decoder allocates it
+        raise StageError(
+            f"the pixel data would decode to {declared} bytes, over {params.max_bytes}"
+        )
     indices = choose_frames(total, params.frames, params.max_frames)
     frames: list[FloatImage] = []
     for index in indices:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import time
 import warnings
+import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from pydicom import Dataset, dcmread
+from pydicom.filereader import read_file_meta_info
+from pydicom.uid import UID
 
 from pipeline.clahe import ClaheParams, apply_clahe_frames
 from pipeline.decode import DecodeParams, decode_dataset
@@ -46,14 +49,43 @@ class PipelineResult:
         return before, after
 
 
-def read_dataset(path: Path) -> Dataset:
-    """Read a spooled file. Failing to read is a StageError, not a crash."""
+def check_inflated_size(path: Path, max_bytes: int) -> None:
+    """Where the file's syntax deflates its dataset, inflate it as a stream, keeping nothing,
+    and raise StageError past ``max_bytes``: pydicom would inflate it whole, however large."""
+    meta = read_file_meta_info(path)
+    if not UID(str(meta.get("TransferSyntaxUID", ""))).is_deflated:
+        return
+    group_length = meta.get("FileMetaInformationGroupLength")
+    if group_length is None:
+        raise StageError("a deflated file without File Meta Information Group Length")
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    inflated = 0
+    with path.open("rb") as file:
+        file.seek(128 + 4 + 12 + int(group_length))
+        while chunk := file.read(1 << 20):
+            while chunk:
+                inflated += len(inflater.decompress(chunk, 1 << 20))
+                chunk = inflater.unconsumed_tail
+                if inflated > max_bytes:
+                    raise StageError(f"the dataset inflates past {max_bytes} bytes")
+
+
+def read_dataset(path: Path, max_bytes: int = DecodeParams.max_bytes) -> Dataset:
+    """Read a spooled file. Failing to read is a StageError, not a crash; the reason names
+    no path (it is shown to the console's users)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            check_inflated_size(path, max_bytes)
             return dcmread(path)
+    except StageError:
+        raise
     except FileNotFoundError:
-        raise StageError(f"spooled file {path} is missing") from None
+        raise StageError("the spooled file is missing") from None
+    except OSError as exc:
+        raise StageError(f"cannot read the spooled file: {exc.strerror or 'I/O error'}") from None
+    except zlib.error as exc:
+        raise StageError(f"deflated data cannot be inflated: {exc}") from None
     except Exception as exc:
         raise StageError(f"cannot parse the dataset: {type(exc).__name__}: {exc}") from exc
 
@@ -76,7 +108,7 @@ def run_pipeline(path: Path, config: PipelineConfig) -> PipelineResult:
     decoded: DecodedImage | None = None
     stage = "read"
     try:
-        ds = timer.run("read", lambda: read_dataset(path))
+        ds = timer.run("read", lambda: read_dataset(path, config.decode.max_bytes))
         stage = "decode"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

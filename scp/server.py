@@ -6,6 +6,7 @@ import logging
 import socket
 import threading
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,7 @@ from scp.responses import respond_directly
 from scp.status import StoreStatus, error_comment, status_for
 from scp.store import StoreService
 from scp.tls import AuditedTLS, TLSFailure, server_context
+from scp.transport import ConnectionGuard, GuardEvent, GuardLimits, admitted_associations
 from storage import audit
 from storage.models import AssociationOutcome
 from storage.repository import append_audit, close_association, open_association
@@ -34,6 +36,8 @@ log = logging.getLogger(__name__)
 # A-ASSOCIATE-RJ (result, source, diagnostic) triples, PS3.8 9.3.4.
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)
+REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)
+LISTEN_BACKLOG = 128
 REJECT_DIAGNOSTICS = {
     (0x01, 0x03): "calling AE title not recognised",
     (0x01, 0x07): "called AE title not recognised",
@@ -103,15 +107,24 @@ class DicomServer:
         self._closed_unaccepted: dict[int, weakref.ref[Any]] = {}
         self._lock = threading.Lock()
         self._server: Any = None
+        self._guard: ConnectionGuard | None = None
+        # the guard's reports are written here, off the accept loop and the guard's watchdog
+        self._guard_audit: ThreadPoolExecutor | None = None
         self.ae = self._make_ae()
 
     # ------------------------------------------------------------------ set-up
 
     def _make_ae(self) -> AE:
         ae = AE(ae_title=self.settings.ae_title)
-        ae.maximum_associations = self.settings.max_associations
+        # pynetdicom counts every connection, its request come or not; we limit associations
+        # whose request has come ourselves (_on_requested), and waiting connections by the guard
+        ae.maximum_associations = (
+            self.settings.max_associations + self.settings.max_pending_connections
+        )
         ae.maximum_pdu_size = self.settings.max_pdu
-        ae.acse_timeout = self.settings.acse_timeout_s
+        # a second past the guard's deadline for the request, so that the guard, which audits
+        # a stalled request, is the one that ends it
+        ae.acse_timeout = self.settings.acse_timeout_s + 1.0
         ae.dimse_timeout = self.settings.dimse_timeout_s
         ae.network_timeout = self.settings.network_timeout_s
         # We check calling and called AE titles ourselves, to audit the reason.
@@ -156,12 +169,17 @@ class DicomServer:
         pynetdicom_config.LOG_HANDLER_LEVEL = "standard" if narrated else "none"
         address = (self.settings.bind_address, self.settings.port)
         tls = self.tls()
+        self._guard_audit = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medreid-guard")
+        self._guard = ConnectionGuard(self.guard_limits(), on_event=self._on_guard_event, tls=tls)
         self._server = self.ae.start_server(
             address,
             block=False,
             evt_handlers=self.handlers(),
-            ssl_context=tls,  # type: ignore[arg-type]  # duck-typed: wrap_socket only
+            ssl_context=self._guard,  # type: ignore[arg-type]  # duck-typed: wrap_socket only
         )
+        # socketserver listens with a backlog of 5: a burst of connections past it waits a
+        # second for the peer's retry before it is even seen. Listening again widens it.
+        self._server.socket.listen(LISTEN_BACKLOG)
         log.info(
             "listening as %s on %s:%d%s",
             self.settings.ae_title,
@@ -176,10 +194,27 @@ class DicomServer:
             return self.settings.port
         return int(self._server.server_address[1])
 
+    def guard_limits(self) -> GuardLimits:
+        settings = self.settings
+        return GuardLimits(
+            request_timeout_s=settings.acse_timeout_s,
+            pdu_timeout_s=settings.network_timeout_s,
+            max_pdu=settings.max_pdu,
+            max_dataset_bytes=settings.max_dataset_mb * 1024 * 1024,
+            max_pending=settings.max_pending_connections,
+            max_pending_per_host=settings.max_pending_per_host,
+        )
+
     def stop(self) -> None:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+        if self._guard is not None:
+            self._guard.stop()
+            self._guard = None
+        if self._guard_audit is not None:
+            self._guard_audit.shutdown(wait=True)
+            self._guard_audit = None
 
     # ------------------------------------------------------------------ audit
 
@@ -206,6 +241,8 @@ class DicomServer:
     # ------------------------------------------------------------------ association events
 
     def _on_conn_open(self, event: Any) -> None:
+        if self._guard is not None:
+            self._guard.attach(event.assoc)
         # before the association's threads start: they wake on work instead of polling
         try:
             make_prompt(event.assoc)
@@ -217,6 +254,8 @@ class DicomServer:
             log.warning("responses left to pynetdicom's encoder: could not set up", exc_info=True)
 
     def _on_requested(self, event: Any) -> None:
+        if self._guard is not None:
+            self._guard.admit(event.assoc)
         peer = self._peer(event)
         reason: str | None = None
         rejection: tuple[int, int, int] | None = None
@@ -224,14 +263,17 @@ class DicomServer:
             reason, rejection = "calling AE title not recognised", REJECT_CALLING_AE
         elif self.settings.require_called_ae and peer.called_ae != self.settings.ae_title:
             reason, rejection = "called AE title not recognised", REJECT_CALLED_AE
+        elif admitted_associations(self.ae) > self.settings.max_associations:
+            reason, rejection = REJECT_DIAGNOSTICS[REJECT_LOCAL_LIMIT[1:]], REJECT_LOCAL_LIMIT
         if rejection is None:
             return
+        # audited before the peer hears of it, so that the row is there once it has
+        log.warning("rejected %s@%s: %s", peer.calling_ae, peer.host, reason)
+        self._audit_rejection(peer, reason or "rejected")
         assoc = event.assoc
         assoc.acse.send_reject(*rejection)
         assoc.is_rejected = True
         assoc.kill()
-        log.warning("rejected %s@%s: %s", peer.calling_ae, peer.host, reason)
-        self._audit_rejection(peer, reason or "rejected")
 
     def _on_rejected(self, event: Any) -> None:
         # Rejections decided by pynetdicom itself (too many associations).
@@ -248,6 +290,26 @@ class DicomServer:
                 detail={"reason": failure.reason, "port": failure.port},
             )
         )
+
+    def _on_guard_event(self, event: GuardEvent) -> None:
+        kind = audit.CONNECTION_REFUSED if event.refused_at_accept else audit.CONNECTION_DROPPED
+        detail: dict[str, Any] = {"reason": event.reason}
+        if event.refused_at_accept:
+            detail["connections"] = event.count
+        else:
+            detail["port"] = event.port
+        record = audit.AuditRecord(
+            kind=kind,
+            outcome=audit.Outcome.MINOR_FAILURE,
+            actor_host=event.host,
+            detail=detail,
+        )
+        try:
+            if self._guard_audit is None:
+                raise RuntimeError("stopped")
+            self._guard_audit.submit(self._audit, record)
+        except RuntimeError:  # shutting down
+            log.warning("not audited (stopping): %s from %s", kind.event_type, event.host)
 
     def _audit_rejection(self, peer: Peer, reason: str) -> None:
         self._audit(

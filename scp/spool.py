@@ -39,10 +39,15 @@ def is_valid_uid(uid: str) -> bool:
 
 
 class Spool:
-    def __init__(self, root: Path, *, fsync: bool = True) -> None:
+    """Received datasets, one file per version. Files are private to the service's user
+    (0600, folders 0700), or readable by its group too where ``group_readable``."""
+
+    def __init__(self, root: Path, *, fsync: bool = True, group_readable: bool = False) -> None:
         self.root = root.resolve()
         self.fsync = fsync
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.file_mode = 0o640 if group_readable else 0o600
+        self.directory_mode = 0o750 if group_readable else 0o700
+        self.root.mkdir(mode=self.directory_mode, parents=True, exist_ok=True)
         # made once: joining paths is a noticeable part of each instance's CPU time
         self._directories = {name: self.root / name for name in FANOUT_DIRECTORIES}
         self._root_prefix = f"{self.root}{os.sep}"
@@ -52,7 +57,7 @@ class Spool:
         made = False
         for directory in self._directories.values():
             if not directory.is_dir():
-                directory.mkdir(exist_ok=True)
+                directory.mkdir(mode=self.directory_mode, exist_ok=True)
                 made = True
         if made and self.fsync:
             _fsync_dir(self.root)
@@ -86,13 +91,13 @@ class Spool:
         directory = self.directory_for(sop_instance_uid)
         temporary = directory / f".{sop_instance_uid}.{uuid.uuid4().hex}.part"
         try:
-            fd = os.open(temporary, _CREATE, 0o644)
+            fd = os.open(temporary, _CREATE, self.file_mode)
         except FileNotFoundError:
             # its directory was removed since the spool was opened
-            directory.mkdir(exist_ok=True)
+            directory.mkdir(mode=self.directory_mode, exist_ok=True)
             if self.fsync:
                 _fsync_dir(self.root)
-            fd = os.open(temporary, _CREATE, 0o644)
+            fd = os.open(temporary, _CREATE, self.file_mode)
         try:
             self._write_chunks(fd, chunks)
             if sync and self.fsync:

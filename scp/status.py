@@ -20,7 +20,7 @@ class StoreStatus(enum.IntEnum):
     SUCCESS = 0x0000
     SOP_CLASS_NOT_SUPPORTED = 0x0122
     PROCESSING_FAILURE = 0x0110
-    OUT_OF_RESOURCES = 0xA700  # the spool is below its free-space watermark, or full
+    OUT_OF_RESOURCES = 0xA700  # the spool below its watermark or full; a dataset over the cap
     OUT_OF_RESOURCES_DATABASE = 0xA701  # the database cannot record the instance now
     DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
     CANNOT_UNDERSTAND = 0xC000
@@ -46,6 +46,12 @@ class DatabaseUnavailable(StoreRefused):
 
 class DatasetUnreadable(StoreRefused):
     status = StoreStatus.CANNOT_UNDERSTAND
+
+
+class DatasetTooLarge(StoreRefused):
+    """Larger than ``scp.max_dataset_mb`` once inflated: refused for want of resources."""
+
+    status = StoreStatus.OUT_OF_RESOURCES
 
 
 class DatasetMismatch(StoreRefused):

@@ -16,9 +16,9 @@ from pathlib import Path
 
 from pydicom import Dataset
 from pydicom.filereader import read_dataset
+from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
 from pydicom.uid import UID
-from pynetdicom.dsutils import decode
 from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -28,11 +28,12 @@ from scp.spool import Spool, is_valid_uid
 from scp.status import (
     DatabaseUnavailable,
     DatasetMismatch,
+    DatasetTooLarge,
     DatasetUnreadable,
     SopClassNotSupported,
     SpoolFull,
 )
-from scp.wellformed import MalformedDataset, check_well_formed
+from scp.wellformed import InflatesTooLarge, MalformedDataset, check_well_formed, inflate
 from storage.db import snapshot
 from storage.groupcommit import CommitOutcomeUnknown, GroupCommit
 from storage.models import Instance
@@ -43,6 +44,9 @@ from storage.repository import (
 )
 
 log = logging.getLogger(__name__)
+
+# scp.max_dataset_mb's default
+DEFAULT_MAX_DATASET_BYTES = 512 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -73,17 +77,23 @@ _LAST_INDEXED_TAG = max(_INDEXED_TAGS)
 _NOT_PLAIN = re.compile(rb"[^\x00-\x1a\x1c-\x5b\x5d-\x7f]")
 
 
-def _clean(text: str, limit: int) -> str | None:
+def _clean(text: str, limit: int, keyword: str) -> str | None:
     # NUL pads UIDs, and PostgreSQL refuses it inside text
     text = text.replace("\x00", "").strip()
-    return text[:limit] if text else None
+    if len(text) > limit:
+        # cut, a UID or a patient ID would name another instance or patient: refused instead
+        raise DatasetUnreadable(f"{keyword} of {len(text)} characters, over {limit}")
+    return text or None
 
 
 def _text(ds: Dataset, keyword: str, limit: int) -> str | None:
     value = ds.get(keyword)
     if value is None or value == "":
         return None
-    return _clean(str(value), limit)
+    if isinstance(value, MultiValue):
+        # stored as DICOM writes it, values between backslashes
+        return _clean("\\".join(str(item) for item in value), limit, keyword)
+    return _clean(str(value), limit, keyword)
 
 
 def _after_indexed_fields(tag: BaseTag, _vr: str | None, _length: int) -> bool:
@@ -97,42 +107,48 @@ def _syntax_flags(transfer_syntax_uid: str) -> tuple[bool, bool, bool]:
     return syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated
 
 
-def read_header(dataset: bytes, transfer_syntax_uid: str) -> HeaderFields:
+def read_header(
+    dataset: bytes, transfer_syntax_uid: str, *, max_bytes: int = DEFAULT_MAX_DATASET_BYTES
+) -> HeaderFields:
     """Check the received dataset's structure, then read the fields we index by.
 
     The structural walk refuses truncated or garbled data while the sender still waits for
     our answer, and keeps the indexed fields' values as it passes them. Those in plain ASCII
     (nearly all) are read from there; pydicom reads the rest, with the dataset's character
-    set."""
+    set. A deflated dataset is inflated as a stream, up to ``max_bytes``."""
     implicit, little, deflated = _syntax_flags(transfer_syntax_uid)
     try:
-        raw = check_well_formed(
-            dataset, implicit=implicit, little=little, deflated=deflated, wanted=_INDEXED_TAGS
-        )
+        if deflated:
+            dataset = inflate(dataset, max_bytes)
+        raw = check_well_formed(dataset, implicit=implicit, little=little, wanted=_INDEXED_TAGS)
+    except InflatesTooLarge as exc:
+        raise DatasetTooLarge(f"{exc} (scp.max_dataset_mb)") from exc
     except MalformedDataset as exc:
         raise DatasetUnreadable(f"dataset cannot be parsed: {exc}") from exc
     if not any(_NOT_PLAIN.search(value) for value in raw.values()):
         return HeaderFields(
             **{
-                name: _clean(raw[tag].decode("ascii"), limit) if tag in raw else None
-                for name, (_keyword, tag, limit) in _INDEXED_FIELDS.items()
+                name: _clean(raw[tag].decode("ascii"), limit, keyword) if tag in raw else None
+                for name, (keyword, tag, limit) in _INDEXED_FIELDS.items()
             }
         )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if deflated:
-                ds = decode(io.BytesIO(dataset), False, True, True)
-            else:
-                ds = read_dataset(
-                    io.BytesIO(dataset), implicit, little, stop_when=_after_indexed_fields
-                )
-            return HeaderFields(
-                **{
-                    name: _text(ds, keyword, limit)
-                    for name, (keyword, _tag, limit) in _INDEXED_FIELDS.items()
-                }
+            ds = read_dataset(
+                io.BytesIO(dataset), implicit, little, stop_when=_after_indexed_fields
             )
+    except Exception as exc:
+        raise DatasetUnreadable(f"dataset cannot be parsed: {type(exc).__name__}") from exc
+    try:
+        return HeaderFields(
+            **{
+                name: _text(ds, keyword, limit)
+                for name, (keyword, _tag, limit) in _INDEXED_FIELDS.items()
+            }
+        )
+    except DatasetUnreadable:
+        raise
     except Exception as exc:
         raise DatasetUnreadable(f"dataset cannot be parsed: {type(exc).__name__}") from exc
 
@@ -162,11 +178,13 @@ class StoreService:
         sessions: sessionmaker[Session],
         min_free_bytes: int,
         supported_sop_classes: frozenset[str],
+        max_dataset_bytes: int = DEFAULT_MAX_DATASET_BYTES,
     ) -> None:
         self.spool = spool
         self.sessions = sessions
         self.min_free_bytes = min_free_bytes
         self.supported_sop_classes = supported_sop_classes
+        self.max_dataset_bytes = max_dataset_bytes
         # Stores of one UID are serialised within this process, so that the version number
         # and the duplicate check cannot race; different UIDs run in parallel.
         self._uid_locks = [threading.Lock() for _ in range(64)]
@@ -182,7 +200,9 @@ class StoreService:
             raise DatasetUnreadable("invalid SOP Instance UID")
         if self.spool.free_bytes() < self.min_free_bytes + len(request.dataset):
             raise SpoolFull("spool disk below its free-space watermark")
-        header = read_header(request.dataset, request.transfer_syntax_uid)
+        header = read_header(
+            request.dataset, request.transfer_syntax_uid, max_bytes=self.max_dataset_bytes
+        )
         # Both are Type 1 in every storage SOP class: a dataset without them is not an instance.
         if header.sop_instance_uid is None:
             raise DatasetMismatch("dataset has no SOP Instance UID")

@@ -39,6 +39,43 @@ class MalformedDataset(ValueError):
     """The encoded dataset is not well formed; the message says where."""
 
 
+class InflatesTooLarge(ValueError):
+    """The dataset inflates past the largest we accept."""
+
+
+def _size(count: int) -> str:
+    return f"{count // (1 << 20)} MB" if count >= 1 << 20 else f"{count} bytes"
+
+
+# Inflated this much at a time while a deflated dataset's size is checked.
+INFLATE_STEP = 1 << 20
+
+
+def inflate(data: bytes, max_bytes: int) -> bytes:
+    """A Deflated syntax's dataset, inflated. Its size is found first by inflating it as a
+    stream that keeps nothing, so that a small payload that would inflate to gigabytes is
+    refused without ever taking more than a step's memory."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    size = 0
+    view = memoryview(data)
+    try:
+        # fed a slice at a time, so that what is left over after each step stays small
+        for start in range(0, len(view), INFLATE_STEP):
+            pending: bytes | memoryview = view[start : start + INFLATE_STEP]
+            while pending:
+                size += len(inflater.decompress(pending, INFLATE_STEP))
+                if size > max_bytes:
+                    raise InflatesTooLarge(f"dataset inflates past {_size(max_bytes)}")
+                pending = inflater.unconsumed_tail
+        size += len(inflater.flush())
+        if size > max_bytes:
+            raise InflatesTooLarge(f"dataset inflates past {_size(max_bytes)}")
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        return inflater.decompress(data) + inflater.flush()
+    except zlib.error as exc:
+        raise MalformedDataset(f"deflated data cannot be inflated: {exc}") from None
+
+
 class _Walker:
     def __init__(
         self, data: bytes, implicit: bool, little: bool, wanted: frozenset[int] = frozenset()
@@ -169,18 +206,12 @@ def check_well_formed(
     *,
     implicit: bool,
     little: bool,
-    deflated: bool,
     wanted: frozenset[int] = frozenset(),
 ) -> dict[int, bytes]:
-    """Raise :class:`MalformedDataset` unless ``data`` is a structurally complete dataset.
+    """Raise :class:`MalformedDataset` unless ``data`` (inflated, where the syntax deflates)
+    is a structurally complete dataset.
 
     Returns the raw values of the top-level elements whose tags are ``wanted`` and present."""
-    if deflated:
-        try:
-            inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-            data = inflater.decompress(data) + inflater.flush()
-        except zlib.error as exc:
-            raise MalformedDataset(f"deflated data cannot be inflated: {exc}") from None
     if not data:
         raise MalformedDataset("the dataset is empty")
     walker = _Walker(data, implicit, little, wanted)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import enum
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +42,10 @@ ASSOCIATION_ABORTED = EventKind("110108", "Network Entry", "Association Aborted"
 ASSOCIATION_REJECTED = EventKind("110113", "Security Alert", "Association Rejected", "E")
 # A failed DICOM TLS handshake: no or an untrusted client certificate, or no TLS at all.
 TLS_REFUSED = EventKind("110113", "Security Alert", "Node Authentication", "E")
+# A connection closed by the receiver's guard: a stalled association request, a PDU too long
+# or too slow; or refused at accept, too many connections waiting to associate.
+CONNECTION_DROPPED = EventKind("110113", "Security Alert", "Connection Dropped", "E")
+CONNECTION_REFUSED = EventKind("110113", "Security Alert", "Connection Refused", "E")
 INSTANCES_TRANSFERRED = EventKind("110104", "DICOM Instances Transferred", None, "C")
 INSTANCE_REFUSED = EventKind("110104", "DICOM Instances Transferred", "Instance Refused", "C")
 PROCESSING_FAILED = EventKind("110103", "DICOM Instances Accessed", "Processing Failure", "R")
@@ -52,6 +57,8 @@ AUDIT_LOG_USED = EventKind("110101", "Audit Log Used", None, "R")
 QUERY = EventKind("110112", "Query", None, "E")
 # The console: logins and logouts, the results a user opened, and changes to its users.
 USER_AUTHENTICATION = EventKind("110114", "User Authentication", "Login", "E")
+# a login refused unchecked: too many failures of this name from this address, or from it
+LOGIN_LOCKED = EventKind("110114", "User Authentication", "Login While Locked", "E")
 USER_LOGOUT = EventKind("110114", "User Authentication", "Logout", "E")
 RESULT_VIEWED = EventKind("110103", "DICOM Instances Accessed", "Result Viewed", "R")
 USER_CHANGED = EventKind("110113", "Security Alert", "User Security Attributes Changed", "E")
@@ -67,3 +74,4 @@ class AuditRecord:
     patient_id: str | None = None
     study_instance_uid: str | None = None
     detail: dict[str, Any] = field(default_factory=dict)
+    occurred_at: dt.datetime | None = None  # None: now, by the system clock

@@ -158,6 +158,8 @@ def append_audit(session: Session, *, record: AuditRecord) -> AuditEvent:
         study_instance_uid=record.study_instance_uid,
         detail=record.detail,
     )
+    if record.occurred_at is not None:
+        row.occurred_at = record.occurred_at
     session.add(row)
     session.flush()
     return row

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from medreid.cli import main
+from medreid.cli import _MaskingFormatter, main
 from medreid.output import parse_when, render
 from storage import audit
 from storage.repository import append_audit
@@ -104,3 +106,30 @@ def test_render_formats() -> None:
     csv_text = render(rows, "csv", ["a", "b"])
     assert csv_text.splitlines()[2] == ',"text,with comma"'
     assert render(rows, "table", ["a", "b"]).endswith("(2 rows)")
+
+
+def test_secrets_are_masked_in_config_errors_and_log_lines(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("MEDREID_DATABASE_URL", "postgresql+psycopg://medreid:s3cret%21@db:5432/x")
+    assert main(["config"]) == 0
+    out = capsys.readouterr().out
+    assert "database.url = postgresql+psycopg://medreid:***@db:5432/x" in out
+    assert "s3cret" not in out
+    monkeypatch.setenv("MEDREID_DATABASE_URL", "medreid:s3cret@db")  # no scheme: invalid
+    assert main(["config"]) == 2
+    assert "s3cret" not in capsys.readouterr().err
+    record = logging.LogRecord(
+        "storage", logging.ERROR, __file__, 1, "cannot reach %s", ("http://u:pw@h/",), None
+    )
+    assert _MaskingFormatter("%(message)s").format(record) == "cannot reach http://u:***@h/"
+
+
+def test_what_the_commands_create_is_private_to_the_services_user(tmp_path: Path) -> None:
+    env = {**os.environ, "MEDREID_DATABASE_URL": f"sqlite:///{tmp_path / 'db' / 'm.sqlite3'}"}
+    assert run("db", "upgrade", env=env, cwd=tmp_path).returncode == 0
+    assert (tmp_path / "db" / "m.sqlite3").stat().st_mode & 0o777 == 0o600
+    grouped = {**env, "MEDREID_SPOOL_GROUP_READABLE": "true"}
+    grouped["MEDREID_DATABASE_URL"] = f"sqlite:///{tmp_path / 'g.sqlite3'}"
+    assert run("db", "upgrade", env=grouped, cwd=tmp_path).returncode == 0
+    assert (tmp_path / "g.sqlite3").stat().st_mode & 0o777 == 0o640

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import numpy as np
 import pydicom
 import pytest
 from pydicom import Dataset
 from pydicom.sequence import Sequence
 
+from benchmarks.attacks import write_deflate_bomb
 from pipeline.decode import DecodeParams, choose_frames, decode_dataset
 from pipeline.records import StageError
+from pipeline.runner import PipelineConfig, run_pipeline
 from tests.corpus import corpus_file
 from tests.dicom_factory import make_dataset
 
@@ -220,3 +225,26 @@ def test_compressed_and_colour_files_decode(name: str, shape: tuple[int, ...]) -
     image = decode_dataset(pydicom.dcmread(corpus_file(name)), MIDDLE)
     assert image.frames.shape == shape
     assert float(image.frames.min()) >= 0.0 and float(image.frames.max()) <= 1.0
+
+
+def test_pixel_data_declared_larger_than_the_cap_is_refused_before_decoding() -> None:
+    ds = make_dataset(np.zeros((2, 4, 4), dtype=np.uint16))  # 2 x 4 x 4 x 2 bytes = 64
+    assert grey(ds, DecodeParams(max_bytes=64)).shape == (4, 4)
+    ds.Rows = ds.Columns = 60000  # what a compressed frame may claim and a decoder allocate
+    with pytest.raises(StageError, match="would decode to 14400000000 bytes, over 64"):
+        decode_dataset(ds, DecodeParams(max_bytes=64))
+
+
+def test_a_deflate_bomb_in_the_spool_is_a_recorded_failure_not_an_allocation(
+    tmp_path: Path,
+) -> None:
+    bomb = write_deflate_bomb(tmp_path / "bomb.dcm", inflated_bytes=256 * 1024 * 1024)
+    started = time.monotonic()
+    result = run_pipeline(bomb, PipelineConfig(decode=DecodeParams(max_bytes=16 * 1024 * 1024)))
+    assert (result.failed_stage, result.failure_reason) == (
+        "read",
+        f"the dataset inflates past {16 * 1024 * 1024} bytes",
+    )
+    assert time.monotonic() - started < 5
+    missing = run_pipeline(tmp_path / "gone.dcm", PipelineConfig())
+    assert missing.failure_reason == "the spooled file is missing"  # no path: users see it

@@ -17,7 +17,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from scp.status import DatasetUnreadable
+from scp.status import DatasetTooLarge, DatasetUnreadable
 from scp.store import HeaderFields, read_header
 from scp.wellformed import check_well_formed
 from tests.dicom_factory import CT_IMAGE_STORAGE, make_dataset
@@ -79,7 +79,7 @@ def test_only_top_level_values_are_kept_not_those_inside_sequences() -> None:
     ds.OtherPatientIDsSequence = [other]  # (0010,1002) comes after (0010,0020)
     data = dataset_bytes(ds, ExplicitVRLittleEndian)
     raw = check_well_formed(
-        data, implicit=False, little=True, deflated=False, wanted=frozenset({0x00100020})
+        data, implicit=False, little=True, wanted=frozenset({0x00100020})
     )
     assert raw == {0x00100020: b"P-0042"}
     assert read_header(data, ExplicitVRLittleEndian).patient_id == "P-0042"
@@ -115,3 +115,27 @@ def test_a_truncated_dataset_is_refused_with_its_place() -> None:
     data = dataset_bytes(ct(), ExplicitVRLittleEndian)
     with pytest.raises(DatasetUnreadable, match="truncated at byte"):
         read_header(data[:-10], ExplicitVRLittleEndian)
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian])
+def test_a_uid_over_64_characters_is_refused_never_cut(syntax: str) -> None:
+    uid = "1.2.826.0.1.3680043.8.498." + "1" * 42  # 68 characters
+    ds = ct()
+    ds.SOPInstanceUID = uid
+    with pytest.raises(DatasetUnreadable, match="SOPInstanceUID of 68 characters, over 64"):
+        read_header(dataset_bytes(ds, syntax), syntax)
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian])
+def test_a_multi_valued_patient_id_is_kept_in_dicoms_backslash_form(syntax: str) -> None:
+    ds = ct()
+    ds.PatientID = ["A", "B"]
+    assert read_header(dataset_bytes(ds, syntax), syntax).patient_id == "A\\B"
+
+
+def test_a_deflated_dataset_is_inflated_up_to_the_cap_and_refused_past_it() -> None:
+    data = dataset_bytes(ct(), DeflatedExplicitVRLittleEndian)
+    inflated = len(dataset_bytes(ct(), ExplicitVRLittleEndian))
+    assert read_header(data, DeflatedExplicitVRLittleEndian, max_bytes=inflated) == EXPECTED
+    with pytest.raises(DatasetTooLarge, match=f"dataset inflates past {inflated - 1} bytes"):
+        read_header(data, DeflatedExplicitVRLittleEndian, max_bytes=inflated - 1)

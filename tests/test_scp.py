@@ -25,8 +25,9 @@ from sqlalchemy.orm import sessionmaker
 import scp.store
 from scp.contexts import VERIFICATION_CLASS
 from scp.prompt import is_prompt
+from scp.records import Peer, StoreRequest
 from scp.server import DicomServer
-from scp.status import StoreStatus
+from scp.status import DatasetUnreadable, StoreStatus, status_for
 from storage.models import Association, AuditEvent, Instance, Job
 from tests.conftest import Database, ServerFactory
 from tests.dicom_factory import CT_IMAGE_STORAGE, encode, make_dataset
@@ -425,3 +426,46 @@ def test_the_service_keeps_serving_after_refusals(make_server: ServerFactory) ->
     assert assoc.send_c_store(ct()).Status == 0
     assoc.release()
     assert store(server, ct()) == [0]
+
+
+def test_a_dataset_uid_over_64_characters_is_refused_never_cut(
+    make_server: ServerFactory, sqlite_database: Database
+) -> None:
+    long_uid = "1.2.826.0.1.3680043.8.498." + "1" * 42
+    assert len(long_uid) == 68
+    ds = ct()
+    ds.SOPInstanceUID = UID(long_uid)
+    # the command carries the first 64 characters, which the dataset's would once be cut to
+    # (pynetdicom will not send such a command, so the request is made here as scp/ makes it)
+    request = StoreRequest(
+        association_key=1,
+        peer=Peer(calling_ae="SENDER", called_ae="MEDREID", host="127.0.0.1", port=1),
+        sop_class_uid=CT_IMAGE_STORAGE,
+        sop_instance_uid=long_uid[:64],
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        file_header=b"",
+        dataset=encode(ds)[file_header_length(encode(ds)) :],
+    )
+    with pytest.raises(DatasetUnreadable) as refused:
+        make_server().store.store(request, association_id=None)
+    assert status_for(refused.value) == (
+        StoreStatus.CANNOT_UNDERSTAND,
+        "SOPInstanceUID of 68 characters, over 64",
+    )
+    assert count(sqlite_database, Instance) == 0
+
+
+def test_a_multi_valued_patient_id_is_stored_as_dicom_writes_it_in_private_files(
+    make_server: ServerFactory, sqlite_database: Database, tmp_path: Path
+) -> None:
+    ds = ct()
+    ds.PatientID = ["A", "B"]
+    assert store(make_server(), ds) == [StoreStatus.SUCCESS]
+    with sqlite_database.sessions.begin() as session:
+        instance = session.scalars(select(Instance)).one()
+        assert instance.patient_id == "A\\B"
+        spooled = tmp_path / "spool" / instance.spool_path
+    # the spool is the service user's alone: files 0600, folders 0700
+    assert spooled.stat().st_mode & 0o777 == 0o600
+    assert spooled.parent.stat().st_mode & 0o777 == 0o700
+    assert (tmp_path / "spool").stat().st_mode & 0o777 == 0o700
