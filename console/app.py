@@ -60,7 +60,7 @@ from pipeline.runner import PipelineConfig
 from storage import audit
 from storage.accounts import (
     end_session,
-    failed_logins_since,
+    failed_logins,
     find_user,
     live_session,
     open_session,
@@ -105,7 +105,8 @@ class ConsoleConfig:
     session_max: dt.timedelta = dt.timedelta(hours=8)
     page_rows: int = 100
     export_max_rows: int = 100_000
-    lockout_failures: int = 5
+    lockout_failures: int = 5  # of one user name from one address
+    lockout_failures_per_address: int = 20  # of any user names from one address
     lockout_window: dt.timedelta = dt.timedelta(minutes=15)
     https: bool = False
 
@@ -276,6 +277,26 @@ def create_app(ctx: ConsoleContext) -> FastAPI:
     def client_host(request: Request) -> str | None:
         return request.client.host if request.client else None
 
+    def lockout(
+        db: Session,
+        username: str,
+        host: str,
+        unlocked_at: dt.datetime | None,
+        now: dt.datetime,
+    ) -> str | None:
+        """Why logins of this name from this address are refused unchecked, if they are."""
+        config = ctx.config
+        since = now - config.lockout_window
+        since_unlock = max(since, aware(unlocked_at)) if unlocked_at is not None else since
+        if (
+            failed_logins(db, since=since_unlock, username=username, host=host)
+            >= config.lockout_failures
+        ):
+            return "locked: repeated failures of this user name from this address"
+        if failed_logins(db, since=since, host=host) >= config.lockout_failures_per_address:
+            return "locked: repeated failures from this address"
+        return None
+
     def authenticate(db: Session, request: Request) -> Principal | None:
         token = None
         header = request.headers.get("authorization", "")
@@ -438,17 +459,14 @@ def create_app(ctx: ConsoleContext) -> FastAPI:
                 user=None,
             )
         now = ctx.clock()
-        host = client_host(request)
+        host = client_host(request) or "unknown"
         user = find_user(db, username=username)
-        locked = (
-            failed_logins_since(db, username=username, since=now - ctx.config.lockout_window)
-            >= ctx.config.lockout_failures
-        )
+        locked = lockout(db, username, host, user.unlocked_at if user else None, now)
         # A wrong name costs a hash check too, so timing does not tell which names exist.
         valid = verify_password(password, user.password_hash if user else DUMMY_HASH)
         reason = None
         if locked:
-            reason = "locked after repeated failures"
+            reason = locked
         elif user is None or not valid:
             reason = "unknown user or wrong password"
         elif user.disabled_at is not None:
@@ -457,7 +475,8 @@ def create_app(ctx: ConsoleContext) -> FastAPI:
             append_audit(
                 db,
                 record=audit.AuditRecord(
-                    kind=audit.USER_AUTHENTICATION,
+                    kind=audit.LOGIN_LOCKED if locked else audit.USER_AUTHENTICATION,
+                    occurred_at=now,
                     outcome=audit.Outcome.MINOR_FAILURE,
                     actor_user=username,
                     actor_host=host,
@@ -466,7 +485,7 @@ def create_app(ctx: ConsoleContext) -> FastAPI:
             )
             token = new_token()
             message = (
-                "Too many failed logins: this user name is locked for "
+                "Too many failed logins: logins from here are refused for up to "
                 f"{int(ctx.config.lockout_window.total_seconds() // 60)} minutes."
                 if locked
                 else "Unknown user name or wrong password."
@@ -497,6 +516,7 @@ def create_app(ctx: ConsoleContext) -> FastAPI:
             db,
             record=audit.AuditRecord(
                 kind=audit.USER_AUTHENTICATION,
+                occurred_at=now,
                 actor_user=user.username,
                 actor_host=host,
                 detail={"interface": "console"},

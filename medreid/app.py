@@ -249,6 +249,7 @@ def build_console(settings: Settings, sessions: sessionmaker[Session]) -> Consol
             page_rows=cfg.page_rows,
             export_max_rows=cfg.export_max_rows,
             lockout_failures=cfg.lockout_failures,
+            lockout_failures_per_address=cfg.lockout_failures_per_address,
             lockout_window=dt.timedelta(minutes=cfg.lockout_window_min),
             https=cfg.tls_enabled,
         ),

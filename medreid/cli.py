@@ -281,7 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     user_commands.add_parser(
         "disable", help="disable a user and end its sessions and tokens"
     ).add_argument("name")
-
+    user_commands.add_parser(
+        "unlock", help="end a login lockout of a user name: earlier failures no longer count"
+    ).add_argument("name")
     token = user_commands.add_parser(
         "token", help="make an API bearer token for a user (printed once, stored hashed)"
     )
@@ -1109,7 +1111,10 @@ def cmd_users(settings: Settings, args: argparse.Namespace, clock: Clock) -> int
                 disable_user(session, user=user, now=now)
                 changed(session, "disabled")
                 print(f"user {name} disabled; its sessions and tokens are ended")
-
+            elif args.users_command == "unlock":
+                user.unlocked_at = now
+                changed(session, "unlocked")
+                print(f"user {name} unlocked; its earlier failed logins no longer count")
             else:
                 if user.disabled_at is not None:
                     raise SystemExit(f"medreid: user {name!r} is disabled")

@@ -242,8 +242,11 @@ class ConsoleSettings:
     # Rows a page or a JSON listing returns at most; CSV exports take up to export_max_rows.
     page_rows: int = 100
     export_max_rows: int = 100000
-    # Failed logins of one user name within lockout_window_min before it is locked for as long.
+    # Failed logins of one user name from one address within lockout_window_min, before that
+    # name is refused from that address until the failures age out (`medreid users unlock`
+    # ends it at once); and of any names from one address, before the address is refused.
     lockout_failures: int = 5
+    lockout_failures_per_address: int = 20
     lockout_window_min: float = 15.0
 
     @property
@@ -258,6 +261,9 @@ class ConsoleSettings:
         _check_range("console.page_rows", self.page_rows, 10, 1000)
         _check_range("console.export_max_rows", self.export_max_rows, 100, 10_000_000)
         _check_range("console.lockout_failures", self.lockout_failures, 1, 1000)
+        _check_range(
+            "console.lockout_failures_per_address", self.lockout_failures_per_address, 1, 100000
+        )
         _check_range("console.lockout_window_min", self.lockout_window_min, 1.0, 24 * 60.0)
         if not self.bind_address.strip():
             raise SettingsError("console.bind_address: must not be empty")

@@ -112,19 +112,31 @@ def end_session(session: Session, *, row: ConsoleSession, why: str, now: dt.date
     session.flush()
 
 
-def failed_logins_since(session: Session, *, username: str, since: dt.datetime) -> int:
-    """Failed logins of this user name since then, counted from the audit trail."""
-    count = session.scalar(
+def failed_logins(
+    session: Session,
+    *,
+    since: dt.datetime,
+    username: str | None = None,
+    host: str | None = None,
+) -> int:
+    """Failed password checks since then, of this user name and/or from this address, counted
+    from the audit trail. Logins refused while locked are not counted: a lockout ends when
+    its failures age out, however often someone knocks meanwhile."""
+    query = (
         select(func.count())
         .select_from(AuditEvent)
         .where(
             AuditEvent.occurred_at >= since,
             AuditEvent.event == USER_AUTHENTICATION.event,
-            AuditEvent.actor_user == username,
+            AuditEvent.event_type == USER_AUTHENTICATION.event_type,
             AuditEvent.outcome != int(Outcome.SUCCESS),
         )
     )
-    return int(count or 0)
+    if username is not None:
+        query = query.where(AuditEvent.actor_user == username)
+    if host is not None:
+        query = query.where(AuditEvent.actor_host == host)
+    return int(session.scalar(query) or 0)
 
 
 def _aware(value: dt.datetime) -> dt.datetime:

@@ -273,6 +273,8 @@ class ConsoleUser(Base):
     password_changed_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     disabled_at: Mapped[dt.datetime | None]
     last_login_at: Mapped[dt.datetime | None]
+    # failed logins before this time no longer count towards a lockout (`medreid users unlock`)
+    unlocked_at: Mapped[dt.datetime | None]
 
 
 class SessionKind(enum.StrEnum):

@@ -22,7 +22,7 @@ from console.app import ConsoleConfig, ConsoleContext, create_app
 from console.server import ConsoleServer
 from medreid.cli import main
 from pipeline.runner import PipelineConfig
-from storage.models import AuditEvent, ConsoleSession
+from storage.models import AuditEvent, ConsoleSession, Instance, Result
 from tests.conftest import Database
 from tests.console_fixtures import (
     CSRF,
@@ -121,7 +121,7 @@ def test_login_wants_its_csrf_token_the_password_and_locks_after_failures(
     assert client.get("/").status_code == 200
     assert [e.outcome for e in audit_rows(database, event="User Authentication")] == [4, 0]
 
-    # five failures lock the name, even against the right password, and say so
+    # five failures lock the name from that address, even against the right password
     add_console_user(database, "second")
     other = TestClient(client.app, follow_redirects=False)
     for _ in range(5):
@@ -132,9 +132,56 @@ def test_login_wants_its_csrf_token_the_password_and_locks_after_failures(
     locked = other.post(
         "/login", data={"username": "second", "password": PASSWORD, "csrf_token": token.group(1)}
     )
-    assert locked.status_code == 401 and "locked for 15 minutes" in locked.text
-    reasons = [e.detail["reason"] for e in audit_rows(database, actor_user="second")]
-    assert reasons[-1] == "locked after repeated failures"
+    assert locked.status_code == 401 and "refused for up to 15 minutes" in locked.text
+    refused = audit_rows(database, actor_user="second")[-1]
+    assert refused.event_type == "Login While Locked"
+    assert refused.detail["reason"] == (
+        "locked: repeated failures of this user name from this address"
+    )
+
+
+def test_a_lockout_is_per_address_does_not_extend_itself_and_can_be_ended(
+    database: Database,
+    spool: Path,
+    hospital: Hospital,
+    clock: Clock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    add_console_user(database, "second")
+    app = console_client(database, spool, clock).app
+    attacker = TestClient(app, follow_redirects=False, client=("203.0.113.7", 40000))
+    colleague = TestClient(app, follow_redirects=False, client=("192.0.2.10", 40000))
+    for _ in range(5):
+        assert login(attacker, "second", "not the password") == 401
+    assert login(attacker, "second") == 401  # locked from the attacker's address
+    assert login(colleague, "second") == 303  # not from anyone else's
+
+    # knocking all through the lockout does not extend it: it ends when the failures age out
+    for _ in range(12):
+        clock.advance(minutes=1)
+        assert login(attacker, "second") == 401
+    clock.advance(minutes=3, seconds=1)
+    assert login(attacker, "second") == 303
+
+    # many names from one address lock the address
+    sprayer = TestClient(app, follow_redirects=False, client=("198.51.100.3", 40000))
+    for index in range(20):
+        assert login(sprayer, f"guess{index % 4}", "not the password") == 401
+    assert login(sprayer, "admin") == 401
+    assert login(colleague, "admin") == 303
+    events = audit_rows(database, actor_host="198.51.100.3")
+    assert events[-1].detail["reason"] == "locked: repeated failures from this address"
+
+    # `medreid users unlock` ends a lockout at once, and is audited
+    for _ in range(5):
+        assert login(attacker, "second", "not the password") == 401
+    assert login(attacker, "second") == 401
+    monkeypatch.setenv("MEDREID_DATABASE_URL", database.url)
+    clock.advance(minutes=1)
+    assert main(["users", "unlock", "second"], clock=clock) == 0
+    assert login(attacker, "second") == 303
+    changes = audit_rows(database, event_type="User Security Attributes Changed")
+    assert changes[-1].detail["change"] == "unlocked"
 
 
 def test_every_filter_of_the_result_list(client: TestClient, hospital: Hospital) -> None:
@@ -451,3 +498,23 @@ def test_the_console_serves_https_with_a_certificate(
             httpx.get(f"http://127.0.0.1:{port}/login", timeout=5)
     finally:
         server.stop()
+
+
+def test_no_filesystem_path_in_any_response(
+    client: TestClient, hospital: Hospital, spool: Path, database: Database
+) -> None:
+    assert login(client) == 303
+    result_id = hospital.results["ok"]
+    with database.sessions.begin() as session:
+        instance = session.scalars(select(Instance).order_by(Instance.id)).first()
+        assert instance is not None
+        (spool / instance.spool_path).unlink()  # the image gone from the spool
+    with database.sessions.begin() as session:
+        ids = [r for r, in session.execute(select(Result.id))]
+    answers = [client.get(f"/api/v1/results/{r}/thumbnail.png") for r in ids]
+    answers += [client.get(f"/results/{r}") for r in ids]
+    answers += [client.get(f"/api/v1/results/{result_id}")]
+    assert any(a.status_code == 404 for a in answers)
+    roots = {str(spool), str(spool.resolve()), str(spool.parent)}
+    for answer in answers:
+        assert not any(root in answer.text for root in roots), answer.text
