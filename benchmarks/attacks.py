@@ -4,8 +4,10 @@ thousandfold. Used by ``benchmarks.hostile_peers`` and by the tests of the same 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import random
+import select
 import socket
 import struct
 import zlib
@@ -197,3 +199,41 @@ def _item_offsets(request: bytes) -> list[int]:
                 inner += 4 + struct.unpack_from(">H", request, inner + 2)[0]
         at += 4 + length
     return offsets
+
+
+def fuzz_requests(
+    port: int, *, cases: int, seed: int, batch: int = 16, wait_s: float = 4.0
+) -> collections.Counter[str]:
+    """Send ``cases`` mutated A-ASSOCIATE-RQs, ``batch`` connections at a time, and tally what
+    the service did first with each within ``wait_s``: the type of the PDU it answered with
+    (``0x02`` accepted, ``0x03`` rejected, ``0x07`` aborted), ``closed``, or ``no answer``."""
+    rng = random.Random(seed)
+    valid = associate_rq(
+        contexts=(
+            (VERIFICATION, (IMPLICIT_VR_LITTLE_ENDIAN,)),
+            (CT_IMAGE_STORAGE, (EXPLICIT_VR_LITTLE_ENDIAN,)),
+        )
+    )
+    outcomes: collections.Counter[str] = collections.Counter()
+    for start in range(0, cases, batch):
+        sockets = []
+        for _ in range(min(batch, cases - start)):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            with contextlib.suppress(OSError):
+                sock.sendall(mutate_request(rng, valid))
+            sockets.append(sock)
+        for sock in sockets:
+            outcomes[_first_answer(sock, wait_s)] += 1
+            sock.close()
+    return outcomes
+
+
+def _first_answer(sock: socket.socket, timeout: float) -> str:
+    ready, _, _ = select.select([sock], [], [], timeout)
+    if not ready:
+        return "no answer"
+    try:
+        data = sock.recv(1)
+    except OSError:
+        return "closed"
+    return f"0x{data[0]:02X}" if data else "closed"

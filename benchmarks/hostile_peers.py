@@ -1,7 +1,7 @@
 """Hostile peers against a real ``medreid serve``: stalled association requests, a flood of
-connections that open and close, a deflate bomb, an endless PDU. For each: whether honest
-peers are still served and how fast, what the bomb is answered, and how much the service's
-memory grows.
+connections that open and close, a deflate bomb, an endless PDU, and a seeded fuzz run of
+association requests. For each: whether honest peers are still served and how fast, what the
+bomb is answered, what each mutated request got, and how much the service's memory grows.
 
     python -m benchmarks.hostile_peers [--checkout DIR] [--out FILE.json]
 
@@ -238,12 +238,29 @@ def endless_pdu(service: Service, total_mb: int) -> dict[str, Any]:
     }
 
 
+def fuzz(service: Service, cases: int) -> dict[str, Any]:
+    before = service.rss()
+    with PeakSampler(service.process.pid) as sampler:
+        started = time.monotonic()
+        outcomes = attacks.fuzz_requests(service.port, cases=cases, seed=20261205)
+        took = time.monotonic() - started
+    return {
+        "cases": cases,
+        "request_deadline_s": 1.0,
+        "outcomes": dict(outcomes),
+        "run_s": round(took, 1),
+        "rss_growth_mb": round((sampler.peak - before) / MB, 1),
+        "still_serving": service.process.poll() is None and echo(service.port) is not None,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkout", type=Path, default=CHECKOUT)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--give-up-s", type=float, default=90.0)
     parser.add_argument("--stream-mb", type=int, default=256)
+    parser.add_argument("--fuzz-cases", type=int, default=400)
     args = parser.parse_args()
     results: dict[str, Any] = {"checkout": str(args.checkout.resolve())}
     with tempfile.TemporaryDirectory(prefix="medreid-hostile-") as scratch:
@@ -253,10 +270,12 @@ def main() -> None:
             ("flood", lambda s: connect_and_close_flood(s.port, 200, args.give_up_s)),
             ("deflate_bomb", lambda s: deflate_bomb(s, work)),
             ("endless_pdu", lambda s: endless_pdu(s, args.stream_mb)),
+            ("fuzz", lambda s: fuzz(s, args.fuzz_cases)),
         ):
             folder = work / name
             folder.mkdir()
-            service = Service(args.checkout, folder)
+            deadline = {"MEDREID_SCP_ACSE_TIMEOUT_S": "1"} if name == "fuzz" else {}
+            service = Service(args.checkout, folder, **deadline)
             try:
                 results[name] = {"idle_rss_mb": round(service.rss() / MB, 1), **run(service)}
             finally:

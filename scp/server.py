@@ -26,7 +26,13 @@ from scp.responses import respond_directly
 from scp.status import StoreStatus, error_comment, status_for
 from scp.store import StoreService
 from scp.tls import AuditedTLS, TLSFailure, server_context
-from scp.transport import ConnectionGuard, GuardEvent, GuardLimits, admitted_associations
+from scp.transport import (
+    ConnectionGuard,
+    GuardEvent,
+    GuardLimits,
+    admitted_associations,
+    read_in_bulk,
+)
 from storage import audit
 from storage.models import AssociationOutcome
 from storage.repository import append_audit, close_association, open_association
@@ -243,6 +249,7 @@ class DicomServer:
     def _on_conn_open(self, event: Any) -> None:
         if self._guard is not None:
             self._guard.attach(event.assoc)
+        read_in_bulk(event.assoc)
         # before the association's threads start: they wake on work instead of polling
         try:
             make_prompt(event.assoc)

@@ -6,13 +6,10 @@ dropped and audited, the service's memory stays flat, and honest peers are serve
 
 from __future__ import annotations
 
-import contextlib
-import random
 import select
 import socket
 import struct
 import time
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -128,19 +125,6 @@ def closed_within(sockets: list[socket.socket], timeout: float) -> set[socket.so
             if not data:
                 closed.add(sock)
     return closed
-
-
-def first_answer(sock: socket.socket, timeout: float) -> str | None:
-    """What the service did first: answered with a PDU (its type), or closed; None if
-    neither within the timeout."""
-    ready, _, _ = select.select([sock], [], [], timeout)
-    if not ready:
-        return None
-    try:
-        data = sock.recv(1)
-    except OSError:
-        return "closed"
-    return f"0x{data[0]:02X}" if data else "closed"
 
 
 def test_stalled_requests_never_keep_an_honest_peer_out(
@@ -308,30 +292,13 @@ def test_a_seeded_fuzz_run_of_association_requests(running: Any) -> None:
     """Mutated A-ASSOCIATE-RQs (lengths, items, user information, noise, cuts), sixteen at a
     time: each is answered or closed within the request deadline, and the service serves."""
     service = running(MEDREID_SCP_ACSE_TIMEOUT_S="1")
-    rng = random.Random(20261205)
-    valid = attacks.associate_rq(
-        contexts=(
-            (attacks.VERIFICATION, (attacks.IMPLICIT_VR_LITTLE_ENDIAN,)),
-            (attacks.CT_IMAGE_STORAGE, (attacks.EXPLICIT_VR_LITTLE_ENDIAN,)),
-        )
-    )
-    cases = 400
     before = rss(service)
-    outcomes: Counter[str | None] = Counter()
-    for start in range(0, cases, 16):
-        batch = []
-        for _ in range(min(16, cases - start)):
-            sock = socket.create_connection(("127.0.0.1", service.port), timeout=5)
-            with contextlib.suppress(OSError):
-                sock.sendall(attacks.mutate_request(rng, valid))
-            batch.append(sock)
-        for sock in batch:
-            outcomes[first_answer(sock, 4.0)] += 1  # 1 s deadline, 0.25 s watchdog rounds
-            sock.close()
-        assert service.process is not None and service.process.poll() is None
+    cases = 400
+    outcomes = attacks.fuzz_requests(service.port, cases=cases, seed=20261205)
     print(f"{cases} mutated association requests: {dict(outcomes)}")
+    assert service.process is not None and service.process.poll() is None
     assert sum(outcomes.values()) == cases
-    assert outcomes[None] == 0, "a connection was neither answered nor closed in time"
+    assert outcomes["no answer"] == 0, "a connection was neither answered nor closed in time"
     # some are still accepted (harmless mutations), some rejected or aborted, some dropped
     assert outcomes["0x02"] and outcomes["closed"]
     assert echo(service.port)
