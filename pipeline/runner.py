@@ -61,7 +61,11 @@ def check_inflated_size(path: Path, max_bytes: int) -> None:
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     inflated = 0
     with path.open("rb") as file:
-        file.seek(128 + 4 + 12 + int(group_length))
+        head = file.read(132)
+        # the meta group follows 'DICM', after the 128-byte preamble where there is one;
+        # its first element, the group length (12 bytes), gives its end
+        start = 132 if head[128:132] == b"DICM" else 4 if head[:4] == b"DICM" else 0
+        file.seek(start + 12 + int(group_length))
         while chunk := file.read(1 << 20):
             while chunk:
                 inflated += len(inflater.decompress(chunk, 1 << 20))

@@ -24,7 +24,12 @@ every byte read:
   :func:`admitted_associations`), so stalled connections never take an honest peer's slot.
 
 A connection that ends before its request is complete lets its association thread go at once
-(pynetdicom would otherwise keep it waiting for a request for the whole ACSE timeout).
+(pynetdicom would otherwise keep it waiting for a request for the whole ACSE timeout), and one
+whose association thread died in pynetdicom's negotiation (some malformed requests make it
+raise) is closed and its reader stopped, where nothing else would ever close it.
+
+This module is also where the receiver's reads reach into pynetdicom's association
+(:func:`read_in_bulk`, the acceptor's request queue, its reader's stop): each use says why.
 """
 
 from __future__ import annotations
@@ -119,7 +124,7 @@ class _Guarded:
     _raw_recv_into: Callable[..., int]
 
     def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
-        # pynetdicom reads at most 4 KiB at a time: the common case costs a comparison
+        # a read inside a PDV's value (nearly every one) costs a comparison
         data = self._raw_recv(buflen, flags)
         if 0 < len(data) < self._credit:
             self._credit -= len(data)
@@ -399,9 +404,10 @@ class ConnectionGuard:
 
     def drop(self, sock: _Guarded, reason: str, *, abort: bool = False) -> None:
         """End a connection that broke a limit: A-ABORT (for a PDU), shut it down, report it."""
-        if sock.ended:
-            return
-        sock.ended = True
+        with self._lock:  # the watchdog and the connection's reader may both get here
+            if sock.ended:
+                return
+            sock.ended = True
         log.warning("connection from %s:%d dropped: %s", sock.peer_host, sock.peer_port, reason)
         with contextlib.suppress(OSError, ValueError):
             if abort:
