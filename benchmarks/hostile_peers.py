@@ -17,7 +17,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from pynetdicom import AE
 from pynetdicom import _config as pynetdicom_config
 
 from benchmarks import attacks
-from benchmarks.procstat import rss_bytes
+from benchmarks.procstat import PeakRss, rss_bytes
 
 CHECKOUT = Path(__file__).resolve().parent.parent
 MB = 1024 * 1024
@@ -89,29 +88,6 @@ class Service:
         except subprocess.TimeoutExpired:
             self.process.kill()
         self.log.close()
-
-
-class PeakSampler:
-    """The highest RSS of a process, sampled every 20 ms while in use."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss_bytes(self.pid))
-            time.sleep(0.02)
-
-    def __enter__(self) -> PeakSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def echo(port: int, *, host: str = "127.0.0.1", timeout: float = 30) -> float | None:
@@ -199,7 +175,7 @@ def deflate_bomb(service: Service, work: Path) -> dict[str, Any]:
     before = service.rss()
     status: dict[str, Any] = {}
     pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
-    with PeakSampler(service.process.pid) as sampler:
+    with PeakRss(service.process.pid, interval_s=0.02) as sampler:
         started = time.monotonic()
         assoc = ae.associate("127.0.0.1", service.port, ae_title="MEDREID")
         if assoc.is_established:
@@ -223,7 +199,7 @@ def deflate_bomb(service: Service, work: Path) -> dict[str, Any]:
 
 def endless_pdu(service: Service, total_mb: int) -> dict[str, Any]:
     before = service.rss()
-    with PeakSampler(service.process.pid) as sampler:
+    with PeakRss(service.process.pid, interval_s=0.02) as sampler:
         started = time.monotonic()
         taken = attacks.stream_endless_pdu(service.port, total_mb * MB)
         took = time.monotonic() - started
@@ -240,7 +216,7 @@ def endless_pdu(service: Service, total_mb: int) -> dict[str, Any]:
 
 def fuzz(service: Service, cases: int) -> dict[str, Any]:
     before = service.rss()
-    with PeakSampler(service.process.pid) as sampler:
+    with PeakRss(service.process.pid, interval_s=0.02) as sampler:
         started = time.monotonic()
         outcomes = attacks.fuzz_requests(service.port, cases=cases, seed=20261205)
         took = time.monotonic() - started

@@ -54,10 +54,11 @@ def rss_bytes(pid: int) -> int:
 
 
 class PeakRss:
-    """Samples the tree's total RSS every 50 ms while in use."""
+    """Samples the tree's total RSS every ``interval_s`` (50 ms) while in use."""
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, interval_s: float = 0.05) -> None:
         self.pid = pid
+        self.interval_s = interval_s
         self.peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -65,7 +66,7 @@ class PeakRss:
     def _run(self) -> None:
         while not self._stop.is_set():
             self.peak = max(self.peak, rss_bytes(self.pid))
-            time.sleep(0.05)
+            time.sleep(self.interval_s)
 
     def __enter__(self) -> PeakRss:
         self._thread.start()
