@@ -33,7 +33,7 @@ class ScpSettings:
     max_associations: int = 16
     # connections that have not yet completed their association request, in all and per host
     max_pending_connections: int = 64
-    max_pending_per_host: int = 16
+    max_pending_per_host: int = 32
     max_pdu: int = 131072
     # the largest dataset received or inflated (Deflated syntax), and decoded pixel data
     max_dataset_mb: int = 512
