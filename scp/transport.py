@@ -129,16 +129,8 @@ class _Guarded:
         if 0 < len(data) < self._credit:
             self._credit -= len(data)
             self._credited += len(data)
-            return data
-        guard = self._guard
-        if guard is None:
-            return data
-        self._settle()
-        if data:
-            self._account(data)
-            self._credit = self._next_credit()
         else:
-            guard.peer_closed(self)
+            self._read(data)
         return data
 
     def recv_into(self, buffer: Any, nbytes: int | None = None, flags: int = 0) -> int:
@@ -147,17 +139,21 @@ class _Guarded:
         if 0 < count < self._credit:
             self._credit -= count
             self._credited += count
-            return count
+        else:
+            self._read(memoryview(buffer)[:count])
+        return count
+
+    def _read(self, data: bytes | memoryview) -> None:
+        """A read that reaches a boundary or a limit, or the end of the connection."""
         guard = self._guard
         if guard is None:
-            return count
+            return
         self._settle()
-        if count:
-            self._account(memoryview(buffer)[:count])
+        if data:
+            self._account(data)
             self._credit = self._next_credit()
         else:
             guard.peer_closed(self)
-        return count
 
     def _settle(self) -> None:
         """Apply the reads counted on credit."""
@@ -176,10 +172,13 @@ class _Guarded:
             return self._remaining
         if self._pdv_left == 0:
             return 0  # a PDV header is next
+        room = self._stream_limit() - self._stream_bytes[int(self._pdv_is_data)]
+        return min(self._remaining, self._pdv_left, room)
+
+    def _stream_limit(self) -> int:
+        """The most the current message's dataset (or command set) may hold."""
         assert self._guard is not None
-        index = int(self._pdv_is_data)
-        limit = self._guard.limits.max_dataset_bytes if index else COMMAND_SET_MAX_BYTES
-        return min(self._remaining, self._pdv_left, limit - self._stream_bytes[index])
+        return self._guard.limits.max_dataset_bytes if self._pdv_is_data else COMMAND_SET_MAX_BYTES
 
     def close(self) -> None:
         guard = self._guard
@@ -190,29 +189,13 @@ class _Guarded:
     # ---------------------------------------------------------------- accounting
 
     def _account(self, data: bytes | memoryview) -> None:
-        size = len(data)
-        if self._remaining >= size:  # inside a PDU's body: nearly every read
-            if self._pdu_type != P_DATA_TF:
-                self._remaining -= size
-            elif self._pdv_left >= size:  # and inside one PDV's value
-                self._pdv_left -= size
-                self._remaining -= size
-                self._add_to_stream(size)
-            else:
-                self._account_pdvs(memoryview(data))
-                self._remaining -= size
-            if self._remaining == 0:
-                self._pdu_done()
-            return
         view = memoryview(data)
-        at = 0
+        at, size = 0, len(view)
         while at < size:
             if self._remaining == 0:
                 if not self._header:
                     self.pdu_started_at = time.monotonic()
-                take = min(6 - len(self._header), size - at)
-                self._header += view[at : at + take]
-                at += take
+                at = _fill(self._header, view, at)
                 if len(self._header) < 6:
                     return
                 pdu_type, _, length = PDU_HEADER.unpack(self._header)
@@ -251,9 +234,7 @@ class _Guarded:
                 at += take
                 self._add_to_stream(take)
                 continue
-            take = min(6 - len(self._pdv_header), size - at)
-            self._pdv_header += chunk[at : at + take]
-            at += take
+            at = _fill(self._pdv_header, chunk, at)
             if len(self._pdv_header) < 6:
                 return
             length, _context, control = PDV_HEADER.unpack(self._pdv_header)
@@ -264,10 +245,9 @@ class _Guarded:
             self._add_to_stream(0)
 
     def _add_to_stream(self, count: int) -> None:
-        assert self._guard is not None
         index = int(self._pdv_is_data)
         self._stream_bytes[index] += count
-        limit = self._guard.limits.max_dataset_bytes if index else COMMAND_SET_MAX_BYTES
+        limit = self._stream_limit()
         if self._stream_bytes[index] > limit:
             what = "a dataset" if index else "a command set"
             self._refuse(f"{what} of more than {limit} bytes")
@@ -285,6 +265,14 @@ class _Guarded:
         assert self._guard is not None
         self._guard.drop(self, reason, abort=True)
         raise PduRefused(reason)
+
+
+def _fill(header: bytearray, view: memoryview, at: int) -> int:
+    """Add to a 6-byte PDU or PDV header what of it the read holds from ``at``; where the
+    read goes on."""
+    take = min(6 - len(header), len(view) - at)
+    header += view[at : at + take]
+    return at + take
 
 
 class GuardedSocket(_Guarded, socket.socket):
@@ -377,30 +365,33 @@ class ConnectionGuard:
 
     # ---------------------------------------------------------------- from the sockets
 
-    def _stop_waiting(self, sock: _Guarded) -> bool:
-        """The connection no longer waits to associate; True if it was waiting."""
+    def _stop_waiting(self, sock: _Guarded) -> None:
+        """The connection no longer waits to associate."""
         with self._lock:
             was_waiting = sock.waiting
             sock.waiting = False
         if was_waiting:
             self._release(sock.peer_host)
-        return was_waiting
 
     def request_read(self, sock: _Guarded) -> None:
         self._stop_waiting(sock)
 
     def peer_closed(self, sock: _Guarded) -> None:
-        if not sock.requested:
-            self._stop_waiting(sock)
-            sock.ended = True
+        if self._ended_before_request(sock):
             self._let_association_go(sock)
 
     def forget(self, sock: _Guarded) -> None:
         with self._lock:
             self._live.discard(sock)
-        if not sock.requested:
-            self._stop_waiting(sock)
-            sock.ended = True
+        self._ended_before_request(sock)
+
+    def _ended_before_request(self, sock: _Guarded) -> bool:
+        """Closed: if its request never came, it waits no more; True in that case."""
+        if sock.requested:
+            return False
+        self._stop_waiting(sock)
+        sock.ended = True
+        return True
 
     def drop(self, sock: _Guarded, reason: str, *, abort: bool = False) -> None:
         """End a connection that broke a limit: A-ABORT (for a PDU), shut it down, report it."""
