@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 import time
 import warnings
 import zlib
@@ -11,8 +12,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pydicom import Dataset, dcmread
-from pydicom.filereader import read_file_meta_info
-from pydicom.uid import UID
 
 from pipeline.clahe import ClaheParams, apply_clahe_frames
 from pipeline.decode import DecodeParams, decode_dataset
@@ -49,23 +48,28 @@ class PipelineResult:
         return before, after
 
 
+DEFLATED = b"1.2.840.10008.1.2.1.99"
+
+
 def check_inflated_size(path: Path, max_bytes: int) -> None:
     """Where the file's syntax deflates its dataset, inflate it as a stream, keeping nothing,
-    and raise StageError past ``max_bytes``: pydicom would inflate it whole, however large."""
-    meta = read_file_meta_info(path)
-    if not UID(str(meta.get("TransferSyntaxUID", ""))).is_deflated:
-        return
-    group_length = meta.get("FileMetaInformationGroupLength")
-    if group_length is None:
-        raise StageError("a deflated file without File Meta Information Group Length")
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    inflated = 0
+    and raise StageError past ``max_bytes``: pydicom would inflate it whole, however large.
+
+    Every file the worker reads passes here, so the syntax is found from the File Meta
+    Information's bytes (its first element, the group length, gives its end) rather than by a
+    second parse of the meta."""
     with path.open("rb") as file:
-        head = file.read(132)
-        # the meta group follows 'DICM', after the 128-byte preamble where there is one;
-        # its first element, the group length (12 bytes), gives its end
-        start = 132 if head[128:132] == b"DICM" else 4 if head[:4] == b"DICM" else 0
-        file.seek(start + 12 + int(group_length))
+        head = file.read(144)
+        # the meta group follows 'DICM', after the 128-byte preamble where there is one
+        start = 132 if head[128:132] == b"DICM" else 4 if head[:4] == b"DICM" else None
+        if start is None or head[start : start + 6] != b"\x02\x00\x00\x00UL":
+            return  # no File Meta Information: not deflated
+        file.seek(start + 8)
+        (group_length,) = struct.unpack("<I", file.read(4))
+        if DEFLATED not in file.read(group_length):
+            return
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        inflated = 0
         while chunk := file.read(1 << 20):
             while chunk:
                 inflated += len(inflater.decompress(chunk, 1 << 20))
