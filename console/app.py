@@ -67,6 +67,7 @@ from storage.accounts import (
 )
 from storage.models import (
     AuditEvent,
+    Clock,
     ConsoleSession,
     Instance,
     SessionKind,
@@ -120,7 +121,7 @@ class ConsoleContext:
     pipeline: PipelineConfig
     config: ConsoleConfig = field(default_factory=ConsoleConfig)
     version: str = ""
-    clock: Callable[[], dt.datetime] = utcnow
+    clock: Clock = utcnow
 
 
 @dataclass(frozen=True)

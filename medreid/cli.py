@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
 from medreid import __version__
-from medreid.clock import Clock, utcnow
 from medreid.output import FORMATS, parse_when, render
 from medreid.settings import Settings, SettingsError, describe, load_settings, mask_secrets
 
 if TYPE_CHECKING:  # the commands import their heavy modules when they run
+    from storage.models import Clock
     from storage.repository import ResultFilter
 
 log = logging.getLogger("medreid")
@@ -1165,8 +1165,9 @@ COMMANDS = {
 }
 
 
-def main(argv: Sequence[str] | None = None, *, clock: Clock = utcnow) -> int:
-    """Runs one command; `clock` is the one source of "now" for what the command decides."""
+def main(argv: Sequence[str] | None = None, *, clock: Clock | None = None) -> int:
+    """Runs one command; `clock` (the system's, by default) is the one source of "now" for
+    what the command decides."""
     args = build_parser().parse_args(argv)
     try:
         settings = load_settings(args.config)
@@ -1180,9 +1181,10 @@ def main(argv: Sequence[str] | None = None, *, clock: Clock = utcnow) -> int:
     from sqlalchemy.exc import OperationalError
 
     from storage.db import SchemaNotCurrentError
+    from storage.models import utcnow
 
     try:
-        return COMMANDS[args.command](settings, args, clock)
+        return COMMANDS[args.command](settings, args, clock or utcnow)
     except SchemaNotCurrentError as exc:
         print(f"medreid: {exc}", file=sys.stderr)
         return 3

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import (
@@ -36,6 +37,10 @@ BigId = BigInteger().with_variant(Integer(), "sqlite")
 
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+# Where "now" comes from: utcnow, or a test's clock. The console and the commands take one.
+Clock = Callable[[], dt.datetime]
 
 
 class Base(DeclarativeBase):
