@@ -12,12 +12,15 @@ so that before and after are measured by the same probe.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -166,17 +169,43 @@ def connect_and_close_flood(port: int, count: int, give_up_s: float) -> dict[str
     }
 
 
+@dataclass
+class Watch:
+    """What an attack took: seconds, and the service's peak memory above where it began."""
+
+    took_s: float = 0.0
+    rss_growth_mb: float = 0.0
+
+    def report(self, service: Service) -> dict[str, Any]:
+        return {
+            "took_s": round(self.took_s, 2),
+            "rss_growth_mb": round(self.rss_growth_mb, 1),
+            "still_serving": service.process.poll() is None and echo(service.port) is not None,
+        }
+
+
+@contextlib.contextmanager
+def watched(service: Service, settle_s: float = 0.0) -> Iterator[Watch]:
+    """Time the block, and sample the service's memory during it and ``settle_s`` after."""
+    watch = Watch()
+    before = service.rss()
+    with PeakRss(service.process.pid, interval_s=0.02) as sampler:
+        started = time.monotonic()
+        yield watch
+        watch.took_s = time.monotonic() - started
+        time.sleep(settle_s)
+    watch.rss_growth_mb = (sampler.peak - before) / MB
+
+
 def deflate_bomb(service: Service, work: Path) -> dict[str, Any]:
     path = attacks.write_deflate_bomb(work / "bomb.dcm")
     ae = AE(ae_title="BOMBER")
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 300
     syntax = attacks.DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN
     ae.add_requested_context(attacks.SECONDARY_CAPTURE, [syntax])
-    before = service.rss()
     status: dict[str, Any] = {}
     pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
-    with PeakRss(service.process.pid, interval_s=0.02) as sampler:
-        started = time.monotonic()
+    with watched(service, settle_s=1.0) as watch:
         assoc = ae.associate("127.0.0.1", service.port, ae_title="MEDREID")
         if assoc.is_established:
             answer = assoc.send_c_store(path)
@@ -185,48 +214,33 @@ def deflate_bomb(service: Service, work: Path) -> dict[str, Any]:
                 "error_comment": str(answer.get("ErrorComment", "")) or None,
             }
             assoc.release()
-        took = time.monotonic() - started
-        time.sleep(1.0)
     return {
         "file_mb": round(path.stat().st_size / MB, 2),
         "inflates_to_mb": 1024,
         **status,
-        "answered_in_s": round(took, 2),
-        "rss_growth_mb": round((sampler.peak - before) / MB, 1),
-        "still_serving": echo(service.port) is not None,
+        **watch.report(service),
     }
 
 
 def endless_pdu(service: Service, total_mb: int) -> dict[str, Any]:
-    before = service.rss()
-    with PeakRss(service.process.pid, interval_s=0.02) as sampler:
-        started = time.monotonic()
+    with watched(service, settle_s=1.0) as watch:
         taken = attacks.stream_endless_pdu(service.port, total_mb * MB)
-        took = time.monotonic() - started
-        time.sleep(1.0)
     return {
         "announced_bytes": 0xFFFFFFFF,
         "streamed_mb_before_the_service_closed": round(taken / MB, 1),
         "offered_mb": total_mb,
-        "stream_s": round(took, 2),
-        "rss_growth_mb": round((sampler.peak - before) / MB, 1),
-        "still_serving": echo(service.port) is not None,
+        **watch.report(service),
     }
 
 
 def fuzz(service: Service, cases: int) -> dict[str, Any]:
-    before = service.rss()
-    with PeakRss(service.process.pid, interval_s=0.02) as sampler:
-        started = time.monotonic()
+    with watched(service) as watch:
         outcomes = attacks.fuzz_requests(service.port, cases=cases, seed=20261205)
-        took = time.monotonic() - started
     return {
         "cases": cases,
         "request_deadline_s": 1.0,
         "outcomes": dict(outcomes),
-        "run_s": round(took, 1),
-        "rss_growth_mb": round((sampler.peak - before) / MB, 1),
-        "still_serving": service.process.poll() is None and echo(service.port) is not None,
+        **watch.report(service),
     }
 
 
