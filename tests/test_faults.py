@@ -146,15 +146,36 @@ def test_the_database_going_away_mid_association_is_never_success(
     assert len([p for p in (tmp_path / "spool").rglob("*.dcm")]) == 6
 
 
+def _mount_small_disk(mount: Path) -> str | None:
+    """Mount a 4 MiB filesystem on ``mount``: a tmpfs, or where that is refused, an ext4 image
+    on a loop device. None when mounted, else why not."""
+    tmpfs = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True
+    )
+    if tmpfs.returncode == 0:
+        return None
+    image = mount.parent / "small.ext4"
+    with image.open("wb") as f:
+        f.truncate(4 << 20)
+    made = subprocess.run(
+        ["mkfs.ext4", "-q", "-b", "4096", "-m", "0", str(image)], capture_output=True
+    )
+    loop = subprocess.run(["mount", "-o", "loop", str(image), str(mount)], capture_output=True)
+    if made.returncode == 0 and loop.returncode == 0:
+        return None
+    return (
+        f"cannot mount a small filesystem here: tmpfs: {tmpfs.stderr.decode().strip()}; "
+        f"ext4 image on a loop device: {(made.stderr or loop.stderr).decode().strip()}"
+    )
+
+
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     mount = tmp_path / "small"
     mount.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    refused = _mount_small_disk(mount)
+    if refused is not None:
+        pytest.skip(refused)
     try:
         yield mount
     finally:

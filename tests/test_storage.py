@@ -26,7 +26,7 @@ from storage.repository import (
     release_jobs_of,
     stored_versions,
 )
-from tests.conftest import Database
+from tests.conftest import VARIANT, Database
 
 pytestmark = pytest.mark.db
 
@@ -221,7 +221,9 @@ def test_concurrent_claimers_never_share_a_job(database: Database) -> None:
 
 def test_postgres_claims_skip_locked_rows(database: Database) -> None:
     if database.backend != "postgresql":
-        pytest.skip("FOR UPDATE SKIP LOCKED is the PostgreSQL path; SQLite serialises writers")
+        pytest.skip(
+            f"{VARIANT} FOR UPDATE SKIP LOCKED is the PostgreSQL path; SQLite serialises writers"
+        )
     with database.sessions.begin() as session:
         for i in range(4):
             add_instance_with_job(
