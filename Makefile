@@ -5,13 +5,22 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CONFIG ?= config/medreid.toml
 
-.PHONY: install run migrate test lint typecheck check clean models models-whitening bench
+.PHONY: install lock run migrate test lint typecheck check clean models models-whitening bench
 
-$(STAMP): pyproject.toml
+# requirements.lock pins every package (pyproject.toml's ranges resolved for Python 3.11 on
+# Linux x86_64), so two installs a month apart are the same; `make lock` resolves it again.
+$(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
+
+lock:
+	$(PYTHON) -m pip install --quiet uv
+	$(PYTHON) -m uv pip compile pyproject.toml --extra test --python-version 3.11 \
+		--python-platform x86_64-manylinux_2_28 --index-url https://pypi.org/simple \
+		--quiet -o requirements.lock
 
 install: $(STAMP)
 

@@ -12,11 +12,12 @@ import tomllib
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "MEDREID_"
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "medreid.toml"
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "medreid.toml"
 
 
 class SettingsError(ValueError):
@@ -286,17 +287,44 @@ class ConsoleSettings:
             )
 
 
+@dataclass(frozen=True)
+class MetricsSettings:
+    """Prometheus metrics (/metrics) and health (/healthz, /readyz) on their own listener,
+    on loopback by default, whether or not the console is on."""
+
+    enabled: bool = True
+    bind_address: str = "127.0.0.1"
+    port: int = 9464
+    # `medreid serve` exits non-zero when it is not ready (database, spool, models, workers)
+    # this long after it starts.
+    startup_timeout_s: float = 180.0
+
+    def validate(self) -> None:
+        _check_range("metrics.port", self.port, 0, 65535)
+        _check_range("metrics.startup_timeout_s", self.startup_timeout_s, 1.0, 3600.0)
+
+
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+class LogFormat(StrEnum):
+    TEXT = "text"
+    JSON = "json"  # one JSON object a line
 
 
 @dataclass(frozen=True)
 class LoggingSettings:
     level: str = "INFO"
+    format: str = LogFormat.TEXT
 
     def validate(self) -> None:
         if self.level.upper() not in LOG_LEVELS:
             raise SettingsError(
                 f"logging.level: {self.level!r} is not one of {', '.join(LOG_LEVELS)}"
+            )
+        if self.format not in set(LogFormat):
+            raise SettingsError(
+                f"logging.format: {self.format!r} is not one of {', '.join(LogFormat)}"
             )
 
 
@@ -311,6 +339,7 @@ class Settings:
     models: ModelsSettings = field(default_factory=ModelsSettings)
     analysis: AnalysisSettingsSection = field(default_factory=AnalysisSettingsSection)
     console: ConsoleSettings = field(default_factory=ConsoleSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
 
 
