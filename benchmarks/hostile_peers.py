@@ -55,6 +55,7 @@ class Service:
             "MEDREID_SPOOL_DIR": str(work / "spool"),
             "MEDREID_SCP_PORT": str(self.port),
             "MEDREID_SCP_BIND_ADDRESS": "0.0.0.0",
+            "MEDREID_METRICS_PORT": "0",
             "MEDREID_SPOOL_MIN_FREE_MB": "64",
             "MEDREID_WORKERS_PROCESSES": "0",
             "MEDREID_LOGGING_LEVEL": "WARNING",

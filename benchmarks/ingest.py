@@ -128,6 +128,7 @@ def start_receiver(name: str, work: Path, models: Path) -> Receiver:
             MEDREID_SPOOL_DIR=str(out / "spool"),
             MEDREID_SCP_PORT=str(port),
             MEDREID_SCP_BIND_ADDRESS="127.0.0.1",
+            MEDREID_METRICS_PORT="0",
             MEDREID_SPOOL_MIN_FREE_MB="64",
             MEDREID_LOGGING_LEVEL="WARNING",
             MEDREID_MODELS_DIR=str(models),

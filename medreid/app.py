@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from multiprocessing.sharedctypes import SynchronizedArray
 from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,6 +22,23 @@ from sqlalchemy import Engine, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from medreid import __version__
+from medreid.logs import configure_logging
+from medreid.monitoring import (
+    MULTIPROCESS_ENV,
+    MonitoringServer,
+    Readiness,
+    ScpMetrics,
+    ServiceGauges,
+    ServiceMetrics,
+    WorkerMetrics,
+    WorkerState,
+    WorkerStatus,
+    end_multiprocess_metrics,
+    readiness_body,
+    scrape_registry,
+    start_multiprocess_metrics,
+)
+from medreid.reconcile import reconcile_spool
 from medreid.settings import Settings, load_settings
 from pipeline.analysis import AnalysisSettings
 from pipeline.clahe import ClaheParams
@@ -29,6 +47,7 @@ from pipeline.modelstore import Analyser, discover
 from pipeline.runner import PipelineConfig
 from pipeline.worker import SeriesPolicy, Worker
 from scp.contexts import IMAGE_STORAGE_CLASSES
+from scp.ports import ScpObserver
 from scp.server import DicomServer
 from scp.spool import Spool
 from scp.store import StoreService
@@ -86,7 +105,7 @@ class Service:
     node: str
 
 
-def build_service(settings: Settings) -> Service:
+def build_service(settings: Settings, observer: ScpObserver | None = None) -> Service:
     engine, sessions = build_database(settings)
     require_current_schema(engine)
     spool = Spool(
@@ -101,7 +120,7 @@ def build_service(settings: Settings) -> Service:
         supported_sop_classes=frozenset(IMAGE_STORAGE_CLASSES.values()),
         max_dataset_bytes=settings.scp.max_dataset_mb * 1024 * 1024,
     )
-    server = DicomServer(settings=settings.scp, store=store, sessions=sessions)
+    server = DicomServer(settings=settings.scp, store=store, sessions=sessions, observer=observer)
     return Service(settings, engine, sessions, server, node_name(settings))
 
 
@@ -136,21 +155,28 @@ def _die_with_parent() -> None:
 
 
 def worker_process_main(
-    config_path: str | None, index: int, node: str, parent_pid: int, stop: EventType
+    config_path: str | None,
+    index: int,
+    node: str,
+    parent_pid: int,
+    stop: EventType,
+    states: SynchronizedArray[int],
 ) -> None:
     """Entry point of a worker process started by `medreid serve`."""
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     settings = load_settings(Path(config_path) if config_path else None)
-    logging.basicConfig(
-        level=settings.logging.level.upper(),
-        format=f"%(asctime)s %(levelname)s worker-{index} %(name)s: %(message)s",
-    )
+    configure_logging(settings, process_name=f"worker-{index}")
+
+    def report(state: WorkerState) -> None:
+        states[index] = int(state)
+
     run_worker(
         settings,
         name=f"{node}/{os.getpid()}/{index}",
         should_stop=lambda: stop.is_set() or os.getppid() != parent_pid,
+        report=report,
     )
 
 
@@ -173,19 +199,30 @@ def build_analyser(settings: Settings, sessions: sessionmaker[Session]) -> Analy
     )
 
 
-def run_worker(settings: Settings, *, name: str, should_stop: Callable[[], bool]) -> None:
+def run_worker(
+    settings: Settings,
+    *,
+    name: str,
+    should_stop: Callable[[], bool],
+    report: Callable[[WorkerState], None] | None = None,
+) -> None:
+    """Process jobs until ``should_stop``; ``report`` hears whether the models loaded."""
     engine, sessions = build_database(settings)
-    analyser = build_analyser(settings, sessions)
-    if analyser is not None:
-        try:
+    state = WorkerState.READY
+    try:
+        analyser = build_analyser(settings, sessions)
+        if analyser is not None:
             analyser.refresh()  # load the models once, before the first job
-        except Exception:
-            # Receiving and decoding go on; the log says why there are no verdicts.
-            log.exception(
-                "the models under %s could not be loaded: no verdicts until fixed",
-                settings.models.dir,
-            )
-            analyser = None
+    except Exception:
+        # Receiving and decoding go on, but the service is not ready (/readyz says why).
+        log.exception(
+            "the models under %s could not be loaded: no verdicts until fixed",
+            settings.models.dir,
+        )
+        analyser = None
+        state = WorkerState.MODELS_FAILED
+    if report is not None:
+        report(state)
     worker = Worker(
         sessions=sessions,
         config=pipeline_config(settings),
@@ -203,6 +240,7 @@ def run_worker(settings: Settings, *, name: str, should_stop: Callable[[], bool]
             tag_map=settings.analysis.tag_mapping(),
             mismatch_margin=settings.analysis.mismatch_margin,
         ),
+        observer=WorkerMetrics(ServiceMetrics()),
     )
     try:
         worker.run(should_stop)
@@ -210,22 +248,68 @@ def run_worker(settings: Settings, *, name: str, should_stop: Callable[[], bool]
         engine.dispose()
 
 
-def start_workers(
-    settings: Settings, config_path: str | None, node: str
-) -> tuple[list[multiprocessing.process.BaseProcess], EventType]:
-    context = multiprocessing.get_context("spawn")
-    stop = context.Event()
-    processes: list[multiprocessing.process.BaseProcess] = []
-    for index in range(settings.workers.processes):
-        process = context.Process(
+class WorkerPool:
+    """The worker processes of `medreid serve`, each reporting its state in a shared slot."""
+
+    def __init__(self, settings: Settings, config_path: str | None, node: str) -> None:
+        self.settings = settings
+        self.config_path = config_path
+        self.node = node
+        self.context = multiprocessing.get_context("spawn")
+        self.stop_event = self.context.Event()
+        self.states = self.context.Array("b", settings.workers.processes)
+        self.processes: list[multiprocessing.process.BaseProcess] = []
+
+    def _start(self, index: int) -> multiprocessing.process.BaseProcess:
+        self.states[index] = int(WorkerState.STARTING)
+        process = self.context.Process(
             target=worker_process_main,
-            args=(config_path, index, node, os.getpid(), stop),
+            args=(self.config_path, index, self.node, os.getpid(), self.stop_event, self.states),
             name=f"medreid-worker-{index}",
             daemon=True,
         )
         process.start()
-        processes.append(process)
-    return processes, stop
+        return process
+
+    def start(self) -> None:
+        self.processes = [self._start(i) for i in range(self.settings.workers.processes)]
+
+    def statuses(self) -> list[WorkerStatus]:
+        return [
+            WorkerStatus(p.name or f"worker-{i}", p.is_alive(), WorkerState(self.states[i]))
+            for i, p in enumerate(self.processes)
+        ]
+
+    def restart_dead(self, sessions: sessionmaker[Session]) -> None:
+        """Replace worker processes that died; their claimed jobs go back to the queue now
+        rather than when their lease runs out (attempts still count, so a job that kills
+        its worker every time is failed after workers.max_attempts)."""
+        for index, process in enumerate(self.processes):
+            if process.is_alive():
+                continue
+            log.error("worker %s exited with %s; restarting it", process.name, process.exitcode)
+            _forget_metrics_of(process.pid)
+            try:
+                with sessions.begin() as session:
+                    release_jobs_of(session, claimant_prefix=f"{self.node}/{process.pid}/")
+            except Exception:
+                log.exception("could not release the jobs of worker %s", process.name)
+            self.processes[index] = self._start(index)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        for process in self.processes:
+            process.join(timeout=30)
+            if process.is_alive():
+                process.terminate()
+
+
+def _forget_metrics_of(pid: int | None) -> None:
+    """A dead process's live gauges no longer count (its counters still do)."""
+    if pid is not None and os.environ.get(MULTIPROCESS_ENV):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)
 
 
 # ---------------------------------------------------------------------------- console
@@ -267,16 +351,47 @@ def build_console(settings: Settings, sessions: sessionmaker[Session]) -> Consol
 # ---------------------------------------------------------------------------- serve
 
 
+class NotReadyError(RuntimeError):
+    """`medreid serve` could not become ready; the message names what is not."""
+
+
 def serve(settings: Settings, config_path: str | None) -> int:
-    """Run the SCP and its workers until SIGTERM or SIGINT."""
+    """Run the SCP, its workers, the console and the monitoring listener until SIGTERM or
+    SIGINT. Raises NotReadyError when not ready within metrics.startup_timeout_s."""
     started = time.monotonic()
-    service = build_service(settings)
+    # before prometheus_client is first imported, here and in the workers that inherit it
+    metrics_dir = start_multiprocess_metrics()
+    try:
+        return _serve(settings, config_path, metrics_dir, started)
+    finally:
+        end_multiprocess_metrics(metrics_dir)
+
+
+def _serve(settings: Settings, config_path: str | None, metrics_dir: Path, started: float) -> int:
+    metrics = ServiceMetrics()
+    service = build_service(settings, observer=ScpMetrics(metrics))
     released, closed = recover_after_restart(service)
     if released or closed:
         log.info(
             "recovered after restart: %d unfinished jobs queued again, %d associations closed",
             released,
             closed,
+        )
+    reconciled = reconcile_spool(
+        settings.spool.dir,
+        service.sessions,
+        clock=utcnow,
+        actor_user=os_user(),
+        actor_ae=settings.scp.ae_title,
+    )
+    if reconciled.quarantined:
+        metrics.quarantined.inc(len(reconciled.quarantined))
+        log.warning(
+            "spool: %d file(s) no row records moved to %s (never acknowledged; audited): %s",
+            len(reconciled.quarantined),
+            settings.spool.dir / "quarantine",
+            ", ".join(q.relative_path for q in reconciled.quarantined[:5])
+            + (" ..." if len(reconciled.quarantined) > 5 else ""),
         )
     record_audit(
         service.sessions,
@@ -290,7 +405,10 @@ def serve(settings: Settings, config_path: str | None) -> int:
                 "pid": os.getpid(),
                 "workers": settings.workers.processes,
                 "jobs_requeued": released,
+                "spool_files_kept": reconciled.kept,
+                "spool_files_quarantined": len(reconciled.quarantined),
                 "console": settings.console.port if settings.console.enabled else None,
+                "metrics": settings.metrics.port if settings.metrics.enabled else None,
             },
         ),
     )
@@ -303,73 +421,87 @@ def serve(settings: Settings, config_path: str | None) -> int:
     signal.signal(signal.SIGTERM, _request_stop)
     signal.signal(signal.SIGINT, _request_stop)
 
-    workers, stop_workers = start_workers(settings, config_path, service.node)
-    service.server.start()
-    console = build_console(settings, service.sessions) if settings.console.enabled else None
+    pool = WorkerPool(settings, config_path, service.node)
+    readiness = Readiness(
+        engine=service.engine,
+        spool_root=settings.spool.dir.resolve(),
+        min_free_bytes=settings.spool.min_free_mb * 1024 * 1024,
+        workers=pool.statuses,
+    )
+    monitoring: MonitoringServer | None = None
+    console: ConsoleServer | None = None
+    pool.start()
     try:
+        service.server.start()
+        if settings.metrics.enabled:
+            gauges = ServiceGauges(
+                sessions=service.sessions, readiness=readiness, metrics=metrics, clock=utcnow
+            )
+            try:
+                monitoring = MonitoringServer(
+                    host=settings.metrics.bind_address,
+                    port=settings.metrics.port,
+                    registry=scrape_registry(metrics_dir, gauges),
+                    readiness=readiness,
+                )
+            except OSError as exc:
+                raise NotReadyError(
+                    f"metrics listener: cannot listen on {settings.metrics.bind_address}:"
+                    f"{settings.metrics.port}: {exc.strerror or exc} (metrics.port)"
+                ) from None
+            monitoring.start()
+        console = build_console(settings, service.sessions) if settings.console.enabled else None
         if console is not None:
             console.start()
+        _wait_until_ready(readiness, settings.metrics.startup_timeout_s, stop_requested)
         log.info(
-            "medreid %s ready in %.1f s: AE %s, port %d, %d worker process(es), database %s%s",
+            "medreid %s ready in %.1f s: AE %s, port %d, %d worker process(es), database %s%s%s",
             __version__,
             time.monotonic() - started,
             settings.scp.ae_title,
             service.server.port,
-            len(workers),
+            settings.workers.processes,
             service.engine.url.render_as_string(hide_password=True),
             f", console {console.url}" if console is not None else "",
+            f", metrics {monitoring.url}/metrics" if monitoring is not None else "",
         )
         while not stop_requested.wait(1.0):
-            workers = _restart_dead(workers, service, config_path, stop_workers)
+            pool.restart_dead(service.sessions)
     finally:
         service.server.stop()
         if console is not None:
             console.stop()
-        stop_workers.set()
-        for process in workers:
-            process.join(timeout=30)
-            if process.is_alive():
-                process.terminate()
-        record_audit(
-            service.sessions,
-            audit.AuditRecord(
-                kind=audit.APPLICATION_STOP,
-                actor_user=os_user(),
-                actor_ae=settings.scp.ae_title,
-                detail={"pid": os.getpid()},
-            ),
-        )
+        pool.stop()
+        if monitoring is not None:
+            monitoring.stop()
+        readiness.close()
+        try:
+            record_audit(
+                service.sessions,
+                audit.AuditRecord(
+                    kind=audit.APPLICATION_STOP,
+                    actor_user=os_user(),
+                    actor_ae=settings.scp.ae_title,
+                    detail={"pid": os.getpid()},
+                ),
+            )
+        except Exception:
+            log.exception("the stop could not be audited")
         service.engine.dispose()
     return 0
 
 
-def _restart_dead(
-    workers: list[multiprocessing.process.BaseProcess],
-    service: Service,
-    config_path: str | None,
-    stop: EventType,
-) -> list[multiprocessing.process.BaseProcess]:
-    """Replace worker processes that died; their claimed jobs go back to the queue now
-    rather than when their lease runs out (attempts still count, so a job that kills
-    its worker every time is failed after workers.max_attempts)."""
-    context = multiprocessing.get_context("spawn")
-    alive = []
-    for index, process in enumerate(workers):
-        if process.is_alive():
-            alive.append(process)
-            continue
-        log.error("worker %s exited with %s; restarting it", process.name, process.exitcode)
-        try:
-            with service.sessions.begin() as session:
-                release_jobs_of(session, claimant_prefix=f"{service.node}/{process.pid}/")
-        except Exception:
-            log.exception("could not release the jobs of worker %s", process.name)
-        replacement = context.Process(
-            target=worker_process_main,
-            args=(config_path, index, service.node, os.getpid(), stop),
-            name=process.name,
-            daemon=True,
-        )
-        replacement.start()
-        alive.append(replacement)
-    return alive
+def _wait_until_ready(readiness: Readiness, timeout_s: float, stop: threading.Event) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        body = readiness_body(readiness.check())
+        if body["ready"] or stop.is_set():
+            return
+        if time.monotonic() >= deadline:
+            reasons = "; ".join(
+                f"{name}: {body['checks'][name]['detail']}" for name in body["not_ready"]
+            )
+            raise NotReadyError(
+                f"not ready {timeout_s:g} s after start (metrics.startup_timeout_s): {reasons}"
+            )
+        stop.wait(0.5)

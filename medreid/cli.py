@@ -312,24 +312,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _MaskingFormatter(logging.Formatter):
-    """Formats a record, then masks any URL password in it (a database URL in an error)."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        return mask_secrets(super().format(record))
-
-
-def _configure_logging(settings: Settings | None) -> None:
-    level = settings.logging.level.upper() if settings else "INFO"
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_MaskingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=level, handlers=[handler])
-    if level != "DEBUG":
-        # Alembic and pynetdicom narrate every step at INFO; keep the service log readable.
-        logging.getLogger("alembic").setLevel(logging.WARNING)
-        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-
-
 def _when(value: str | None, option: str, now: dt.datetime) -> Any:
     if value is None:
         return None
@@ -462,10 +444,15 @@ def cmd_instances(settings: Settings, args: argparse.Namespace, clock: Clock) ->
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace, clock: Clock) -> int:
-    from medreid.app import serve
+    from medreid.app import NotReadyError, serve
 
     config = str(args.config) if args.config else os.environ.get("MEDREID_CONFIG")
-    return serve(settings, config)
+    try:
+        return serve(settings, config)
+    except NotReadyError as exc:
+        log.error("%s", exc)
+        print(f"medreid: {exc}", file=sys.stderr)
+        return 5
 
 
 def cmd_worker(settings: Settings, args: argparse.Namespace, clock: Clock) -> int:
@@ -1174,7 +1161,9 @@ def main(argv: Sequence[str] | None = None, *, clock: Clock | None = None) -> in
     except SettingsError as exc:
         print(f"medreid: invalid configuration: {mask_secrets(str(exc))}", file=sys.stderr)
         return 2
-    _configure_logging(settings)
+    from medreid.logs import configure_logging
+
+    configure_logging(settings)
     # what the commands create (the SQLite database and its journals, the spool, exports) is
     # the service user's alone, or its group's too where configured
     os.umask(0o027 if settings.spool.group_readable else 0o077)

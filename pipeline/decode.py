@@ -46,9 +46,7 @@ def declared_pixel_bytes(ds: Dataset) -> int:
     samples x bytes per sample; a compressed image's frames never need more."""
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     bits = int(ds.get("BitsAllocated", 8) or 8)
-    return (
-        int(ds.Rows) * int(ds.Columns) * number_of_frames(ds) * samples * max(1, (bits + 7) // 8)
-    )
+    return int(ds.Rows) * int(ds.Columns) * number_of_frames(ds) * samples * max(1, (bits + 7) // 8)
 
 
 def choose_frames(total: int, policy: str, max_frames: int) -> tuple[int, ...]:

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.analysis import Analysis, HeaderFacts
 from pipeline.modelstore import Analyser, embedding_bytes
+from pipeline.ports import NoObserver, WorkerObserver
 from pipeline.runner import PipelineConfig, PipelineResult, run_pipeline
 from pipeline.series import ImageFinding, SeriesVerdict, aggregate_series
 from pipeline.verdicts import DEFAULT_MISMATCH_MARGIN
@@ -236,8 +237,10 @@ class Worker:
         auto_enroll: bool = False,
         series: SeriesPolicy | None = None,
         max_chunk_values: int = 64_000_000,
+        observer: WorkerObserver | None = None,
     ) -> None:
         self.sessions = sessions
+        self.observer: WorkerObserver = observer or NoObserver()
         self.config = config
         self.name = name
         self.spool_root = spool_root
@@ -310,12 +313,22 @@ class Worker:
         outcome = job_outcome(result, self.config, analysis)
         stored = finish_job(session, job=job, worker=self.name, outcome=outcome)
         if stored:
+            log.debug(
+                "job %s: %s",
+                job.job_id,
+                "done" if result.ok else "failed",
+                extra=self._context(job),
+            )
             for record in audit_records(job, outcome, self.name):
                 append_audit(session, record=record)
             if self.auto_enroll and analysis is not None:
                 self._enroll_new_patient(session, job, analysis)
         else:
-            log.warning("job %s: lease lost to another worker; result discarded", job.job_id)
+            log.warning(
+                "job %s: lease lost to another worker; result discarded",
+                job.job_id,
+                extra=self._context(job),
+            )
         return stored
 
     def _enroll_new_patient(self, session: Session, job: ClaimedJob, analysis: Analysis) -> None:
@@ -388,7 +401,12 @@ class Worker:
         try:
             # One transaction (one fsync) for the whole chunk's results...
             with self.sessions.begin() as session:
-                stored = sum(self._store(session, j, r, analyses.get(j.job_id)) for j, r in work)
+                kept = [
+                    (j, r) for j, r in work if self._store(session, j, r, analyses.get(j.job_id))
+                ]
+            stored = len(kept)
+            for job, result in kept:
+                self._observe(result, analyses.get(job.job_id))
         except OperationalError:
             raise  # the database is away: the worker retries the claim when it returns
         except SQLAlchemyError:
@@ -400,10 +418,29 @@ class Worker:
             stored = 0
             for job, result in work:
                 try:
-                    stored += self.process(job, result, analyses.get(job.job_id))
+                    if self.process(job, result, analyses.get(job.job_id)):
+                        stored += 1
+                        self._observe(result, analyses.get(job.job_id))
                 except SQLAlchemyError:
-                    log.exception("job %s: the result could not be stored", job.job_id)
+                    log.exception(
+                        "job %s: the result could not be stored",
+                        job.job_id,
+                        extra=self._context(job),
+                    )
         self.processed += stored
+
+    def _context(self, job: ClaimedJob) -> dict[str, object]:
+        """A log record's context (medreid.logs): never the patient."""
+        return {"job_id": job.job_id, "sop_instance_uid": job.sop_instance_uid, "worker": self.name}
+
+    def _observe(self, result: PipelineResult, analysis: Analysis | None) -> None:
+        identity = analysis.identity if analysis is not None else None
+        self.observer.job_finished(
+            timings_ms=result.timings_ms,
+            ok=result.ok,
+            modality=(analysis.routed_to or analysis.predicted_modality) if analysis else None,
+            identity_verdict=str(identity.verdict) if identity else None,
+        )
 
     def close_quiet_series(self) -> int:
         """Judge every series that has been quiet long enough; the number of verdicts stored."""
@@ -466,6 +503,7 @@ class Worker:
                 claimed = self.run_once()
             except SQLAlchemyError as exc:
                 log.error("worker %s: database error, retrying: %s", self.name, exc)
+                self.observer.database_error()
                 claimed = 0
                 time.sleep(min(5.0, self.poll_interval_s * 4))
             if self.series is not None and time.monotonic() >= next_series_check:
@@ -475,6 +513,7 @@ class Worker:
                     self.close_quiet_series()
                 except SQLAlchemyError as exc:
                     log.error("worker %s: series verdicts: database error: %s", self.name, exc)
+                    self.observer.database_error()
             if claimed == 0:
                 time.sleep(self.poll_interval_s)
         log.info("worker %s stopped after %d jobs", self.name, self.processed)

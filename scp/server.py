@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from medreid.settings import ScpSettings
 from scp.contexts import IMAGE_STORAGE_CLASSES, TRANSFER_SYNTAXES, VERIFICATION_CLASS
 from scp.filemeta import file_meta_header
+from scp.ports import NoObserver, ScpObserver
 from scp.prompt import make_prompt
 from scp.records import Peer, StoreRequest
 from scp.responses import respond_directly
@@ -104,10 +105,12 @@ class DicomServer:
         settings: ScpSettings,
         store: StoreService,
         sessions: sessionmaker[Session],
+        observer: ScpObserver | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.sessions = sessions
+        self.observer: ScpObserver = observer or NoObserver()
         self.allowed = parse_allowed_peers(settings.allowed_peers)
         self._associations: dict[int, _AssociationState] = {}
         self._closed_unaccepted: dict[int, weakref.ref[Any]] = {}
@@ -319,6 +322,7 @@ class DicomServer:
             log.warning("not audited (stopping): %s from %s", kind.event_type, event.host)
 
     def _audit_rejection(self, peer: Peer, reason: str) -> None:
+        self.observer.association_rejected(peer.calling_ae, reason)
         self._audit(
             audit.AuditRecord(
                 kind=audit.ASSOCIATION_REJECTED,
@@ -331,6 +335,7 @@ class DicomServer:
 
     def _on_accepted(self, event: Any) -> None:
         peer = self._peer(event)
+        self.observer.association_accepted(peer.calling_ae)
         association_id: int | None = None
         try:
             with self.sessions.begin() as session:
@@ -450,6 +455,7 @@ class DicomServer:
         state = self._state(event)
         peer = state.peer if state is not None else self._peer(event)
         request = event.request
+        size_bytes = 0
         try:
             store_request = StoreRequest(
                 association_key=id(event.assoc),
@@ -464,6 +470,7 @@ class DicomServer:
                 ),
                 dataset=event.encoded_dataset(include_meta=False),
             )
+            size_bytes = len(store_request.dataset)
             stored = self.store.store(
                 store_request,
                 association_id=state.association_id if state is not None else None,
@@ -472,7 +479,16 @@ class DicomServer:
             status, reason = status_for(exc)
             if state is not None:
                 state.failed += 1
-            log.warning("C-STORE from %s refused with 0x%04X: %s", peer.calling_ae, status, reason)
+            log.warning(
+                "C-STORE from %s refused with 0x%04X: %s",
+                peer.calling_ae,
+                status,
+                reason,
+                extra={
+                    "association": state.association_id if state is not None else None,
+                    "sop_instance_uid": str(request.AffectedSOPInstanceUID or "")[:64],
+                },
+            )
             self._audit(
                 audit.AuditRecord(
                     kind=audit.INSTANCE_REFUSED,
@@ -487,10 +503,21 @@ class DicomServer:
                     },
                 )
             )
+            self.observer.store_answered(peer.calling_ae, int(status), size_bytes)
             response = Dataset()
             response.Status = int(status)
             response.ErrorComment = error_comment(reason)
             return response
+        self.observer.store_answered(peer.calling_ae, int(StoreStatus.SUCCESS), size_bytes)
+        log.debug(
+            "C-STORE from %s stored%s",
+            peer.calling_ae,
+            " (a duplicate)" if stored.duplicate else "",
+            extra={
+                "association": state.association_id if state is not None else None,
+                "sop_instance_uid": store_request.sop_instance_uid,
+            },
+        )
         if state is not None:
             if stored.duplicate:
                 state.duplicates += 1

@@ -46,6 +46,11 @@ TLS_REFUSED = EventKind("110113", "Security Alert", "Node Authentication", "E")
 # or too slow; or refused at accept, too many connections waiting to associate.
 CONNECTION_DROPPED = EventKind("110113", "Security Alert", "Connection Dropped", "E")
 CONNECTION_REFUSED = EventKind("110113", "Security Alert", "Connection Refused", "E")
+# A spool file found at start-up that no row records (a write the service died during, or
+# whose commit did not happen): moved to the quarantine folder, never deleted.
+SPOOL_FILE_QUARANTINED = EventKind(
+    "110103", "DICOM Instances Accessed", "Spool File Quarantined", "U"
+)
 INSTANCES_TRANSFERRED = EventKind("110104", "DICOM Instances Transferred", None, "C")
 INSTANCE_REFUSED = EventKind("110104", "DICOM Instances Transferred", "Instance Refused", "C")
 PROCESSING_FAILED = EventKind("110103", "DICOM Instances Accessed", "Processing Failure", "R")

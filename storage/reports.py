@@ -185,6 +185,48 @@ def _mismatch() -> ColumnElement[bool]:
     return or_(Result.modality_verdict == MISMATCH, Result.identity_verdict == MISMATCH)
 
 
+def open_alerts(session: Session, *, since: dt.datetime) -> tuple[int, int]:
+    """Image results and series verdicts with a mismatch verdict since ``since``."""
+    images = session.scalar(
+        select(func.count()).select_from(Result).where(Result.created_at >= since, _mismatch())
+    )
+    series = session.scalar(
+        select(func.count())
+        .select_from(SeriesVerdictRow)
+        .where(
+            SeriesVerdictRow.decided_at >= since,
+            or_(
+                SeriesVerdictRow.modality_verdict == MISMATCH,
+                SeriesVerdictRow.identity_verdict == MISMATCH,
+            ),
+        )
+    )
+    return int(images or 0), int(series or 0)
+
+
+@dataclass(frozen=True)
+class QueueState:
+    pending: int
+    running: int
+    oldest_pending_at: dt.datetime | None  # when the oldest pending job was queued
+
+
+def queue_state(session: Session) -> QueueState:
+    states = dict(
+        session.execute(
+            select(Job.state, func.count())
+            .where(Job.state.in_([JobState.PENDING, JobState.RUNNING]))
+            .group_by(Job.state)
+        ).all()
+    )
+    oldest = session.scalar(select(func.min(Job.created_at)).where(Job.state == JobState.PENDING))
+    return QueueState(
+        pending=int(states.get(JobState.PENDING, 0)),
+        running=int(states.get(JobState.RUNNING, 0)),
+        oldest_pending_at=oldest,
+    )
+
+
 def dashboard(
     session: Session,
     *,
@@ -203,37 +245,9 @@ def dashboard(
     board.received_week = sum(board.week_by_modality.values())
 
     alerts_since = now - alert_window
-    board.open_image_alerts = int(
-        session.scalar(
-            select(func.count())
-            .select_from(Result)
-            .where(Result.created_at >= alerts_since, _mismatch())
-        )
-        or 0
-    )
-    board.open_series_alerts = int(
-        session.scalar(
-            select(func.count())
-            .select_from(SeriesVerdictRow)
-            .where(
-                SeriesVerdictRow.decided_at >= alerts_since,
-                or_(
-                    SeriesVerdictRow.modality_verdict == MISMATCH,
-                    SeriesVerdictRow.identity_verdict == MISMATCH,
-                ),
-            )
-        )
-        or 0
-    )
-    states = dict(
-        session.execute(
-            select(Job.state, func.count())
-            .where(Job.state.in_([JobState.PENDING, JobState.RUNNING]))
-            .group_by(Job.state)
-        ).all()
-    )
-    board.queue_pending = int(states.get(JobState.PENDING, 0))
-    board.queue_running = int(states.get(JobState.RUNNING, 0))
+    board.open_image_alerts, board.open_series_alerts = open_alerts(session, since=alerts_since)
+    queue = queue_state(session)
+    board.queue_pending, board.queue_running = queue.pending, queue.running
     board.failed_recently = int(
         session.scalar(
             select(func.count())

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +63,21 @@ def stored_versions(session: Session, *, sop_instance_uid: str) -> dict[str, int
     receive path asks it for every instance)."""
     rows = session.execute(_VERSIONS_OF_UID, {"uid": sop_instance_uid})
     return {sha256: version for sha256, version in rows}
+
+
+def recorded_spool_paths(session: Session, *, sop_instance_uids: Iterable[str]) -> set[str]:
+    """The spool paths recorded for any version of these SOP Instance UIDs."""
+    uids = sorted(set(sop_instance_uids))
+    paths: set[str] = set()
+    for start in range(0, len(uids), 500):
+        paths.update(
+            session.scalars(
+                select(Instance.spool_path).where(
+                    Instance.sop_instance_uid.in_(uids[start : start + 500])
+                )
+            )
+        )
+    return paths
 
 
 def record_instance(session: Session, *, new: NewInstance, version: int, spool_path: str) -> int:

@@ -52,12 +52,13 @@ class RunningService:
     env: dict[str, str]
     process: subprocess.Popen[bytes] | None = None
     log_path: Path = field(default_factory=Path)
+    module: str = "medreid.cli"  # tests.crashpoint: the same, killed at a chosen point
 
     def start(self, timeout: float = 90.0) -> None:
         self.log_path = self.workdir / f"serve-{int(time.time() * 1000)}.log"
         log = self.log_path.open("wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "medreid.cli", "serve"],
+            [sys.executable, "-m", self.module, "serve"],
             cwd=self.workdir,
             env=self.env,
             stdout=log,
@@ -74,6 +75,11 @@ class RunningService:
             except OSError:
                 time.sleep(0.2)
         raise TimeoutError(f"medreid serve did not listen within {timeout} s:\n{self.log()}")
+
+    def exited(self, timeout: float) -> int:
+        """Wait for the service to end by itself; its exit status."""
+        assert self.process is not None
+        return self.process.wait(timeout=timeout)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.is_file() else ""
@@ -117,6 +123,7 @@ def service_env(workdir: Path, database_url: str, port: int, **overrides: str) -
             "MEDREID_SPOOL_DIR": str(workdir / "spool"),
             "MEDREID_SCP_PORT": str(port),
             "MEDREID_SCP_BIND_ADDRESS": "127.0.0.1",
+            "MEDREID_METRICS_PORT": "0",  # any free port; a test that scrapes names one
             "MEDREID_SPOOL_MIN_FREE_MB": "64",
             "MEDREID_WORKERS_POLL_INTERVAL_S": "0.1",
             "PYTHONUNBUFFERED": "1",

@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from medreid.cli import _MaskingFormatter, main
+from medreid.cli import main
+from medreid.logs import MaskingFormatter
 from medreid.output import parse_when, render
 from storage import audit
 from storage.repository import append_audit
@@ -122,7 +123,7 @@ def test_secrets_are_masked_in_config_errors_and_log_lines(
     record = logging.LogRecord(
         "storage", logging.ERROR, __file__, 1, "cannot reach %s", ("http://u:pw@h/",), None
     )
-    assert _MaskingFormatter("%(message)s").format(record) == "cannot reach http://u:***@h/"
+    assert MaskingFormatter("%(message)s").format(record) == "cannot reach http://u:***@h/"
 
 
 def test_what_the_commands_create_is_private_to_the_services_user(tmp_path: Path) -> None:

@@ -1,0 +1,39 @@
+"""What the pipeline's worker tells the outside about its work (metrics, for one)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Protocol
+
+
+class WorkerObserver(Protocol):
+    """Called on the worker's thread: must be quick and must not raise."""
+
+    def job_finished(
+        self,
+        *,
+        timings_ms: Mapping[str, float],
+        ok: bool,
+        modality: str | None,
+        identity_verdict: str | None,
+    ) -> None:
+        """A job's result was stored: its stage durations (read, decode, clahe, models),
+        whether the pipeline succeeded, the modality it was routed by and its identity
+        verdict (None where there was no analysis)."""
+
+    def database_error(self) -> None: ...
+
+
+class NoObserver:
+    def job_finished(
+        self,
+        *,
+        timings_ms: Mapping[str, float],
+        ok: bool,
+        modality: str | None,
+        identity_verdict: str | None,
+    ) -> None:
+        pass
+
+    def database_error(self) -> None:
+        pass
