@@ -63,13 +63,10 @@ class Database:
         self.sessions: sessionmaker[Session] = make_sessionmaker(engine)
 
 
-def _make_database(backend: str, tmp_path: Path) -> Iterator[Database]:
+def empty_database_url(backend: str, tmp_path: Path) -> Iterator[str]:
+    """The URL of an empty database of one backend (a private schema on PostgreSQL)."""
     if backend == "sqlite":
-        url = f"sqlite:///{tmp_path / 'medreid.sqlite3'}"
-        upgrade(url)
-        engine = make_engine(url)
-        yield Database(backend, url, engine)
-        engine.dispose()
+        yield f"sqlite:///{tmp_path / 'medreid.sqlite3'}"
         return
     base = _pg_url()
     if base is None:
@@ -78,16 +75,20 @@ def _make_database(backend: str, tmp_path: Path) -> Iterator[Database]:
     admin = make_engine(base)
     with admin.begin() as connection:
         connection.execute(text(f'CREATE SCHEMA "{schema}"'))
-    url = _with_search_path(base, schema)
     try:
-        upgrade(url)
-        engine = make_engine(url)
-        yield Database(backend, url, engine)
-        engine.dispose()
+        yield _with_search_path(base, schema)
     finally:
         with admin.begin() as connection:
             connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
         admin.dispose()
+
+
+def _make_database(backend: str, tmp_path: Path) -> Iterator[Database]:
+    for url in empty_database_url(backend, tmp_path):
+        upgrade(url)
+        engine = make_engine(url)
+        yield Database(backend, url, engine)
+        engine.dispose()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

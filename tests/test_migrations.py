@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import datetime as dt
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
@@ -17,9 +21,15 @@ from storage.db import (
     upgrade,
 )
 from storage.models import Base
-from tests.conftest import Database
+from tests.conftest import Database, empty_database_url
 
 pytestmark = pytest.mark.db
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url_at_base(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The URL of an empty database (no migration run), once per backend."""
+    yield from empty_database_url(request.param, tmp_path)
 
 
 def test_migrations_produce_the_models(database: Database) -> None:
@@ -51,3 +61,96 @@ def test_downgrade_and_upgrade_round_trip(tmp_path: Path) -> None:
     upgrade(url)
     assert current_revision(engine) == upgrade_target
     engine.dispose()
+
+
+# ---------------------------------------------------------------------------- with data
+
+EARLIER_REVISIONS = ["0001", "0002", "0003", "0004"]
+WHEN = dt.datetime(2026, 11, 2, 8, 30, 0)
+
+
+def _value(column: sa.Column[Any], n: int) -> Any:
+    """A value of the column's type; every key is ``n``, so foreign keys meet their rows."""
+    kind = column.type
+    if isinstance(kind, sa.Boolean):
+        return n % 2 == 0
+    if isinstance(kind, sa.Integer):
+        return n
+    if isinstance(kind, sa.Float | sa.Numeric):
+        return 0.25 * n
+    if isinstance(kind, sa.DateTime):
+        return WHEN + dt.timedelta(minutes=n)
+    if isinstance(kind, sa.JSON):
+        return {"kept": n, "list": [1, 2]}
+    if isinstance(kind, sa.LargeBinary):
+        return bytes([n]) * 16
+    if isinstance(kind, sa.String):
+        length = kind.length or 64
+        return f"{column.name[:3]}{n}"[:length]
+    raise AssertionError(f"no test value for {column.table.name}.{column.name}: {kind!r}")
+
+
+def _fill(engine: sa.Engine) -> dict[str, list[dict[str, Any]]]:
+    """Two rows in every table of the database as it is, in foreign-key order."""
+    metadata = sa.MetaData()
+    metadata.reflect(engine)
+    rows: dict[str, list[dict[str, Any]]] = {}
+    with engine.begin() as connection:
+        for table in metadata.sorted_tables:
+            if table.name == "alembic_version":
+                continue
+            rows[table.name] = [{c.name: _value(c, n) for c in table.columns} for n in (1, 2)]
+            connection.execute(table.insert(), rows[table.name])
+    return rows
+
+
+def _normal(value: Any) -> Any:
+    if isinstance(value, dt.datetime):
+        return value.replace(tzinfo=None)
+    if isinstance(value, memoryview):
+        return bytes(value)
+    return value
+
+
+@pytest.mark.parametrize("revision", EARLIER_REVISIONS)
+def test_a_filled_database_at_an_earlier_revision_upgrades_with_its_rows(
+    database_url_at_base: str, revision: str
+) -> None:
+    url = database_url_at_base
+    from alembic import command
+
+    from storage.db import alembic_config
+
+    command.upgrade(alembic_config(url), revision)
+    engine = make_engine(url)
+    try:
+        before = _fill(engine)
+        assert {"instances", "jobs", "results", "audit_events"} <= set(before)
+        upgrade(url)
+        assert current_revision(engine) == head_revision(url)
+        metadata = sa.MetaData()
+        metadata.reflect(engine)
+        with engine.connect() as connection:
+            for name, expected in before.items():
+                table = metadata.tables[name]
+                order = [table.c[c.name] for c in table.primary_key.columns]
+                found = [
+                    dict(r._mapping) for r in connection.execute(table.select().order_by(*order))
+                ]
+                assert len(found) == len(expected), name
+                for was, now in zip(expected, found, strict=True):
+                    assert {k: _normal(now[k]) for k in was} == {
+                        k: _normal(v) for k, v in was.items()
+                    }, name
+        # the audit trail is still append-only
+        for statement in ("UPDATE audit_events SET detail = NULL", "DELETE FROM audit_events"):
+            with pytest.raises(sa.exc.DBAPIError), engine.begin() as connection:
+                connection.execute(sa.text(statement))
+        if engine.dialect.name == "postgresql":
+            with pytest.raises(sa.exc.DBAPIError), engine.begin() as connection:
+                connection.execute(sa.text("TRUNCATE audit_events CASCADE"))
+        with engine.connect() as connection:
+            kept = connection.scalar(sa.text("SELECT count(*) FROM audit_events"))
+        assert kept == len(before["audit_events"])
+    finally:
+        engine.dispose()
