@@ -211,7 +211,9 @@ def run_worker(
     state = WorkerState.READY
     try:
         analyser = build_analyser(settings, sessions)
-        if analyser is not None:
+        if analyser is None:
+            state = WorkerState.WITHOUT_MODELS
+        else:
             analyser.refresh()  # load the models once, before the first job
     except Exception:
         # Receiving and decoding go on, but the service is not ready (/readyz says why).

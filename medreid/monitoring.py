@@ -181,6 +181,7 @@ class WorkerState(IntEnum):
     STARTING = 0  # loading its models
     READY = 1
     MODELS_FAILED = 2  # analysis is on and models are installed, but they did not load
+    WITHOUT_MODELS = 3  # ready, decoding and enhancing only: analysis off or no models installed
 
 
 @dataclass(frozen=True)
@@ -262,6 +263,8 @@ class Readiness:
             models = Check("models", False, f"could not be loaded by {', '.join(failed)}")
         elif starting:
             models = Check("models", False, f"still loading in {', '.join(starting)}")
+        elif all(w.state == WorkerState.WITHOUT_MODELS for w in workers):
+            models = Check("models", True, "none: analysis is off or no models are installed")
         else:
             models = Check("models", True, f"loaded in {len(workers)} worker(s)")
         if dead:
