@@ -134,3 +134,27 @@ def test_what_the_commands_create_is_private_to_the_services_user(tmp_path: Path
     grouped["MEDREID_DATABASE_URL"] = f"sqlite:///{tmp_path / 'g.sqlite3'}"
     assert run("db", "upgrade", env=grouped, cwd=tmp_path).returncode == 0
     assert (tmp_path / "g.sqlite3").stat().st_mode & 0o777 == 0o640
+
+
+def test_json_log_lines_carry_the_context_and_mask_secrets() -> None:
+    import json
+
+    from medreid.logs import JsonFormatter
+
+    record = logging.LogRecord(
+        "scp.server",
+        logging.WARNING,
+        __file__,
+        1,
+        "refused by %s",
+        ("postgresql://u:pw@h/db",),
+        None,
+    )
+    record.association = 7
+    record.sop_instance_uid = "1.2.3"
+    line = json.loads(JsonFormatter("worker-1").format(record))
+    assert line["level"] == "WARNING" and line["logger"] == "scp.server"
+    assert line["process"] == "worker-1"
+    assert line["association"] == 7 and line["sop_instance_uid"] == "1.2.3"
+    assert "job_id" not in line
+    assert line["message"] == "refused by postgresql://u:***@h/db"

@@ -66,6 +66,9 @@ def test_environment_overrides_every_kind_of_value() -> None:
         ),
         ({"MEDREID_CONSOLE_SESSION_IDLE_MIN": "0"}, "console.session_idle_min"),
         ({"MEDREID_CONSOLE_TLS_CERTIFICATE": "/no/such/cert.pem"}, "console.tls_private_key"),
+        ({"MEDREID_METRICS_PORT": "70000"}, "metrics.port"),
+        ({"MEDREID_METRICS_STARTUP_TIMEOUT_S": "0"}, "metrics.startup_timeout_s"),
+        ({"MEDREID_LOGGING_FORMAT": "xml"}, "logging.format"),
     ],
 )
 def test_an_invalid_value_names_its_key(env: dict[str, str], key: str) -> None:
