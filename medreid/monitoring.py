@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from scp.status import StoreStatus
+
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
     from prometheus_client.metrics_core import Metric
@@ -136,8 +138,6 @@ class ScpMetrics:
         self.metrics.associations.labels(outcome="rejected", reason=reason[:64]).inc()
 
     def store_answered(self, calling_ae: str, status: int, size_bytes: int) -> None:
-        from scp.status import StoreStatus
-
         ae = self.metrics.ae_label(calling_ae)
         self.metrics.cstores.labels(status=status_label(status), calling_ae=ae).inc()
         self.metrics.received_bytes.inc(size_bytes)

@@ -509,15 +509,16 @@ class DicomServer:
             response.ErrorComment = error_comment(reason)
             return response
         self.observer.store_answered(peer.calling_ae, int(StoreStatus.SUCCESS), size_bytes)
-        log.debug(
-            "C-STORE from %s stored%s",
-            peer.calling_ae,
-            " (a duplicate)" if stored.duplicate else "",
-            extra={
-                "association": state.association_id if state is not None else None,
-                "sop_instance_uid": store_request.sop_instance_uid,
-            },
-        )
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "C-STORE from %s stored%s",
+                peer.calling_ae,
+                " (a duplicate)" if stored.duplicate else "",
+                extra={
+                    "association": state.association_id if state is not None else None,
+                    "sop_instance_uid": store_request.sop_instance_uid,
+                },
+            )
         if state is not None:
             if stored.duplicate:
                 state.duplicates += 1
