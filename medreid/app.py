@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from medreid import __version__
@@ -60,6 +61,8 @@ if TYPE_CHECKING:
     from console.server import ConsoleServer
 
 log = logging.getLogger(__name__)
+
+MODELS_DATABASE_RETRY_S = 2.0
 
 
 def os_user() -> str:
@@ -199,6 +202,36 @@ def build_analyser(settings: Settings, sessions: sessionmaker[Session]) -> Analy
     )
 
 
+def _load_models(
+    settings: Settings, sessions: sessionmaker[Session], should_stop: Callable[[], bool]
+) -> tuple[Analyser | None, WorkerState]:
+    """The worker's models, loaded once before the first job. A database that is away (the
+    models to serve and the galleries are read from it) is waited for, not taken for broken
+    models; models that cannot be loaded leave the worker decoding and enhancing only."""
+    while True:
+        try:
+            analyser = build_analyser(settings, sessions)
+            if analyser is None:
+                return None, WorkerState.WITHOUT_MODELS
+            analyser.refresh()
+            return analyser, WorkerState.READY
+        except SQLAlchemyError as exc:
+            if should_stop():
+                return None, WorkerState.STARTING
+            log.warning(
+                "the database is unavailable while loading the models (%s); trying again",
+                type(exc).__name__,
+            )
+            time.sleep(MODELS_DATABASE_RETRY_S)
+        except Exception:
+            # Receiving and decoding go on, but the service is not ready (/readyz says why).
+            log.exception(
+                "the models under %s could not be loaded: no verdicts until fixed",
+                settings.models.dir,
+            )
+            return None, WorkerState.MODELS_FAILED
+
+
 def run_worker(
     settings: Settings,
     *,
@@ -208,21 +241,7 @@ def run_worker(
 ) -> None:
     """Process jobs until ``should_stop``; ``report`` hears whether the models loaded."""
     engine, sessions = build_database(settings)
-    state = WorkerState.READY
-    try:
-        analyser = build_analyser(settings, sessions)
-        if analyser is None:
-            state = WorkerState.WITHOUT_MODELS
-        else:
-            analyser.refresh()  # load the models once, before the first job
-    except Exception:
-        # Receiving and decoding go on, but the service is not ready (/readyz says why).
-        log.exception(
-            "the models under %s could not be loaded: no verdicts until fixed",
-            settings.models.dir,
-        )
-        analyser = None
-        state = WorkerState.MODELS_FAILED
+    analyser, state = _load_models(settings, sessions, should_stop)
     if report is not None:
         report(state)
     worker = Worker(

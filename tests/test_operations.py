@@ -403,3 +403,38 @@ def test_sigkill_in_the_store_path_then_every_file_accounted_for(
         assert "moved to" in service.log()
     for line in json_log_lines(service.log()):
         assert PATIENT not in json.dumps(line)
+
+
+def test_a_worker_starting_while_the_database_is_away_waits_for_it_to_load_its_models(
+    sqlite_database: Database, tmp_path: Path
+) -> None:
+    import dataclasses
+    import threading
+
+    from medreid.app import _load_models
+    from medreid.monitoring import WorkerState
+    from medreid.settings import Settings
+    from storage.db import make_engine, make_sessionmaker
+
+    settings = Settings()
+    settings = dataclasses.replace(
+        settings, models=dataclasses.replace(settings.models, dir=REPO / "models")
+    )
+    path = make_url(sqlite_database.url).database
+    assert path is not None
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN EXCLUSIVE")  # the database away for the worker's reads and writes
+    back = threading.Timer(3.0, lambda: holder.execute("ROLLBACK"))
+    back.start()
+    engine = make_engine(sqlite_database.url, busy_timeout_s=0.2)
+    try:
+        started = time.monotonic()
+        analyser, state = _load_models(settings, make_sessionmaker(engine), lambda: False)
+        waited = time.monotonic() - started
+    finally:
+        back.join()
+        holder.close()
+        engine.dispose()
+    assert state == WorkerState.READY
+    assert analyser is not None and analyser.models.compa is not None
+    assert waited >= 2.5  # it waited for the database rather than give up on the models
