@@ -8,6 +8,7 @@ import json
 import shutil
 import sqlite3
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -267,10 +268,37 @@ def test_the_database_goes_away_and_comes_back(
             **fast_env,
         ),
     )
+    for args, stdin in (
+        (("users", "add", "ops", "--password-stdin"), "a long enough secret\n"),
+        (("users", "token", "ops"), ""),
+    ):
+        made = subprocess.run(
+            [sys.executable, "-m", "medreid.cli", *args],
+            env={**service.env, "MEDREID_DATABASE_URL": database.url},
+            cwd=tmp_path,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert made.returncode == 0, made.stderr
+    api = urllib.request.Request(
+        f"http://127.0.0.1:{console_port}/api/v1/results",
+        headers={"Authorization": f"Bearer {made.stdout.strip()}"},
+    )
+
+    def console_status() -> int:
+        try:
+            with urllib.request.urlopen(api, timeout=10) as response:
+                return int(response.status)
+        except urllib.error.HTTPError as exc:
+            return int(exc.code)
+
     service.start()
     items = datasets(9, seed=5)
     try:
         wait_readyz(metrics_port, ready=True)
+        assert console_status() == 200
         assert set(send(items[:3], port).values()) == {StoreStatus.SUCCESS}
         wait_for_queue(database.sessions)
 
@@ -288,7 +316,7 @@ def test_the_database_goes_away_and_comes_back(
             body = wait_readyz(metrics_port, ready=False)
             assert body["not_ready"] == ["database"]
             assert body["checks"]["workers"]["ok"]
-        console_down, _ = get(f"http://127.0.0.1:{console_port}/login")
+        console_down = console_status()
         time.sleep(3)  # the workers meet the outage on their next polls
 
         if proxy is not None:
@@ -299,7 +327,7 @@ def test_the_database_goes_away_and_comes_back(
         wait_readyz(metrics_port, ready=True)
         assert set(send(items[3:], port).values()) == {StoreStatus.SUCCESS}
         wait_for_queue(database.sessions, timeout=60)
-        console_up, _ = get(f"http://127.0.0.1:{console_port}/login")
+        console_up = console_status()
         samples = scrape(metrics_port)
     finally:
         service.stop()
@@ -308,6 +336,7 @@ def test_the_database_goes_away_and_comes_back(
         if proxy is not None:
             proxy.down()
 
+    assert console_down >= 500  # an error answer, not a dead console
     assert console_up == 200, f"the console did not resume (during the outage: {console_down})"
     assert "restarting it" not in service.log()  # no worker died
     assert samples[("medreid_database_errors_total", (("component", "scp"),))] == 3
