@@ -11,6 +11,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     DateTime,
+    Double,
     ForeignKey,
     Index,
     Integer,
@@ -49,6 +50,8 @@ class Base(DeclarativeBase):
         dict[str, Any]: JSON,
         list[Any]: JSON,
         dt.datetime: DateTime(timezone=True),
+        # SQLAlchemy 2.1 maps float to DOUBLE, 2.0 to FLOAT; the migrations create DOUBLE
+        float: Double,
     }
 
 
