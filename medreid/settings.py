@@ -16,6 +16,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from scp.settings import ScpSettings
+
 ENV_PREFIX = "MEDREID_"
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "medreid.toml"
 
@@ -24,64 +26,7 @@ class SettingsError(ValueError):
     """A configuration value is missing, unknown or invalid; the message names the key."""
 
 
-@dataclass(frozen=True)
-class ScpSettings:
-    ae_title: str = "MEDREID"
-    bind_address: str = "0.0.0.0"
-    port: int = 11112
-    allowed_peers: tuple[str, ...] = ()
-    require_called_ae: bool = True
-    max_associations: int = 16
-    # connections that have not yet completed their association request, in all and per host
-    max_pending_connections: int = 64
-    max_pending_per_host: int = 32
-    max_pdu: int = 131072
-    # the largest dataset received or inflated (Deflated syntax), and decoded pixel data
-    max_dataset_mb: int = 512
-    acse_timeout_s: float = 30.0
-    dimse_timeout_s: float = 60.0
-    network_timeout_s: float = 60.0
-    # DICOM TLS (PS3.15 B.9): on when a certificate is given.
-    tls_certificate: str = ""
-    tls_private_key: str = ""
-    tls_ca_certificates: str = ""  # CAs whose client certificates are trusted
-    tls_require_client_certificate: bool = False
-    tls_handshake_timeout_s: float = 10.0
-
-    @property
-    def tls_enabled(self) -> bool:
-        return bool(self.tls_certificate)
-
-    def validate(self) -> None:
-        title = self.ae_title.strip()
-        if not 1 <= len(title) <= 16 or "\\" in title or not title.isprintable():
-            raise SettingsError(
-                f"scp.ae_title: {self.ae_title!r} is not a valid AE title (1-16 characters)"
-            )
-        _check_range("scp.port", self.port, 1, 65535)
-        _check_range("scp.max_associations", self.max_associations, 1, 1000)
-        _check_range("scp.max_pending_connections", self.max_pending_connections, 1, 10000)
-        _check_range("scp.max_pending_per_host", self.max_pending_per_host, 1, 10000)
-        _check_range("scp.max_dataset_mb", self.max_dataset_mb, 1, 64 * 1024)
-        if self.max_pdu != 0:
-            _check_range("scp.max_pdu", self.max_pdu, 4096, 2**32 - 1)
-        for key in ("acse_timeout_s", "dimse_timeout_s", "network_timeout_s"):
-            _check_range(f"scp.{key}", getattr(self, key), 0.1, 86400.0)
-        for peer in self.allowed_peers:
-            ae, _, host = peer.partition("@")
-            if not 1 <= len(ae.strip()) <= 16 or (("@" in peer) and not host):
-                raise SettingsError(f"scp.allowed_peers: {peer!r} is not 'AE' or 'AE@host'")
-        _check_range("scp.tls_handshake_timeout_s", self.tls_handshake_timeout_s, 0.1, 300.0)
-        if self.tls_enabled and not self.tls_private_key:
-            raise SettingsError("scp.tls_private_key: required with scp.tls_certificate")
-        if self.tls_require_client_certificate and not self.tls_ca_certificates:
-            raise SettingsError(
-                "scp.tls_ca_certificates: required with scp.tls_require_client_certificate"
-            )
-        for key in ("tls_certificate", "tls_private_key", "tls_ca_certificates"):
-            path = getattr(self, key)
-            if path and not Path(path).is_file():
-                raise SettingsError(f"scp.{key}: {path} is not a readable file")
+__all__ = ["ScpSettings", "Settings", "SettingsError", "load_settings"]
 
 
 @dataclass(frozen=True)
@@ -404,7 +349,12 @@ def _build_section(
         elif f.name in file_values:
             values[f.name] = _coerce(key, file_values[f.name], hints[f.name], from_env=False)
     section = cls(**values)
-    section.validate()
+    try:
+        section.validate()
+    except SettingsError:
+        raise
+    except ValueError as exc:  # a section owned by another package (scp) names its key too
+        raise SettingsError(str(exc)) from None
     return section
 
 

@@ -17,13 +17,13 @@ from pynetdicom.events import EventHandlerType
 from pynetdicom.pdu_primitives import A_RELEASE
 from sqlalchemy.orm import Session, sessionmaker
 
-from medreid.settings import ScpSettings
 from scp.contexts import IMAGE_STORAGE_CLASSES, TRANSFER_SYNTAXES, VERIFICATION_CLASS
 from scp.filemeta import file_meta_header
 from scp.ports import NoObserver, ScpObserver
 from scp.prompt import make_prompt
 from scp.records import Peer, StoreRequest
 from scp.responses import respond_directly
+from scp.settings import ScpSettings
 from scp.status import StoreStatus, error_comment, status_for
 from scp.store import StoreService
 from scp.tls import AuditedTLS, TLSFailure, server_context

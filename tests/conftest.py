@@ -13,9 +13,9 @@ import pytest
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from medreid.settings import ScpSettings
 from scp.contexts import IMAGE_STORAGE_CLASSES
 from scp.server import DicomServer
+from scp.settings import ScpSettings
 from scp.spool import Spool
 from scp.store import StoreService
 from storage.db import make_engine, make_sessionmaker, upgrade

@@ -20,9 +20,9 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
-from medreid.settings import ScpSettings
 from scp.contexts import IMAGE_STORAGE_CLASSES
 from scp.server import DicomServer
+from scp.settings import ScpSettings
 from scp.spool import Spool
 from scp.status import StoreStatus
 from scp.store import StoreService
