@@ -6,8 +6,6 @@ import enum
 import errno
 import logging
 
-from sqlalchemy.exc import DataError, SQLAlchemyError
-
 log = logging.getLogger(__name__)
 
 # The Error Comment (0000,0902) is LO: at most 64 characters.
@@ -44,6 +42,10 @@ class DatabaseUnavailable(StoreRefused):
     status = StoreStatus.OUT_OF_RESOURCES_DATABASE
 
 
+class HeaderValueRefused(StoreRefused):
+    """The database is there but refuses a value of this dataset: resending will not help."""
+
+
 class DatasetUnreadable(StoreRefused):
     status = StoreStatus.CANNOT_UNDERSTAND
 
@@ -63,16 +65,12 @@ class SopClassNotSupported(StoreRefused):
 
 
 def status_for(exc: BaseException) -> tuple[StoreStatus, str]:
-    """Map any exception raised while storing to a DIMSE status and a short reason."""
+    """Map any exception raised while storing to a DIMSE status and a short reason. (The
+    store turns the database's errors into StoreRefused ones, so none is named here.)"""
     if isinstance(exc, StoreRefused):
         return exc.status, exc.reason
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return StoreStatus.OUT_OF_RESOURCES, "spool disk full"
-    if isinstance(exc, DataError):
-        # the database is there but refuses a value of this dataset: retrying will not help
-        return StoreStatus.PROCESSING_FAILURE, "a header value cannot be stored"
-    if isinstance(exc, SQLAlchemyError):
-        return StoreStatus.OUT_OF_RESOURCES_DATABASE, "database unavailable"
     if isinstance(exc, OSError):
         return StoreStatus.OUT_OF_RESOURCES, f"spool write failed: {exc.strerror or exc}"
     log.exception("unexpected error while storing an instance")

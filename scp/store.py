@@ -20,7 +20,7 @@ from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
 from pydicom.uid import UID
 from sqlalchemy import select
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from scp.records import StoredInstance, StoreRequest
@@ -30,6 +30,7 @@ from scp.status import (
     DatasetMismatch,
     DatasetTooLarge,
     DatasetUnreadable,
+    HeaderValueRefused,
     SopClassNotSupported,
     SpoolFull,
 )
@@ -216,6 +217,14 @@ class StoreService:
 
     def store(self, request: StoreRequest, *, association_id: int | None) -> StoredInstance:
         """Write durably and record; raises a StoreRefused (or another error) otherwise."""
+        try:
+            return self._store(request, association_id=association_id)
+        except DataError as exc:
+            raise HeaderValueRefused("a header value cannot be stored") from exc
+        except SQLAlchemyError as exc:
+            raise DatabaseUnavailable("database unavailable") from exc
+
+    def _store(self, request: StoreRequest, *, association_id: int | None) -> StoredInstance:
         header = self.check_request(request)
         uid = request.sop_instance_uid
         lock = self._uid_locks[hash(uid) % len(self._uid_locks)]

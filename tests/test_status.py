@@ -5,9 +5,16 @@ from __future__ import annotations
 import errno
 
 import pytest
-from sqlalchemy.exc import DataError, OperationalError
 
-from scp.status import DatasetMismatch, SpoolFull, StoreStatus, error_comment, status_for
+from scp.status import (
+    DatabaseUnavailable,
+    DatasetMismatch,
+    HeaderValueRefused,
+    SpoolFull,
+    StoreStatus,
+    error_comment,
+    status_for,
+)
 
 
 @pytest.mark.parametrize(
@@ -17,8 +24,12 @@ from scp.status import DatasetMismatch, SpoolFull, StoreStatus, error_comment, s
         (DatasetMismatch("no SOP Class UID"), 0xA900, "no SOP Class UID"),
         (OSError(errno.ENOSPC, "No space left"), StoreStatus.OUT_OF_RESOURCES, "spool disk full"),
         (OSError(errno.EIO, "I/O error"), 0xA700, "spool write failed: I/O error"),
-        (OperationalError("x", {}, Exception("gone")), 0xA701, "database unavailable"),
-        (DataError("x", {}, Exception("NUL")), 0x0110, "a header value cannot be stored"),
+        (DatabaseUnavailable("database unavailable"), 0xA701, "database unavailable"),
+        (
+            HeaderValueRefused("a header value cannot be stored"),
+            0x0110,
+            "a header value cannot be stored",
+        ),
         (RuntimeError("bug"), StoreStatus.PROCESSING_FAILURE, "internal error: RuntimeError"),
     ],
 )
