@@ -40,6 +40,7 @@ from medreid.monitoring import (
     start_multiprocess_metrics,
 )
 from medreid.reconcile import reconcile_spool
+from medreid.registry import SqlModelRegistry
 from medreid.settings import Settings, load_settings
 from pipeline.analysis import AnalysisSettings
 from pipeline.clahe import ClaheParams
@@ -191,7 +192,7 @@ def build_analyser(settings: Settings, sessions: sessionmaker[Session]) -> Analy
         log.warning("no models under %s: images are decoded and enhanced only", settings.models.dir)
         return None
     return Analyser(
-        sessions,
+        SqlModelRegistry(sessions),
         settings.models.dir,
         AnalysisSettings(
             tag_map=settings.analysis.tag_mapping(),

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.analysis import (
     Analysis,
@@ -21,8 +20,8 @@ from pipeline.analysis import (
     analyse,
 )
 from pipeline.gallery import GalleryIndex
+from pipeline.ports import ModelRegistry, ModelRegistryView
 from pipeline.records import FloatImage
-from storage.repository import active_models, gallery_after
 
 log = logging.getLogger(__name__)
 MODALITIES = ("xray", "ct", "mri", "dermoscopy")
@@ -79,9 +78,9 @@ class Analyser:
     """Models and galleries for one worker process."""
 
     def __init__(
-        self, sessions: sessionmaker[Session], models_dir: Path, settings: AnalysisSettings
+        self, registry: ModelRegistry, models_dir: Path, settings: AnalysisSettings
     ) -> None:
-        self.sessions = sessions
+        self.registry = registry
         self.models_dir = models_dir
         self.settings = settings
         self.loaded: dict[str, Path] = {}
@@ -100,8 +99,8 @@ class Analyser:
 
     def refresh(self) -> None:
         """Pick up an activated model and new enrollments (cheap when nothing changed)."""
-        with self.sessions.begin() as session:
-            wanted = resolve(self.models_dir, active_models(session), self._newest())
+        with self.registry.view() as view:
+            wanted = resolve(self.models_dir, view.active_models(), self._newest())
             for slot, folder in wanted.items():
                 if self.loaded.get(slot) != folder:
                     model = load_model(slot, folder)
@@ -112,16 +111,14 @@ class Analyser:
                     self.loaded[slot] = folder
                     log.info("model %s: %s", slot, model.version)
             for modality, embedder in self.models.reid.items():
-                self._sync_gallery(session, modality, embedder)
+                self._sync_gallery(view, modality, embedder)
 
-    def _sync_gallery(self, session: Session, modality: str, embedder: Embedder) -> None:
+    def _sync_gallery(self, view: ModelRegistryView, modality: str, embedder: Embedder) -> None:
         if self._gallery_versions.get(modality) != embedder.version:
             self.galleries.pop(modality, None)
             self._last_id[modality] = 0
             self._gallery_versions[modality] = embedder.version
-        rows = gallery_after(
-            session, model_version=embedder.version, after_id=self._last_id[modality]
-        )
+        rows = view.gallery_after(model_version=embedder.version, after_id=self._last_id[modality])
         if not rows:
             return
         vectors = np.stack([np.frombuffer(blob, dtype="<f4") for _, _, blob in rows])

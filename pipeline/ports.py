@@ -3,7 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from typing import Protocol
+
+
+class ModelRegistryView(Protocol):
+    """One consistent look at which models serve and at the enrolled gallery."""
+
+    def active_models(self) -> dict[str, tuple[str, str]]:
+        """slot -> (version, folder) of the activated models."""
+
+    def gallery_after(self, *, model_version: str, after_id: int) -> list[tuple[int, str, bytes]]:
+        """Entries of one model version newer than ``after_id``: (id, patient, embedding)."""
+
+
+class ModelRegistry(Protocol):
+    """Where the activated models and the gallery are kept (the database, for the service)."""
+
+    def view(self) -> AbstractContextManager[ModelRegistryView]: ...
 
 
 class WorkerObserver(Protocol):

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from medreid.registry import SqlModelRegistry
 from pipeline import modelstore
 from pipeline.analysis import AnalysisSettings
 from pipeline.modelstore import Analyser, discover, embedding_bytes
@@ -51,7 +52,7 @@ def test_activation_and_enrollment_reach_a_running_worker(
     model_folder(tmp_path, "reid-xray-v2", "2026-02-01T00:00:00+00:00")
     assert discover(tmp_path) == {"reid:xray": tmp_path / "reid-xray-v2"}
 
-    analyser = Analyser(database.sessions, tmp_path, AnalysisSettings())
+    analyser = Analyser(SqlModelRegistry(database.sessions), tmp_path, AnalysisSettings())
     analyser.refresh()
     assert analyser.models.versions() == {"reid:xray": "reid-xray-v2"}
     analyser.refresh()
