@@ -42,12 +42,12 @@ from medreid.monitoring import (
 from medreid.reconcile import reconcile_spool
 from medreid.registry import SqlModelRegistry
 from medreid.settings import Settings, load_settings
+from medreid.worker import SeriesPolicy, Worker
 from pipeline.analysis import AnalysisSettings
 from pipeline.clahe import ClaheParams
 from pipeline.decode import DecodeParams
 from pipeline.modelstore import Analyser, discover
 from pipeline.runner import PipelineConfig
-from pipeline.worker import SeriesPolicy, Worker
 from scp.contexts import IMAGE_STORAGE_CLASSES
 from scp.ports import ScpObserver
 from scp.server import DicomServer

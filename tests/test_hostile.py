@@ -18,8 +18,8 @@ from pynetdicom import AE
 from pynetdicom import _config as pynetdicom_config
 from sqlalchemy import func, select
 
+from medreid.worker import Worker
 from pipeline.runner import PipelineConfig
-from pipeline.worker import Worker
 from scp.server import DicomServer
 from scp.status import StoreStatus
 from storage.models import Association, AuditEvent, Instance, Job, Result

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from sqlalchemy import select
 
+from medreid.worker import SeriesPolicy, Worker
 from pipeline.analysis import Analysis
 from pipeline.runner import PipelineConfig
 from pipeline.series import ImageFinding, aggregate_series, pooled_matches
 from pipeline.verdicts import DEFAULT_TAG_MAP, IdentityDecision, IdentityVerdict, ModalityVerdict
-from pipeline.worker import SeriesPolicy, Worker
 from storage.models import AuditEvent, SeriesVerdictRow
 from tests.conftest import Database
 from tests.dicom_factory import encode, make_dataset

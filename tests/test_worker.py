@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from sqlalchemy import select
 
+from medreid.worker import Worker
 from pipeline.runner import PipelineConfig, run_pipeline
-from pipeline.worker import Worker
 from storage.models import AuditEvent, Instance, Job, Result
 from storage.repository import NewInstance, add_instance_with_job
 from tests.conftest import Database
@@ -204,7 +204,7 @@ def test_one_result_that_cannot_be_stored_does_not_hold_back_its_batch(
 ) -> None:
     from sqlalchemy.exc import IntegrityError
 
-    import pipeline.worker as worker_module
+    import medreid.worker as worker_module
 
     ids = []
     for n in range(3):

@@ -1,4 +1,5 @@
-"""A worker: claims jobs from the SQL queue, runs the pipeline, stores one result per job."""
+"""The worker (application layer): claims jobs from the SQL queue, runs the pipeline,
+stores one result per job."""
 
 from __future__ import annotations
 
