@@ -36,6 +36,7 @@ test: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy .
+	$(BIN)/lint-imports
 
 check: lint test
 
