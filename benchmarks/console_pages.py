@@ -33,7 +33,7 @@ from storage.db import make_engine, make_sessionmaker, upgrade
 from storage.models import AuditEvent, Instance, Job, Result
 from storage.reports import ResultQuery, dashboard, page_results, result_detail
 from storage.repository import AuditFilter, query_audit
-from tests.dicom_factory import encode, make_dataset
+from support.dicom_factory import encode, make_dataset
 
 TARGET_P95_MS = 500.0
 TARGET_EXPORT_ROWS_PER_S = 10_000.0

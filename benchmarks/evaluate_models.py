@@ -43,7 +43,7 @@ def corpus_other(destination: Path) -> int:
     from pydicom import dcmread
 
     from pipeline.decode import DecodeParams, decode_dataset
-    from tests.corpus import corpus_files
+    from support.corpus import corpus_files
 
     count = 0
     for path in corpus_files():

@@ -38,8 +38,8 @@ from pynetdicom import _config as pynetdicom_config
 
 from benchmarks.procstat import PeakRss, cpu_seconds, rss_bytes
 from pipeline.datasets.synthetic import SynthOptions, generate
-from tests.dicom_factory import encode, make_dataset
-from tests.service import free_port
+from support.dicom_factory import encode, make_dataset
+from support.service import free_port
 
 DX_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"
 # medreid is run from the checkout this file is in, whatever is installed

@@ -37,7 +37,7 @@ from sqlalchemy import select
 from pipeline.datasets.synthetic import SynthOptions, generate, read_manifest
 from storage.db import make_engine, make_sessionmaker
 from storage.models import Instance, Result
-from tests.service import (
+from support.service import (
     RunningService,
     first_visit_gallery,
     free_port,

@@ -23,7 +23,7 @@ from sqlalchemy import func, select, text
 from benchmarks.ingest import make_files
 from storage.db import make_engine, make_sessionmaker, upgrade
 from storage.models import Instance, Job, Result
-from tests.service import RunningService, free_port, service_env, wait_for_queue
+from support.service import RunningService, free_port, service_env, wait_for_queue
 
 
 def run(base_url: str, files: list[Path], processes: int, models: Path) -> dict[str, Any]:

@@ -17,8 +17,8 @@ from pipeline.runner import PipelineConfig
 from storage.accounts import add_user
 from storage.models import Instance, Job, JobState, Result, SeriesVerdictRow
 from storage.repository import NewInstance, add_instance_with_job
+from support.dicom_factory import encode, make_dataset
 from tests.conftest import Database
-from tests.dicom_factory import encode, make_dataset
 
 PASSWORD = "correct horse battery"
 NOW = dt.datetime(2026, 11, 26, 12, 0, tzinfo=dt.UTC)

@@ -23,6 +23,7 @@ from console.server import ConsoleServer
 from medreid.cli import main
 from pipeline.runner import PipelineConfig
 from storage.models import AuditEvent, ConsoleSession, Instance, Result
+from support.service import free_port
 from tests.conftest import Database
 from tests.console_fixtures import (
     CSRF,
@@ -35,7 +36,6 @@ from tests.console_fixtures import (
     login,
     page_csrf,
 )
-from tests.service import free_port
 
 pytestmark = pytest.mark.db
 
@@ -510,7 +510,7 @@ def test_no_filesystem_path_in_any_response(
         assert instance is not None
         (spool / instance.spool_path).unlink()  # the image gone from the spool
     with database.sessions.begin() as session:
-        ids = [r for r, in session.execute(select(Result.id))]
+        ids = [r for (r,) in session.execute(select(Result.id))]
     answers = [client.get(f"/api/v1/results/{r}/thumbnail.png") for r in ids]
     answers += [client.get(f"/results/{r}") for r in ids]
     answers += [client.get(f"/api/v1/results/{result_id}")]

@@ -23,8 +23,7 @@ from sqlalchemy import select
 
 from pipeline.datasets.synthetic import SynthOptions, generate
 from storage.models import AuditEvent
-from tests.conftest import Database
-from tests.service import (
+from support.service import (
     RunningService,
     first_visit_gallery,
     free_port,
@@ -32,6 +31,7 @@ from tests.service import (
     service_env,
     wait_for_queue,
 )
+from tests.conftest import Database
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -14,9 +14,9 @@ from pynetdicom import AE
 from sqlalchemy import func, select
 
 from storage.models import AuditEvent, Instance, Job, Result
+from support.dicom_factory import CT_IMAGE_STORAGE, make_dataset
+from support.service import RunningService, free_port, service_env, wait_for_queue
 from tests.conftest import Database
-from tests.dicom_factory import CT_IMAGE_STORAGE, make_dataset
-from tests.service import RunningService, free_port, service_env, wait_for_queue
 
 pytestmark = [pytest.mark.slow, pytest.mark.db]
 

@@ -15,8 +15,8 @@ from benchmarks.attacks import write_deflate_bomb
 from pipeline.decode import DecodeParams, choose_frames, decode_dataset
 from pipeline.records import StageError
 from pipeline.runner import PipelineConfig, run_pipeline
-from tests.corpus import corpus_file
-from tests.dicom_factory import make_dataset
+from support.corpus import corpus_file
+from support.dicom_factory import make_dataset
 
 MIDDLE = DecodeParams(frames="middle")
 

@@ -28,9 +28,9 @@ from scp.status import StoreStatus
 from scp.store import StoreService
 from storage.db import make_engine, make_sessionmaker
 from storage.models import Association, AuditEvent, Instance, Job
+from support.dicom_factory import encode, make_dataset
+from support.service import RunningService, free_port, service_env, wait_for_queue
 from tests.conftest import Database, ServerFactory
-from tests.dicom_factory import encode, make_dataset
-from tests.service import RunningService, free_port, service_env, wait_for_queue
 from tests.test_scp import associate, ct
 
 

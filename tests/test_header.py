@@ -20,7 +20,7 @@ from pydicom.uid import (
 from scp.status import DatasetTooLarge, DatasetUnreadable
 from scp.store import HeaderFields, read_header
 from scp.wellformed import check_well_formed
-from tests.dicom_factory import CT_IMAGE_STORAGE, make_dataset
+from support.dicom_factory import CT_IMAGE_STORAGE, make_dataset
 
 
 def dataset_bytes(ds: Dataset, syntax: str) -> bytes:
@@ -78,9 +78,7 @@ def test_only_top_level_values_are_kept_not_those_inside_sequences() -> None:
     other.IssuerOfPatientID = "ELSEWHERE"
     ds.OtherPatientIDsSequence = [other]  # (0010,1002) comes after (0010,0020)
     data = dataset_bytes(ds, ExplicitVRLittleEndian)
-    raw = check_well_formed(
-        data, implicit=False, little=True, wanted=frozenset({0x00100020})
-    )
+    raw = check_well_formed(data, implicit=False, little=True, wanted=frozenset({0x00100020}))
     assert raw == {0x00100020: b"P-0042"}
     assert read_header(data, ExplicitVRLittleEndian).patient_id == "P-0042"
 

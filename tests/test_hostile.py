@@ -23,8 +23,8 @@ from pipeline.runner import PipelineConfig
 from scp.server import DicomServer
 from scp.status import StoreStatus
 from storage.models import Association, AuditEvent, Instance, Job, Result
+from support.dicom_factory import CT_IMAGE_STORAGE, encode, make_dataset
 from tests.conftest import Database, ServerFactory
-from tests.dicom_factory import CT_IMAGE_STORAGE, encode, make_dataset
 from tests.test_scp import associate, ct, store
 
 

@@ -25,9 +25,9 @@ from benchmarks import attacks
 from benchmarks.procstat import PeakRss, rss_bytes
 from scp.transport import ABORT_PDU
 from storage.models import AuditEvent, Instance
+from support.dicom_factory import make_dataset
+from support.service import RunningService, free_port, service_env
 from tests.conftest import Database
-from tests.dicom_factory import make_dataset
-from tests.service import RunningService, free_port, service_env
 
 pytestmark = [pytest.mark.slow]
 

@@ -27,15 +27,15 @@ from sqlalchemy.engine import make_url
 
 from scp.status import StoreStatus
 from storage.models import AuditEvent, Instance, Job, Result
-from tests.conftest import Database
-from tests.dicom_factory import CT_IMAGE_STORAGE, encode, make_dataset
-from tests.service import (
+from support.dicom_factory import CT_IMAGE_STORAGE, encode, make_dataset
+from support.service import (
     RunningService,
     free_port,
     send_with_storescu,
     service_env,
     wait_for_queue,
 )
+from tests.conftest import Database
 from tests.test_faults import TcpProxy
 
 pytestmark = [pytest.mark.slow, pytest.mark.db]

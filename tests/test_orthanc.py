@@ -19,8 +19,8 @@ from sqlalchemy import select
 
 from pipeline.datasets.synthetic import SynthOptions, generate, read_manifest
 from storage.models import Association, AuditEvent, Instance, Result
+from support.service import RunningService, free_port, service_env, wait_for_queue
 from tests.conftest import Database
-from tests.service import RunningService, free_port, service_env, wait_for_queue
 
 ORTHANC = shutil.which("Orthanc")
 pytestmark = [

@@ -18,14 +18,14 @@ from sqlalchemy import select
 
 from pipeline.datasets.synthetic import SynthOptions, generate
 from storage.models import Instance, Result, SeriesVerdictRow
-from tests.conftest import Database
-from tests.service import (
+from support.service import (
     RunningService,
     first_visit_gallery,
     free_port,
     service_env,
     wait_for_queue,
 )
+from tests.conftest import Database
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 pytestmark = [

@@ -18,8 +18,8 @@ from pynetdicom.pdu_primitives import P_DATA
 from scp.responses import c_store_rsp_command, respond_directly
 from scp.server import DicomServer
 from scp.status import StoreStatus
+from support.dicom_factory import encode
 from tests.conftest import ServerFactory
-from tests.dicom_factory import encode
 from tests.test_scp import associate, ct
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"

@@ -29,8 +29,8 @@ from scp.records import Peer, StoreRequest
 from scp.server import DicomServer
 from scp.status import DatasetUnreadable, StoreStatus, status_for
 from storage.models import Association, AuditEvent, Instance, Job
+from support.dicom_factory import CT_IMAGE_STORAGE, encode, make_dataset
 from tests.conftest import Database, ServerFactory
-from tests.dicom_factory import CT_IMAGE_STORAGE, encode, make_dataset
 
 
 def ct(uid: str | None = None, value: int = 100, side: int = 4) -> Dataset:

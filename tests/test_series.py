@@ -15,8 +15,8 @@ from pipeline.runner import PipelineConfig
 from pipeline.series import ImageFinding, aggregate_series, pooled_matches
 from pipeline.verdicts import DEFAULT_TAG_MAP, IdentityDecision, IdentityVerdict, ModalityVerdict
 from storage.models import AuditEvent, SeriesVerdictRow
+from support.dicom_factory import encode, make_dataset
 from tests.conftest import Database
-from tests.dicom_factory import encode, make_dataset
 from tests.test_worker import enqueue
 
 

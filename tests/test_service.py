@@ -18,9 +18,8 @@ from pydicom import dcmread
 from sqlalchemy import select
 
 from storage.models import Instance, Job, Result
-from tests.conftest import Database
-from tests.corpus import corpus_files
-from tests.service import (
+from support.corpus import corpus_files
+from support.service import (
     RunningService,
     free_port,
     send_with_pynetdicom,
@@ -28,6 +27,7 @@ from tests.service import (
     service_env,
     wait_for_queue,
 )
+from tests.conftest import Database
 
 pytestmark = [pytest.mark.slow, pytest.mark.db]
 

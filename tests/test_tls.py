@@ -19,8 +19,8 @@ from sqlalchemy import select
 from scp.contexts import VERIFICATION_CLASS
 from scp.server import DicomServer
 from storage.models import AuditEvent, Instance
+from support.dicom_factory import CT_IMAGE_STORAGE, encode
 from tests.conftest import Database, ServerFactory
-from tests.dicom_factory import CT_IMAGE_STORAGE, encode
 from tests.test_scp import ct
 from tests.tls_certs import Pki, make_pki
 
