@@ -27,11 +27,11 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.datasets.synthetic import SynthOptions, generate
 from pipeline.models.compa import CompaConfig, train_compa
 from pipeline.models.evaluate import evaluate_compa, evaluate_reid, plot_confusion, plot_reid
 from pipeline.models.reid import ReidConfig, train_reid
 from pipeline.modelstore import discover
+from synthetic.hospital import SynthOptions, generate
 
 OTHER_MODALITIES = {"US", "NM"}
 PARTS = ("synthetic", "real-compa", "real-xray")

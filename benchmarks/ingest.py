@@ -37,9 +37,9 @@ from pynetdicom import AE
 from pynetdicom import _config as pynetdicom_config
 
 from benchmarks.procstat import PeakRss, cpu_seconds, rss_bytes
-from pipeline.datasets.synthetic import SynthOptions, generate
 from support.dicom_factory import encode, make_dataset
 from support.service import free_port
+from synthetic.hospital import SynthOptions, generate
 
 DX_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"
 # medreid is run from the checkout this file is in, whatever is installed

@@ -34,7 +34,6 @@ from pydicom import dcmread
 from pynetdicom import AE
 from sqlalchemy import select
 
-from pipeline.datasets.synthetic import SynthOptions, generate, read_manifest
 from storage.db import make_engine, make_sessionmaker
 from storage.models import Instance, Result
 from support.service import (
@@ -44,6 +43,7 @@ from support.service import (
     service_env,
     wait_for_queue,
 )
+from synthetic.hospital import SynthOptions, generate, read_manifest
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 TARGET_PER_S = 30  # for CT; the other modalities are reported beside it

@@ -17,12 +17,12 @@ from typing import Any
 
 from pipeline.analysis import AnalysisSettings, HeaderFacts, ModelSet, analyse
 from pipeline.datasets.reader import load_image
-from pipeline.datasets.synthetic import SynthOptions, generate, read_manifest
 from pipeline.gallery import GalleryIndex
 from pipeline.modelstore import discover, load_model
 from pipeline.runner import PipelineConfig
 from pipeline.series import ImageFinding, aggregate_series
 from pipeline.verdicts import DEFAULT_TAG_MAP
+from synthetic.hospital import SynthOptions, generate, read_manifest
 
 
 def series_rates(

@@ -520,7 +520,7 @@ def _pipeline_config(settings: Settings) -> Any:
 def cmd_synth(settings: Settings, args: argparse.Namespace, clock: Clock) -> int:
     import time
 
-    from pipeline.datasets.synthetic import SynthOptions, generate, preview
+    from synthetic.hospital import SynthOptions, generate, preview
 
     options = SynthOptions(
         out=args.out,

@@ -22,9 +22,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from medreid.enrollment import enroll_folder
 from medreid.settings import Settings
-from pipeline.datasets.synthetic import SynthOptions, generate, read_manifest
 from storage.db import upgrade
 from storage.models import Instance, Result, SeriesVerdictRow
+from synthetic.hospital import SynthOptions, generate, read_manifest
 
 DEMO_CALLING_AE = "MEDREID-DEMO"
 

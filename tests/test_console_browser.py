@@ -21,7 +21,6 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from pipeline.datasets.synthetic import SynthOptions, generate
 from storage.models import AuditEvent
 from support.service import (
     RunningService,
@@ -31,6 +30,7 @@ from support.service import (
     service_env,
     wait_for_queue,
 )
+from synthetic.hospital import SynthOptions, generate
 from tests.conftest import Database
 
 MODELS = Path(__file__).resolve().parents[1] / "models"

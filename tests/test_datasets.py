@@ -11,8 +11,8 @@ import pytest
 from pipeline.datasets.augment import AugmentParams, augment, export_augmented
 from pipeline.datasets.baseline import raw_pixel_baseline
 from pipeline.datasets.reader import load_image, scan
-from pipeline.datasets.synthetic import SynthOptions, generate
 from pipeline.runner import PipelineConfig
+from synthetic.hospital import SynthOptions, generate
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 

@@ -11,10 +11,10 @@ import pytest
 
 from pipeline.datasets.baseline import raw_pixel_vectors
 from pipeline.datasets.reader import scan_modality
-from pipeline.datasets.synthetic import SynthOptions, generate
 from pipeline.metrics import cosine_similarity, retrieval_scores
 from pipeline.models.artifacts import list_models, read_model
 from pipeline.models.reid import ReidConfig, ReidModel, load_set, train_reid
+from synthetic.hospital import SynthOptions, generate
 
 WEIGHTS = (
     Path(__file__).resolve().parents[2]

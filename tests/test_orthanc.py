@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from pipeline.datasets.synthetic import SynthOptions, generate, read_manifest
 from storage.models import Association, AuditEvent, Instance, Result
 from support.service import RunningService, free_port, service_env, wait_for_queue
+from synthetic.hospital import SynthOptions, generate, read_manifest
 from tests.conftest import Database
 
 ORTHANC = shutil.which("Orthanc")

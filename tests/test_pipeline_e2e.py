@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from pipeline.datasets.synthetic import SynthOptions, generate
 from storage.models import Instance, Result, SeriesVerdictRow
 from support.service import (
     RunningService,
@@ -25,6 +24,7 @@ from support.service import (
     service_env,
     wait_for_queue,
 )
+from synthetic.hospital import SynthOptions, generate
 from tests.conftest import Database
 
 MODELS = Path(__file__).resolve().parents[1] / "models"

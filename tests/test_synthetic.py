@@ -12,14 +12,14 @@ import numpy as np
 import pydicom
 import pytest
 
-from pipeline.datasets.synthetic import (
+from pipeline.decode import DecodeParams, decode_dataset
+from synthetic.hospital import (
     MODALITIES,
     SOP_CLASSES,
     SynthOptions,
     generate,
     read_manifest,
 )
-from pipeline.decode import DecodeParams, decode_dataset
 
 EXPECTED = {
     "xray": ({SOP_CLASSES["CR"], SOP_CLASSES["DX"]}, {"CR", "DX"}),

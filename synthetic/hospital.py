@@ -25,7 +25,7 @@ from pydicom import Dataset, dcmwrite
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
-from pipeline.datasets import anatomy
+from synthetic import anatomy
 
 MODALITIES = ("xray", "ct", "mri", "dermoscopy")
 # The header Modality a device of each kind writes, and what a mislabelled series gets instead.
