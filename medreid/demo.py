@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from medreid.enrollment import enroll_folder
 from medreid.settings import Settings
+from pipeline.verdicts import IdentityVerdict, ModalityVerdict
 from storage.db import upgrade
 from storage.models import Instance, Result, SeriesVerdictRow
 from synthetic.hospital import SynthOptions, generate, read_manifest
@@ -182,11 +183,17 @@ def run_demo(
             wrong_tag = row["mislabelled"] == "True"
             swapped = row["swapped"] == "True"
             tally["wrong tags"] += wrong_tag
-            tally["wrong tags caught"] += wrong_tag and result.modality_verdict == "mismatch"
-            tally["right tags flagged"] += (not wrong_tag) and result.modality_verdict == "mismatch"
+            tally["wrong tags caught"] += (
+                wrong_tag and result.modality_verdict == ModalityVerdict.MISMATCH
+            )
+            tally["right tags flagged"] += (
+                not wrong_tag
+            ) and result.modality_verdict == ModalityVerdict.MISMATCH
             tally["swaps"] += swapped
-            tally["swaps caught"] += swapped and result.identity_verdict == "mismatch"
-            tally["others flagged"] += (not swapped) and result.identity_verdict == "mismatch"
+            tally["swaps caught"] += swapped and result.identity_verdict == IdentityVerdict.MISMATCH
+            tally["others flagged"] += (
+                not swapped
+            ) and result.identity_verdict == IdentityVerdict.MISMATCH
         series = {
             r["series_instance_uid"]: r
             for r in second
@@ -202,13 +209,15 @@ def run_demo(
             tally["series judged"] += 1
             tally["series wrong tags"] += row["mislabelled"] == "True"
             tally["series wrong tags caught"] += row["mislabelled"] == "True" and (
-                modality == "mismatch"
+                modality == ModalityVerdict.MISMATCH
             )
             tally["series swaps"] += row["swapped"] == "True"
-            tally["series swaps caught"] += row["swapped"] == "True" and identity == "mismatch"
+            tally["series swaps caught"] += (
+                row["swapped"] == "True" and identity == IdentityVerdict.MISMATCH
+            )
             tally["series false alarms"] += (
-                row["swapped"] != "True" and identity == "mismatch"
-            ) + (row["mislabelled"] != "True" and modality == "mismatch")
+                row["swapped"] != "True" and identity == IdentityVerdict.MISMATCH
+            ) + (row["mislabelled"] != "True" and modality == ModalityVerdict.MISMATCH)
         print(
             f"    wrong Modality tags caught: {tally['wrong tags caught']} of "
             f"{tally['wrong tags']} (false alarms: {tally['right tags flagged']})\n"

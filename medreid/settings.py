@@ -16,6 +16,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from pipeline.records import Modality
 from scp.settings import ScpSettings
 
 ENV_PREFIX = "MEDREID_"
@@ -115,7 +116,7 @@ class ModelsSettings:
         pass
 
 
-KNOWN_MODALITIES = ("xray", "ct", "mri", "dermoscopy")
+KNOWN_MODALITIES = tuple(str(m) for m in Modality)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from pipeline.modelstore import Analyser, embedding_bytes
 from pipeline.ports import NoObserver, WorkerObserver
 from pipeline.runner import PipelineConfig, PipelineResult, run_pipeline
 from pipeline.series import ImageFinding, SeriesVerdict, aggregate_series
-from pipeline.verdicts import DEFAULT_MISMATCH_MARGIN
+from pipeline.verdicts import DEFAULT_MISMATCH_MARGIN, IdentityVerdict, ModalityVerdict
 from storage import audit
 from storage.models import Instance, SeriesVerdictRow, utcnow
 from storage.repository import (
@@ -98,7 +98,7 @@ def audit_records(job: ClaimedJob, outcome: JobOutcome, worker: str) -> list[aud
                 audit.PROCESSING_FAILED, stage=outcome.failed_stage, reason=outcome.failure_reason
             )
         )
-    if outcome.modality_verdict == "mismatch":
+    if outcome.modality_verdict == ModalityVerdict.MISMATCH:
         records.append(
             event(
                 audit.MODALITY_MISMATCH,
@@ -107,7 +107,7 @@ def audit_records(job: ClaimedJob, outcome: JobOutcome, worker: str) -> list[aud
                 scores=outcome.modality_scores,
             )
         )
-    if outcome.identity_verdict == "mismatch":
+    if outcome.identity_verdict == IdentityVerdict.MISMATCH:
         records.append(
             event(
                 audit.PATIENT_MISMATCH,
@@ -150,7 +150,7 @@ def series_audit_records(row: SeriesVerdictRow, worker: str) -> list[audit.Audit
         )
 
     records = []
-    if row.modality_verdict == "mismatch":
+    if row.modality_verdict == ModalityVerdict.MISMATCH:
         records.append(
             alert(
                 audit.MODALITY_MISMATCH,
@@ -159,7 +159,7 @@ def series_audit_records(row: SeriesVerdictRow, worker: str) -> list[audit.Audit
                 agreement=row.modality_agreement,
             )
         )
-    if row.identity_verdict == "mismatch":
+    if row.identity_verdict == IdentityVerdict.MISMATCH:
         records.append(
             alert(
                 audit.PATIENT_MISMATCH,

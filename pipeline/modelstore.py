@@ -21,10 +21,10 @@ from pipeline.analysis import (
 )
 from pipeline.gallery import GalleryIndex
 from pipeline.ports import ModelRegistry, ModelRegistryView
-from pipeline.records import FloatImage
+from pipeline.records import FloatImage, Modality
 
 log = logging.getLogger(__name__)
-MODALITIES = ("xray", "ct", "mri", "dermoscopy")
+MODALITIES = tuple(str(m) for m in Modality)
 
 
 def slot_of(description: dict[str, Any]) -> str:

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
 FloatImage = npt.NDArray[np.float32]
+
+
+class Modality(enum.StrEnum):
+    """The modalities the models know, as COMPA names them and the models are routed by."""
+
+    XRAY = "xray"
+    CT = "ct"
+    MRI = "mri"
+    DERMOSCOPY = "dermoscopy"
 
 
 class StageError(Exception):

@@ -33,10 +33,10 @@ from pipeline.metrics import l2_normalise
 from pipeline.models import artifacts
 from pipeline.models.backbone import Preprocessing, build_backbone, predictor, quiet_tensorflow
 from pipeline.models.reid import load_set
-from pipeline.records import FloatImage
+from pipeline.records import FloatImage, Modality
 from pipeline.runner import PipelineConfig
 
-KNOWN = ("xray", "ct", "mri", "dermoscopy")
+KNOWN = tuple(str(m) for m in Modality)
 OTHER = "other"
 Progress = Callable[[str, int, int], None]
 
