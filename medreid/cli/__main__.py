@@ -1,0 +1,3 @@
+from medreid.cli import main
+
+raise SystemExit(main())
