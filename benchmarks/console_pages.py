@@ -29,10 +29,10 @@ from console.app import ConsoleContext, create_app
 from console.passwords import hash_password
 from pipeline.runner import PipelineConfig
 from storage.accounts import add_user
+from storage.audit_trail import AuditFilter, query_audit
 from storage.db import make_engine, make_sessionmaker, upgrade
 from storage.models import AuditEvent, Instance, Job, Result
 from storage.reports import ResultQuery, dashboard, page_results, result_detail
-from storage.repository import AuditFilter, query_audit
 from support.dicom_factory import encode, make_dataset
 
 TARGET_P95_MS = 500.0

@@ -65,6 +65,7 @@ from storage.accounts import (
     live_session,
     open_session,
 )
+from storage.audit_trail import append_audit
 from storage.models import (
     AuditEvent,
     Clock,
@@ -76,7 +77,6 @@ from storage.models import (
 from storage.reports import (
     result_detail,
 )
-from storage.repository import append_audit
 
 log = logging.getLogger(__name__)
 

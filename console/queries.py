@@ -29,6 +29,7 @@ from console.schemas import (
     Verdict,
 )
 from storage import audit
+from storage.audit_trail import AuditFilter, query_audit
 from storage.models import AuditEvent, Instance, Result, SeriesVerdictRow
 from storage.reports import (
     ResultQuery,
@@ -39,7 +40,6 @@ from storage.reports import (
     result_detail,
     series_verdict_of,
 )
-from storage.repository import AuditFilter, query_audit
 
 # Filter values are bounded as the columns they are compared with.
 Text16 = Annotated[str, StringConstraints(max_length=16)] | None

@@ -54,9 +54,10 @@ from scp.server import DicomServer
 from scp.spool import Spool
 from scp.store import StoreService
 from storage import audit
+from storage.audit_trail import append_audit
 from storage.db import make_engine, make_sessionmaker, require_current_schema
+from storage.jobs import release_jobs_of
 from storage.models import Association, AssociationOutcome, utcnow
-from storage.repository import append_audit, release_jobs_of
 
 if TYPE_CHECKING:
     from console.server import ConsoleServer

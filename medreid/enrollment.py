@@ -17,13 +17,9 @@ from pipeline.models.artifacts import model_name, read_model
 from pipeline.modelstore import embedding_bytes, load_model, resolve
 from pipeline.records import StageError
 from storage import audit
+from storage.audit_trail import append_audit
+from storage.gallery import NewGalleryEntry, active_models, add_gallery_entries
 from storage.models import GalleryEntry, Instance
-from storage.repository import (
-    NewGalleryEntry,
-    active_models,
-    add_gallery_entries,
-    append_audit,
-)
 
 
 def _embedders(settings: Settings, sessions: sessionmaker[Session]) -> dict[str, object]:

@@ -20,7 +20,8 @@ from pathlib import Path
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage import audit
-from storage.repository import append_audit, recorded_spool_paths
+from storage.audit_trail import append_audit
+from storage.instances import recorded_spool_paths
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage.repository import active_models, gallery_after
+from storage.gallery import active_models, gallery_after
 
 
 class SqlRegistryView:

@@ -21,20 +21,11 @@ from pipeline.runner import PipelineConfig, PipelineResult, run_pipeline
 from pipeline.series import ImageFinding, SeriesVerdict, aggregate_series
 from pipeline.verdicts import DEFAULT_MISMATCH_MARGIN, IdentityVerdict, ModalityVerdict
 from storage import audit
+from storage.audit_trail import append_audit
+from storage.gallery import NewGalleryEntry, add_gallery_entries
+from storage.jobs import ClaimedJob, JobOutcome, claim_jobs, finish_job
 from storage.models import Instance, SeriesVerdictRow, utcnow
-from storage.repository import (
-    ClaimedJob,
-    JobOutcome,
-    NewGalleryEntry,
-    QuietSeries,
-    add_gallery_entries,
-    append_audit,
-    claim_jobs,
-    finish_job,
-    quiet_series,
-    save_series_verdict,
-    series_results,
-)
+from storage.results import QuietSeries, quiet_series, save_series_verdict, series_results
 
 log = logging.getLogger(__name__)
 

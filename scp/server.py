@@ -35,8 +35,9 @@ from scp.transport import (
     read_in_bulk,
 )
 from storage import audit
+from storage.audit_trail import append_audit
+from storage.instances import close_association, open_association
 from storage.models import AssociationOutcome
-from storage.repository import append_audit, close_association, open_association
 
 log = logging.getLogger(__name__)
 

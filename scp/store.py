@@ -37,12 +37,8 @@ from scp.status import (
 from scp.wellformed import InflatesTooLarge, MalformedDataset, check_well_formed, inflate
 from storage.db import snapshot
 from storage.groupcommit import CommitOutcomeUnknown, GroupCommit
+from storage.instances import NewInstance, record_instance, stored_versions
 from storage.models import Instance
-from storage.repository import (
-    NewInstance,
-    record_instance,
-    stored_versions,
-)
 
 log = logging.getLogger(__name__)
 

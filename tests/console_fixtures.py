@@ -15,8 +15,8 @@ from console.app import ConsoleConfig, ConsoleContext, create_app
 from console.passwords import hash_password
 from pipeline.runner import PipelineConfig
 from storage.accounts import add_user
+from storage.instances import NewInstance, add_instance_with_job
 from storage.models import Instance, Job, JobState, Result, SeriesVerdictRow
-from storage.repository import NewInstance, add_instance_with_job
 from support.dicom_factory import encode, make_dataset
 from tests.conftest import Database
 

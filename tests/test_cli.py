@@ -16,7 +16,7 @@ from medreid.cli import main
 from medreid.logs import MaskingFormatter
 from medreid.output import parse_when, render
 from storage import audit
-from storage.repository import append_audit
+from storage.audit_trail import append_audit
 from tests.conftest import Database
 
 

@@ -14,8 +14,8 @@ from sqlalchemy.orm import Session
 
 from storage.db import snapshot
 from storage.groupcommit import CommitOutcomeUnknown, GroupCommit
+from storage.instances import NewInstance, record_instance
 from storage.models import Instance
-from storage.repository import NewInstance, record_instance
 from tests.conftest import Database
 from tests.test_storage import new_instance
 

@@ -13,7 +13,7 @@ from medreid.registry import SqlModelRegistry
 from pipeline import modelstore
 from pipeline.analysis import AnalysisSettings
 from pipeline.modelstore import Analyser, discover, embedding_bytes
-from storage.repository import NewGalleryEntry, activate_model, add_gallery_entries
+from storage.gallery import NewGalleryEntry, activate_model, add_gallery_entries
 from tests.conftest import Database
 
 pytestmark = pytest.mark.db

@@ -11,21 +11,16 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
 from storage import audit
-from storage.models import AuditEvent, Instance, Job, JobState, Result
-from storage.repository import (
-    AuditFilter,
+from storage.audit_trail import AuditFilter, append_audit, query_audit
+from storage.instances import (
     InstanceFilter,
-    JobOutcome,
     NewInstance,
     add_instance_with_job,
-    append_audit,
-    claim_jobs,
-    finish_job,
     list_instances,
-    query_audit,
-    release_jobs_of,
     stored_versions,
 )
+from storage.jobs import JobOutcome, claim_jobs, finish_job, release_jobs_of
+from storage.models import AuditEvent, Instance, Job, JobState, Result
 from tests.conftest import VARIANT, Database
 
 pytestmark = pytest.mark.db

@@ -10,8 +10,8 @@ from sqlalchemy import select
 
 from medreid.worker import Worker
 from pipeline.runner import PipelineConfig, run_pipeline
+from storage.instances import NewInstance, add_instance_with_job
 from storage.models import AuditEvent, Instance, Job, Result
-from storage.repository import NewInstance, add_instance_with_job
 from support.corpus import corpus_file
 from support.dicom_factory import encode, make_dataset
 from tests.conftest import Database

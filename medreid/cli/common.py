@@ -39,7 +39,7 @@ def _audit_listing(session: Any, kind: Any, args: argparse.Namespace, **detail: 
     """Every look at the audit trail or the results is itself an audit event, with the user."""
     from medreid.app import os_user
     from storage import audit
-    from storage.repository import append_audit
+    from storage.audit_trail import append_audit
 
     append_audit(
         session,

@@ -290,7 +290,8 @@ def cmd_models(settings: Settings, args: argparse.Namespace, clock: Clock) -> in
         from medreid.app import build_database, os_user
         from pipeline.modelstore import slot_of
         from storage import audit
-        from storage.repository import activate_model, append_audit
+        from storage.audit_trail import append_audit
+        from storage.gallery import activate_model
 
         folder = Path(args.name) if Path(args.name).is_dir() else root / args.name
         try:

@@ -13,7 +13,7 @@ from medreid.settings import Settings
 
 if TYPE_CHECKING:  # the commands import their heavy modules when they run
     from storage.models import Clock
-    from storage.repository import ResultFilter
+    from storage.results import ResultFilter
 log = logging.getLogger("medreid")
 
 
@@ -105,7 +105,7 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
 def cmd_audit(settings: Settings, args: argparse.Namespace, clock: Clock) -> int:
     from medreid.app import build_database
     from storage import audit
-    from storage.repository import AuditFilter, query_audit
+    from storage.audit_trail import AuditFilter, query_audit
 
     where = AuditFilter(
         since=_when(args.since, "--since", clock()),
@@ -139,7 +139,7 @@ def cmd_audit(settings: Settings, args: argparse.Namespace, clock: Clock) -> int
 def cmd_instances(settings: Settings, args: argparse.Namespace, clock: Clock) -> int:
     from medreid.app import build_database
     from storage import audit
-    from storage.repository import InstanceFilter, list_instances
+    from storage.instances import InstanceFilter, list_instances
 
     where = InstanceFilter(
         since=_when(args.since, "--since", clock()),
@@ -189,7 +189,7 @@ def cmd_instances(settings: Settings, args: argparse.Namespace, clock: Clock) ->
 def _series_listing(settings: Settings, args: argparse.Namespace, where: ResultFilter) -> int:
     from medreid.app import build_database
     from storage import audit
-    from storage.repository import list_series_verdicts
+    from storage.results import list_series_verdicts
 
     engine, sessions = build_database(settings)
     try:
@@ -210,7 +210,7 @@ def _series_listing(settings: Settings, args: argparse.Namespace, where: ResultF
 def cmd_results(settings: Settings, args: argparse.Namespace, clock: Clock) -> int:
     from medreid.app import build_database
     from storage import audit
-    from storage.repository import ResultFilter, list_results
+    from storage.results import ResultFilter, list_results
 
     where = ResultFilter(
         since=_when(args.since, "--since", clock()),

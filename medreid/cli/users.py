@@ -70,8 +70,8 @@ def cmd_users(settings: Settings, args: argparse.Namespace, clock: Clock) -> int
     from storage import audit
     from storage.accounts import add_user, disable_user, find_user, list_users, open_session
     from storage.accounts import set_password as store_password
+    from storage.audit_trail import append_audit
     from storage.models import SessionKind
-    from storage.repository import append_audit
 
     name: str = getattr(args, "name", "")
     valid_name = 1 <= len(name) <= 64 and name.isprintable() and bool(name.strip())

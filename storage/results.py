@@ -1,0 +1,176 @@
+"""Results and series verdicts: listing, and the series judged once quiet.
+
+Each function takes ``session`` keyword-only and never commits: the caller owns the
+transaction (``with Session.begin() as session: ...``)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.orm import Session
+
+from storage.models import (
+    Instance,
+    Job,
+    JobState,
+    Result,
+    SeriesVerdictRow,
+    utcnow,
+)
+
+
+@dataclass(frozen=True)
+class ResultFilter:
+    since: dt.datetime | None = None
+    verdict: str | None = None  # a modality or identity verdict
+    study: str | None = None
+    patient: str | None = None
+    limit: int = 1000
+
+
+def list_results(session: Session, *, where: ResultFilter) -> list[tuple[Result, Instance]]:
+    stmt = select(Result, Instance).join(Instance, Instance.id == Result.instance_id)
+    if where.since is not None:
+        stmt = stmt.where(Result.created_at >= where.since)
+    if where.verdict:
+        stmt = stmt.where(
+            or_(Result.identity_verdict == where.verdict, Result.modality_verdict == where.verdict)
+        )
+    if where.study:
+        stmt = stmt.where(Instance.study_instance_uid == where.study)
+    if where.patient:
+        stmt = stmt.where(
+            or_(Instance.patient_id == where.patient, Result.matched_patient_id == where.patient)
+        )
+    stmt = stmt.order_by(Result.id.desc()).limit(where.limit)
+    rows = [(r, i) for r, i in session.execute(stmt).all()]
+    rows.reverse()
+    return rows
+
+
+@dataclass(frozen=True)
+class QuietSeries:
+    series_instance_uid: str
+    last_received_at: dt.datetime
+
+
+def quiet_series(
+    session: Session,
+    *,
+    modalities: Sequence[str],
+    quiet_before: dt.datetime,
+    lookback: dt.timedelta = dt.timedelta(days=2),
+    limit: int = 50,
+) -> list[QuietSeries]:
+    """Series of these header modalities that are complete and not yet judged as they stand.
+
+    Complete: the last image arrived before ``quiet_before`` and every job of the series is
+    finished. Not judged as they stand: no verdict yet, or one decided before the last image.
+    Only series with an image received within ``lookback`` before ``quiet_before`` are
+    considered, so the query reads recent rows, not the whole archive."""
+    unfinished = (
+        select(Instance.series_instance_uid)
+        .join(Job, Job.instance_id == Instance.id)
+        .where(Job.state.in_([JobState.PENDING, JobState.RUNNING]))
+        .where(Instance.series_instance_uid.is_not(None))
+    )
+    last = func.max(Instance.received_at)
+    complete = (
+        select(Instance.series_instance_uid.label("uid"), last.label("last"))
+        .where(Instance.modality.in_(list(modalities)))
+        .where(Instance.received_at >= quiet_before - lookback)
+        .where(Instance.series_instance_uid.is_not(None))
+        .where(Instance.series_instance_uid.not_in(unfinished))
+        .group_by(Instance.series_instance_uid)
+        .having(last < quiet_before)
+        .subquery()
+    )
+    stmt = (
+        select(complete.c.uid, complete.c.last)
+        .outerjoin(SeriesVerdictRow, SeriesVerdictRow.series_instance_uid == complete.c.uid)
+        .where(
+            or_(
+                SeriesVerdictRow.id.is_(None),
+                SeriesVerdictRow.last_received_at < complete.c.last,
+            )
+        )
+        .order_by(complete.c.last)
+        .limit(limit)
+    )
+    return [QuietSeries(uid, last_at) for uid, last_at in session.execute(stmt).all()]
+
+
+def series_results(session: Session, *, series_uid: str) -> list[tuple[Instance, Result | None]]:
+    """The newest version of every image of the series, with its result."""
+    rows = session.execute(
+        select(Instance, Result)
+        .outerjoin(Result, Result.instance_id == Instance.id)
+        .where(Instance.series_instance_uid == series_uid)
+        .order_by(Instance.sop_instance_uid, Instance.version.desc())
+    ).all()
+    newest: dict[str, tuple[Instance, Result | None]] = {}
+    for instance, result in rows:
+        newest.setdefault(instance.sop_instance_uid, (instance, result))
+    return list(newest.values())
+
+
+def save_series_verdict(session: Session, *, row: SeriesVerdictRow) -> SeriesVerdictRow | None:
+    """Insert the series' verdict, or revise the one decided before the series' last image.
+
+    Returns the stored row, or None where another worker has already judged the series as it
+    stands. A concurrent first insert by another worker raises IntegrityError; the caller
+    rolls back and moves on."""
+    existing = session.scalar(
+        select(SeriesVerdictRow).where(
+            SeriesVerdictRow.series_instance_uid == row.series_instance_uid
+        )
+    )
+    if existing is None:
+        session.add(row)
+        session.flush()
+        return row
+    values = {
+        c.key: getattr(row, c.key)
+        for c in SeriesVerdictRow.__table__.columns
+        if c.key not in ("id", "revision", "decided_at")
+    }
+    revised = session.execute(
+        update(SeriesVerdictRow)
+        .where(
+            SeriesVerdictRow.id == existing.id,
+            SeriesVerdictRow.last_received_at < row.last_received_at,
+        )
+        .values(**values, decided_at=utcnow(), revision=SeriesVerdictRow.revision + 1)
+    )
+    if revised.rowcount != 1:  # type: ignore[attr-defined]
+        return None
+    session.refresh(existing)
+    return existing
+
+
+def list_series_verdicts(session: Session, *, where: ResultFilter) -> list[SeriesVerdictRow]:
+    stmt = select(SeriesVerdictRow)
+    if where.since is not None:
+        stmt = stmt.where(SeriesVerdictRow.decided_at >= where.since)
+    if where.verdict:
+        stmt = stmt.where(
+            or_(
+                SeriesVerdictRow.identity_verdict == where.verdict,
+                SeriesVerdictRow.modality_verdict == where.verdict,
+            )
+        )
+    if where.study:
+        stmt = stmt.where(SeriesVerdictRow.study_instance_uid == where.study)
+    if where.patient:
+        stmt = stmt.where(
+            or_(
+                SeriesVerdictRow.patient_id == where.patient,
+                SeriesVerdictRow.matched_patient_id == where.patient,
+            )
+        )
+    rows = list(session.scalars(stmt.order_by(SeriesVerdictRow.id.desc()).limit(where.limit)))
+    rows.reverse()
+    return rows
