@@ -76,6 +76,14 @@ class RunningService:
                 time.sleep(0.2)
         raise TimeoutError(f"medreid serve did not listen within {timeout} s:\n{self.log()}")
 
+    @classmethod
+    def on(cls, workdir: Path, database_url: str, **overrides: str) -> RunningService:
+        """A service on a free port, over this database, with these settings overridden."""
+        port = free_port()
+        return cls(
+            workdir=workdir, port=port, env=service_env(workdir, database_url, port, **overrides)
+        )
+
     def exited(self, timeout: float) -> int:
         """Wait for the service to end by itself; its exit status."""
         assert self.process is not None

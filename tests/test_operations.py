@@ -142,22 +142,18 @@ def json_log_lines(log: str) -> list[dict[str, Any]]:
 def test_metrics_count_what_storescu_sent(sqlite_database: Database, tmp_path: Path) -> None:
     if shutil.which("storescu") is None:
         pytest.skip("DCMTK (storescu) is not installed")
-    port, metrics_port = free_port(), free_port()
-    service = RunningService(
-        workdir=tmp_path,
-        port=port,
-        env=service_env(
-            tmp_path,
-            sqlite_database.url,
-            port,
-            MEDREID_METRICS_PORT=str(metrics_port),
-            MEDREID_MODELS_DIR=str(REPO / "models"),
-            MEDREID_WORKERS_PROCESSES="1",
-            MEDREID_SCP_ALLOWED_PEERS="STORESCU",
-            MEDREID_LOGGING_FORMAT="json",
-            MEDREID_LOGGING_LEVEL="DEBUG",
-        ),
+    metrics_port = free_port()
+    service = RunningService.on(
+        tmp_path,
+        sqlite_database.url,
+        MEDREID_METRICS_PORT=str(metrics_port),
+        MEDREID_MODELS_DIR=str(REPO / "models"),
+        MEDREID_WORKERS_PROCESSES="1",
+        MEDREID_SCP_ALLOWED_PEERS="STORESCU",
+        MEDREID_LOGGING_FORMAT="json",
+        MEDREID_LOGGING_LEVEL="DEBUG",
     )
+    port = service.port
     service.start()
     try:
         assert get(f"http://127.0.0.1:{metrics_port}/healthz")[0] == 200
@@ -216,21 +212,15 @@ def test_metrics_count_what_storescu_sent(sqlite_database: Database, tmp_path: P
 def test_serve_exits_non_zero_naming_what_is_not_ready(
     sqlite_database: Database, tmp_path: Path
 ) -> None:
-    port = free_port()
     models = tmp_path / "models" / "compa-broken"
     shutil.copytree(REPO / "models" / "compa-v1", models)
     (models / "weights.npz").write_bytes(b"not the weights")
-    service = RunningService(
-        workdir=tmp_path,
-        port=port,
-        env=service_env(
-            tmp_path,
-            sqlite_database.url,
-            port,
-            MEDREID_MODELS_DIR=str(tmp_path / "models"),
-            MEDREID_WORKERS_PROCESSES="1",
-            MEDREID_METRICS_STARTUP_TIMEOUT_S="20",
-        ),
+    service = RunningService.on(
+        tmp_path,
+        sqlite_database.url,
+        MEDREID_MODELS_DIR=str(tmp_path / "models"),
+        MEDREID_WORKERS_PROCESSES="1",
+        MEDREID_METRICS_STARTUP_TIMEOUT_S="20",
     )
     service.start()
     assert service.exited(timeout=90) == 5
