@@ -6,25 +6,24 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
-from collections import Counter
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from medreid.series import SeriesHeader, SeriesPolicy, series_audit_records, series_row
 from pipeline.analysis import Analysis, HeaderFacts
 from pipeline.modelstore import Analyser, embedding_bytes
 from pipeline.ports import NoObserver, WorkerObserver
 from pipeline.runner import PipelineConfig, PipelineResult, run_pipeline
-from pipeline.series import ImageFinding, SeriesVerdict, aggregate_series
-from pipeline.verdicts import DEFAULT_MISMATCH_MARGIN, IdentityVerdict, ModalityVerdict
+from pipeline.series import ImageFinding, aggregate_series
+from pipeline.verdicts import IdentityVerdict, ModalityVerdict
 from storage import audit
 from storage.audit_trail import append_audit
 from storage.gallery import NewGalleryEntry, add_gallery_entries
 from storage.jobs import ClaimedJob, JobOutcome, claim_jobs, finish_job
-from storage.models import Instance, SeriesVerdictRow, utcnow
+from storage.models import utcnow
 from storage.results import QuietSeries, quiet_series, save_series_verdict, series_results
 
 log = logging.getLogger(__name__)
@@ -109,108 +108,6 @@ def audit_records(job: ClaimedJob, outcome: JobOutcome, worker: str) -> list[aud
             )
         )
     return records
-
-
-@dataclass(frozen=True)
-class SeriesPolicy:
-    """Which series get a series verdict, and how long a series must be quiet first."""
-
-    modalities: tuple[str, ...] = ("CT", "MR")
-    quiet_s: float = 30.0
-    tag_map: Mapping[str, str] | None = None
-    mismatch_margin: float | None = DEFAULT_MISMATCH_MARGIN  # as AnalysisSettings'
-
-
-def series_audit_records(row: SeriesVerdictRow, worker: str) -> list[audit.AuditRecord]:
-    """A series judged a mismatch as a whole is a Security Alert of its own."""
-
-    def alert(kind: audit.EventKind, **detail: object) -> audit.AuditRecord:
-        return audit.AuditRecord(
-            kind=kind,
-            outcome=audit.Outcome.MINOR_FAILURE,
-            actor_user=worker,
-            patient_id=row.patient_id,
-            study_instance_uid=row.study_instance_uid,
-            detail={
-                "scope": "series",
-                "series_instance_uid": row.series_instance_uid,
-                "images": row.images,
-                "revision": row.revision,
-                **detail,
-            },
-        )
-
-    records = []
-    if row.modality_verdict == ModalityVerdict.MISMATCH:
-        records.append(
-            alert(
-                audit.MODALITY_MISMATCH,
-                header_modality=row.header_modality,
-                predicted=row.predicted_modality,
-                agreement=row.modality_agreement,
-            )
-        )
-    if row.identity_verdict == IdentityVerdict.MISMATCH:
-        records.append(
-            alert(
-                audit.PATIENT_MISMATCH,
-                header_patient=row.patient_id,
-                looks_like=row.matched_patient_id,
-                header_score=row.header_score,
-                best_other_score=row.best_other_score,
-                threshold=row.threshold,
-            )
-        )
-    return records
-
-
-def _most_common(values: list[str | None]) -> str | None:
-    present = [v for v in values if v]
-    return Counter(present).most_common(1)[0][0] if present else None
-
-
-@dataclass(frozen=True)
-class SeriesHeader:
-    """What most images of a series say in their headers."""
-
-    series_instance_uid: str | None
-    study_instance_uid: str | None
-    patient_id: str | None
-    modality: str | None
-
-    @classmethod
-    def of(cls, images: list[Instance]) -> SeriesHeader:
-        return cls(
-            series_instance_uid=images[0].series_instance_uid,
-            study_instance_uid=_most_common([i.study_instance_uid for i in images]),
-            patient_id=_most_common([i.patient_id for i in images]),
-            modality=_most_common([i.modality for i in images]),
-        )
-
-
-def series_row(
-    header: SeriesHeader, verdict: SeriesVerdict, last: dt.datetime, worker: str
-) -> SeriesVerdictRow:
-    return SeriesVerdictRow(
-        series_instance_uid=header.series_instance_uid,
-        study_instance_uid=header.study_instance_uid,
-        patient_id=header.patient_id,
-        header_modality=header.modality,
-        images=verdict.images,
-        images_analysed=verdict.images_analysed,
-        predicted_modality=verdict.predicted_modality,
-        modality_agreement=verdict.modality_agreement,
-        modality_verdict=verdict.modality_verdict,
-        identity_verdict=verdict.identity_verdict,
-        matched_patient_id=verdict.matched_patient_id,
-        header_score=verdict.header_score,
-        best_other_score=verdict.best_other_score,
-        threshold=verdict.threshold,
-        last_received_at=last,
-        decided_at=utcnow(),
-        decided_by=worker,
-        revision=1,
-    )
 
 
 class Worker:

@@ -430,8 +430,8 @@ def test_a_worker_starting_while_the_database_is_away_waits_for_it_to_load_its_m
     import dataclasses
     import threading
 
-    from medreid.app import _load_models
     from medreid.monitoring import WorkerState
+    from medreid.processes import _load_models
     from medreid.settings import Settings
     from storage.db import make_engine, make_sessionmaker
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from sqlalchemy import select
 
-from medreid.worker import SeriesPolicy, Worker
+from medreid.series import SeriesPolicy
+from medreid.worker import Worker
 from pipeline.analysis import Analysis
 from pipeline.runner import PipelineConfig
 from pipeline.series import ImageFinding, aggregate_series, pooled_matches

@@ -48,7 +48,7 @@ def cmd_worker(settings: Settings, args: argparse.Namespace, clock: Clock) -> in
     import signal
     import threading
 
-    from medreid.app import run_worker
+    from medreid.processes import run_worker
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
