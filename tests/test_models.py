@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.datasets.baseline import raw_pixel_vectors
 from pipeline.datasets.reader import scan_modality
 from pipeline.metrics import cosine_similarity, retrieval_scores
 from pipeline.models.artifacts import list_models, read_model
 from pipeline.models.reid import ReidConfig, ReidModel, load_set, train_reid
 from synthetic.hospital import SynthOptions, generate
+from training.baseline import raw_pixel_vectors
 
 WEIGHTS = (
     Path(__file__).resolve().parents[2]
@@ -121,7 +121,7 @@ def test_the_artifact_round_trips_to_identical_embeddings(trained: Path, unseen:
 def test_the_frozen_recipe_beats_raw_pixels_and_its_own_backbone_on_unseen_patients(
     frozen: Path, xray_sets: tuple[Path, Path]
 ) -> None:
-    from pipeline.models.evaluate import evaluate_reid
+    from training.evaluate import evaluate_reid
 
     report = evaluate_reid(frozen, xray_sets[1], imagenet_weights=str(WEIGHTS)).report
     baselines = report["baselines"]
@@ -207,7 +207,7 @@ def test_patient_split_is_disjoint() -> None:
 @needs_weights
 def test_compa_tells_the_four_modalities_apart(tiny: Path, tmp_path: Path) -> None:
     from pipeline.models.compa import CompaConfig, load_compa, train_compa
-    from pipeline.models.evaluate import evaluate_compa
+    from training.evaluate import evaluate_compa
 
     trained = train_compa(
         CompaConfig(backbone_weights=str(WEIGHTS), prototypes=2), [tiny], tmp_path, version="t1"

@@ -151,7 +151,7 @@ def cmd_augment(settings: Settings, args: argparse.Namespace, clock: Clock) -> i
 def cmd_baseline(settings: Settings, args: argparse.Namespace, clock: Clock) -> int:
     from dataclasses import asdict
 
-    from pipeline.datasets.baseline import raw_pixel_baseline
+    from training.baseline import raw_pixel_baseline
 
     progress = _Progress("read")
     try:

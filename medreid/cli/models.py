@@ -230,7 +230,7 @@ def cmd_train(settings: Settings, args: argparse.Namespace, clock: Clock) -> int
 def cmd_evaluate(settings: Settings, args: argparse.Namespace, clock: Clock) -> int:
     import json
 
-    from pipeline.models import evaluate
+    from training import evaluate
 
     try:
         if args.kind == "compa":

@@ -10,7 +10,6 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from pipeline.datasets.baseline import raw_pixel_vectors
 from pipeline.datasets.reader import scan, scan_modality
 from pipeline.metrics import (
     cosine_similarity,
@@ -23,6 +22,7 @@ from pipeline.models.backbone import Preprocessing, build_backbone
 from pipeline.models.compa import KNOWN, OTHER, load_compa
 from pipeline.models.reid import ReidModel, embed_images, load_set
 from pipeline.runner import PipelineConfig
+from training.baseline import raw_pixel_vectors
 
 
 def reid_scores(embeddings: npt.NDArray[np.float32], labels: list[str]) -> dict[str, float]:
