@@ -59,7 +59,8 @@ class JsonFormatter(logging.Formatter):
 def _json_lines_on_stderr(process_name: str) -> TextIO:
     """Native libraries (TensorFlow's C++ runtime) write plain lines to file descriptor 2.
     With JSON logs, descriptor 2 becomes a pipe whose lines are wrapped as JSON objects
-    (logger "native") on the real stderr; the stream returned writes there directly."""
+    (logger "native") on the real stderr; the stream returned, and sys.stderr, write there
+    directly."""
     real = os.fdopen(os.dup(2), "w", buffering=1, encoding="utf-8", errors="replace")
     read_end, write_end = os.pipe()
     os.dup2(write_end, 2)
@@ -87,7 +88,16 @@ def _json_lines_on_stderr(process_name: str) -> TextIO:
                     real.write(text + "\n")
 
     threading.Thread(target=relay, name="medreid-native-stderr", daemon=True).start()
+    # Python's own writes (a traceback as the process dies, the command line's messages) go
+    # to the real stderr directly: through the pipe, the last of them could be lost at exit.
+    sys.stderr = real
     return real
+
+
+def _log_uncaught(kind: type[BaseException], value: BaseException, tb: object) -> None:
+    logging.getLogger("medreid").critical(
+        "uncaught %s", kind.__name__, exc_info=(kind, value, tb)  # type: ignore[arg-type]
+    )
 
 
 def configure_logging(settings: Settings | None, process_name: str = "main") -> None:
@@ -97,6 +107,9 @@ def configure_logging(settings: Settings | None, process_name: str = "main") -> 
     if settings is not None and settings.logging.format == LogFormat.JSON:
         handler = logging.StreamHandler(_json_lines_on_stderr(process_name))
         handler.setFormatter(JsonFormatter(process_name))
+        # warnings and a dying process's traceback as JSON lines too
+        logging.captureWarnings(True)
+        sys.excepthook = _log_uncaught
     else:
         prefix = "" if process_name == "main" else f"{process_name} "
         handler.setFormatter(

@@ -158,3 +158,28 @@ def test_json_log_lines_carry_the_context_and_mask_secrets() -> None:
     assert line["association"] == 7 and line["sop_instance_uid"] == "1.2.3"
     assert "job_id" not in line
     assert line["message"] == "refused by postgresql://u:***@h/db"
+
+
+def test_json_logs_keep_warnings_native_lines_and_a_dying_traceback_as_json() -> None:
+    import json
+    import subprocess
+
+    program = (
+        "import os, time, warnings\n"
+        "from medreid.logs import configure_logging\n"
+        "from medreid.settings import load_settings\n"
+        "configure_logging(load_settings(None, env={'MEDREID_LOGGING_FORMAT': 'json'}))\n"
+        "warnings.warn('a warning')\n"
+        "os.write(2, b'a native library line\\n')\n"
+        "time.sleep(0.2)\n"
+        "raise RuntimeError('boom')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True)
+    lines = [json.loads(line) for line in done.stderr.splitlines() if line.strip()]
+    assert [(line["logger"], line["level"]) for line in lines] == [
+        ("py.warnings", "WARNING"),
+        ("native", "INFO"),
+        ("medreid", "CRITICAL"),
+    ]
+    assert "RuntimeError: boom" in lines[2]["exception"]
+    assert done.returncode == 1
