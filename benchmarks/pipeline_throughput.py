@@ -23,6 +23,7 @@ import argparse
 import json
 import shutil
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -128,6 +129,7 @@ def run_modality(modality: str, args: argparse.Namespace) -> dict[str, Any]:
     volume = modality in ("ct", "mri")
     slices = args.slices if volume else 1
     patients = max(4, args.images // slices)
+    service: RunningService | None = None
     try:
         hospital = work / "hospital"
         print(f"{modality}: generating {patients} patients x 2 visits x {slices} images ...")
@@ -188,9 +190,15 @@ def run_modality(modality: str, args: argparse.Namespace) -> dict[str, Any]:
         paced_report = measured(sessions, paced_uids)
         paced_report["acknowledged"] = acked
         paced_report["offered_per_s"] = round(rate, 1)
-        service.stop()
         engine.dispose()
     finally:
+        if service is not None:
+            # also when a phase fails: a service left running would hold its ports and
+            # its workers' memory long after the benchmark; its log says what it saw
+            failed = sys.exc_info()[0] is not None
+            code = service.stop()
+            if failed or code not in (0, None):
+                print(f"medreid serve (exit {code}), its log's end:\n{service.log()[-4000:]}")
         shutil.rmtree(work, ignore_errors=True)
     samples = int(getattr(shape, "SamplesPerPixel", 1))
     return {
