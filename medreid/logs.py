@@ -96,7 +96,9 @@ def _json_lines_on_stderr(process_name: str) -> TextIO:
 
 def _log_uncaught(kind: type[BaseException], value: BaseException, tb: object) -> None:
     logging.getLogger("medreid").critical(
-        "uncaught %s", kind.__name__, exc_info=(kind, value, tb)  # type: ignore[arg-type]
+        "uncaught %s",
+        kind.__name__,
+        exc_info=(kind, value, tb),  # type: ignore[arg-type]
     )
 
 

@@ -41,7 +41,6 @@ log = logging.getLogger(__name__)
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 MAX_AE_LABELS = 64  # further calling AE titles are counted as "(other)"
 STAGE_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-ALERT_WINDOW_S = 7 * 24 * 3600.0  # as the console's dashboard counts open alerts
 CHECK_TIMEOUT_S = 5.0
 
 
@@ -308,11 +307,9 @@ class ServiceGauges:
         self.clock = clock
 
     def collect(self) -> Iterator[Metric]:
-        import datetime as dt
-
         from prometheus_client.core import GaugeMetricFamily
 
-        from storage.reports import open_alerts, queue_state
+        from storage.reports import ALERT_WINDOW, open_alerts, queue_state
 
         checks = self.readiness.check()
         ready = GaugeMetricFamily(
@@ -332,9 +329,7 @@ class ServiceGauges:
         try:
             with self.sessions.begin() as session:
                 queue = queue_state(session)
-                images, series = open_alerts(
-                    session, since=now - dt.timedelta(seconds=ALERT_WINDOW_S)
-                )
+                images, series = open_alerts(session, since=now - ALERT_WINDOW)
         except Exception as exc:
             log.warning("metrics: the database could not be read: %s", type(exc).__name__)
             self.metrics.database_errors.labels(component="monitoring").inc()

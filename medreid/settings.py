@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.records import Modality
-from scp.settings import ScpSettings
+from scp.settings import ScpSettings, check_range
 
 ENV_PREFIX = "MEDREID_"
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "medreid.toml"
@@ -39,7 +39,7 @@ class SpoolSettings:
     group_readable: bool = False
 
     def validate(self) -> None:
-        _check_range("spool.min_free_mb", self.min_free_mb, 0, 2**40)
+        check_range("spool.min_free_mb", self.min_free_mb, 0, 2**40)
 
 
 # the password of a URL: scheme://user:PASSWORD@host
@@ -60,7 +60,7 @@ class DatabaseSettings:
         if "://" not in self.url:
             # not repeated: what is not a URL may still hold a password
             raise SettingsError("database.url: not a database URL (dialect://user@host/name)")
-        _check_range("database.busy_timeout_s", self.busy_timeout_s, 0.0, 3600.0)
+        check_range("database.busy_timeout_s", self.busy_timeout_s, 0.0, 3600.0)
 
 
 @dataclass(frozen=True)
@@ -72,11 +72,11 @@ class WorkerSettings:
     max_attempts: int = 3
 
     def validate(self) -> None:
-        _check_range("workers.processes", self.processes, 0, 64)
-        _check_range("workers.batch_size", self.batch_size, 1, 1024)
-        _check_range("workers.poll_interval_s", self.poll_interval_s, 0.01, 60.0)
-        _check_range("workers.lease_s", self.lease_s, 1.0, 86400.0)
-        _check_range("workers.max_attempts", self.max_attempts, 1, 100)
+        check_range("workers.processes", self.processes, 0, 64)
+        check_range("workers.batch_size", self.batch_size, 1, 1024)
+        check_range("workers.poll_interval_s", self.poll_interval_s, 0.01, 60.0)
+        check_range("workers.lease_s", self.lease_s, 1.0, 86400.0)
+        check_range("workers.max_attempts", self.max_attempts, 1, 100)
 
 
 FRAME_POLICIES = ("first", "middle", "all")
@@ -92,7 +92,7 @@ class DecodeSettings:
             raise SettingsError(
                 f"decode.frames: {self.frames!r} is not one of {', '.join(FRAME_POLICIES)}"
             )
-        _check_range("decode.max_frames", self.max_frames, 1, 10000)
+        check_range("decode.max_frames", self.max_frames, 1, 10000)
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ class ClaheSettings:
     tile_grid: tuple[int, ...] = (8, 8)
 
     def validate(self) -> None:
-        _check_range("clahe.clip_limit", self.clip_limit, 0.0, 1000.0)
+        check_range("clahe.clip_limit", self.clip_limit, 0.0, 1000.0)
         if len(self.tile_grid) != 2 or any(not 1 <= t <= 256 for t in self.tile_grid):
             raise SettingsError(
                 f"clahe.tile_grid: {list(self.tile_grid)} must be two integers from 1 to 256"
@@ -150,9 +150,9 @@ class AnalysisSettingsSection:
             raise SettingsError(
                 f"analysis.on_disagreement: {self.on_disagreement!r} is not prediction or hold"
             )
-        _check_range("analysis.top_k", self.top_k, 1, 100)
-        _check_range("analysis.mismatch_margin", self.mismatch_margin, 0.0, 2.0)
-        _check_range("analysis.series_quiet_s", self.series_quiet_s, 0.0, 86400.0)
+        check_range("analysis.top_k", self.top_k, 1, 100)
+        check_range("analysis.mismatch_margin", self.mismatch_margin, 0.0, 2.0)
+        check_range("analysis.series_quiet_s", self.series_quiet_s, 0.0, 86400.0)
         for code in self.series_modalities:
             if not code.strip() or code.strip().upper() != code.strip() or len(code) > 16:
                 raise SettingsError(
@@ -201,17 +201,17 @@ class ConsoleSettings:
         return bool(self.tls_certificate)
 
     def validate(self) -> None:
-        _check_range("console.port", self.port, 1, 65535)
-        _check_range("console.session_idle_min", self.session_idle_min, 1.0, 24 * 60.0)
-        _check_range("console.session_max_h", self.session_max_h, 0.1, 24 * 7.0)
-        _check_range("console.api_token_days", self.api_token_days, 1, 3650)
-        _check_range("console.page_rows", self.page_rows, 10, 1000)
-        _check_range("console.export_max_rows", self.export_max_rows, 100, 10_000_000)
-        _check_range("console.lockout_failures", self.lockout_failures, 1, 1000)
-        _check_range(
+        check_range("console.port", self.port, 1, 65535)
+        check_range("console.session_idle_min", self.session_idle_min, 1.0, 24 * 60.0)
+        check_range("console.session_max_h", self.session_max_h, 0.1, 24 * 7.0)
+        check_range("console.api_token_days", self.api_token_days, 1, 3650)
+        check_range("console.page_rows", self.page_rows, 10, 1000)
+        check_range("console.export_max_rows", self.export_max_rows, 100, 10_000_000)
+        check_range("console.lockout_failures", self.lockout_failures, 1, 1000)
+        check_range(
             "console.lockout_failures_per_address", self.lockout_failures_per_address, 1, 100000
         )
-        _check_range("console.lockout_window_min", self.lockout_window_min, 1.0, 24 * 60.0)
+        check_range("console.lockout_window_min", self.lockout_window_min, 1.0, 24 * 60.0)
         if not self.bind_address.strip():
             raise SettingsError("console.bind_address: must not be empty")
         if self.tls_enabled and not self.tls_private_key:
@@ -246,8 +246,8 @@ class MetricsSettings:
     startup_timeout_s: float = 180.0
 
     def validate(self) -> None:
-        _check_range("metrics.port", self.port, 0, 65535)
-        _check_range("metrics.startup_timeout_s", self.startup_timeout_s, 1.0, 3600.0)
+        check_range("metrics.port", self.port, 0, 65535)
+        check_range("metrics.startup_timeout_s", self.startup_timeout_s, 1.0, 3600.0)
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -287,11 +287,6 @@ class Settings:
     console: ConsoleSettings = field(default_factory=ConsoleSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
-
-
-def _check_range(key: str, value: float, low: float, high: float) -> None:
-    if not low <= value <= high:
-        raise SettingsError(f"{key}: {value!r} is outside {low}..{high}")
 
 
 def _coerce(key: str, raw: Any, target: Any, from_env: bool) -> Any:

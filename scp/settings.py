@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-def _check_range(key: str, value: float, low: float, high: float) -> None:
+def check_range(key: str, value: float, low: float, high: float) -> None:
+    """Raise ValueError naming ``key`` when ``value`` is outside ``low..high``."""
     if not low <= value <= high:
         raise ValueError(f"{key}: {value!r} is outside {low}..{high}")
 
@@ -49,20 +50,20 @@ class ScpSettings:
             raise ValueError(
                 f"scp.ae_title: {self.ae_title!r} is not a valid AE title (1-16 characters)"
             )
-        _check_range("scp.port", self.port, 1, 65535)
-        _check_range("scp.max_associations", self.max_associations, 1, 1000)
-        _check_range("scp.max_pending_connections", self.max_pending_connections, 1, 10000)
-        _check_range("scp.max_pending_per_host", self.max_pending_per_host, 1, 10000)
-        _check_range("scp.max_dataset_mb", self.max_dataset_mb, 1, 64 * 1024)
+        check_range("scp.port", self.port, 1, 65535)
+        check_range("scp.max_associations", self.max_associations, 1, 1000)
+        check_range("scp.max_pending_connections", self.max_pending_connections, 1, 10000)
+        check_range("scp.max_pending_per_host", self.max_pending_per_host, 1, 10000)
+        check_range("scp.max_dataset_mb", self.max_dataset_mb, 1, 64 * 1024)
         if self.max_pdu != 0:
-            _check_range("scp.max_pdu", self.max_pdu, 4096, 2**32 - 1)
+            check_range("scp.max_pdu", self.max_pdu, 4096, 2**32 - 1)
         for key in ("acse_timeout_s", "dimse_timeout_s", "network_timeout_s"):
-            _check_range(f"scp.{key}", getattr(self, key), 0.1, 86400.0)
+            check_range(f"scp.{key}", getattr(self, key), 0.1, 86400.0)
         for peer in self.allowed_peers:
             ae, _, host = peer.partition("@")
             if not 1 <= len(ae.strip()) <= 16 or (("@" in peer) and not host):
                 raise ValueError(f"scp.allowed_peers: {peer!r} is not 'AE' or 'AE@host'")
-        _check_range("scp.tls_handshake_timeout_s", self.tls_handshake_timeout_s, 0.1, 300.0)
+        check_range("scp.tls_handshake_timeout_s", self.tls_handshake_timeout_s, 0.1, 300.0)
         if self.tls_enabled and not self.tls_private_key:
             raise ValueError("scp.tls_private_key: required with scp.tls_certificate")
         if self.tls_require_client_certificate and not self.tls_ca_certificates:

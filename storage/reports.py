@@ -19,6 +19,8 @@ from storage.models import (
 )
 
 MISMATCH = "mismatch"
+# Mismatch verdicts this recent count as open alerts (the dashboard's and the metrics').
+ALERT_WINDOW = dt.timedelta(days=7)
 
 
 @dataclass(frozen=True)
@@ -233,7 +235,7 @@ def dashboard(
     now: dt.datetime,
     day_start: dt.datetime,
     week_start: dt.datetime,
-    alert_window: dt.timedelta = dt.timedelta(days=7),
+    alert_window: dt.timedelta = ALERT_WINDOW,
     hours: int = 48,
 ) -> Dashboard:
     board = Dashboard()
