@@ -202,12 +202,13 @@ class Worker:
         outcome = job_outcome(result, self.config, analysis)
         stored = finish_job(session, job=job, worker=self.name, outcome=outcome)
         if stored:
-            log.debug(
-                "job %s: %s",
-                job.job_id,
-                "done" if result.ok else "failed",
-                extra=self._context(job),
-            )
+            if log.isEnabledFor(logging.DEBUG):  # no context dict per job unless it is logged
+                log.debug(
+                    "job %s: %s",
+                    job.job_id,
+                    "done" if result.ok else "failed",
+                    extra=self._context(job),
+                )
             for record in audit_records(job, outcome, self.name):
                 append_audit(session, record=record)
             if self.auto_enroll and analysis is not None:
