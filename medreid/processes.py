@@ -20,7 +20,6 @@ from sqlalchemy.orm import Session, sessionmaker
 from medreid.builders import build_database, pipeline_config
 from medreid.logs import configure_logging
 from medreid.monitoring import (
-    MULTIPROCESS_ENV,
     ServiceMetrics,
     WorkerMetrics,
     WorkerState,
@@ -201,7 +200,6 @@ class WorkerPool:
             if process.is_alive():
                 continue
             log.error("worker %s exited with %s; restarting it", process.name, process.exitcode)
-            _forget_metrics_of(process.pid)
             try:
                 with sessions.begin() as session:
                     release_jobs_of(session, claimant_prefix=f"{self.node}/{process.pid}/")
@@ -215,11 +213,3 @@ class WorkerPool:
             process.join(timeout=30)
             if process.is_alive():
                 process.terminate()
-
-
-def _forget_metrics_of(pid: int | None) -> None:
-    """A dead process's live gauges no longer count (its counters still do)."""
-    if pid is not None and os.environ.get(MULTIPROCESS_ENV):
-        from prometheus_client import multiprocess
-
-        multiprocess.mark_process_dead(pid)

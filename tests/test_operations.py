@@ -12,7 +12,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -125,10 +124,8 @@ def send(items: list[Dataset], port: int) -> dict[str, int | None]:
     return statuses
 
 
-@pytest.fixture
-def fast_env(tmp_path: Path) -> Iterator[dict[str, str]]:
-    """Without the models: these tests are about the service, not the analysis."""
-    yield {"MEDREID_ANALYSIS_ENABLED": "false", "MEDREID_WORKERS_PROCESSES": "2"}
+# Without the models: these tests are about the service, not the analysis.
+WITHOUT_MODELS = {"MEDREID_ANALYSIS_ENABLED": "false", "MEDREID_WORKERS_PROCESSES": "2"}
 
 
 def json_log_lines(log: str) -> list[dict[str, Any]]:
@@ -230,9 +227,7 @@ def test_serve_exits_non_zero_naming_what_is_not_ready(
 # ---------------------------------------------------------------------------- the database
 
 
-def test_the_database_goes_away_and_comes_back(
-    database: Database, tmp_path: Path, fast_env: dict[str, str]
-) -> None:
+def test_the_database_goes_away_and_comes_back(database: Database, tmp_path: Path) -> None:
     """The SCP answers 0xA701 meanwhile, /readyz says the database is not ready, the workers
     and the console keep running and resume by themselves, no job is processed twice."""
     port, metrics_port, console_port = free_port(), free_port(), free_port()
@@ -255,7 +250,7 @@ def test_the_database_goes_away_and_comes_back(
             MEDREID_CONSOLE_ENABLED="true",
             MEDREID_CONSOLE_PORT=str(console_port),
             MEDREID_DATABASE_BUSY_TIMEOUT_S="0.5",
-            **fast_env,
+            **WITHOUT_MODELS,
         ),
     )
     for args, stdin in (
@@ -352,7 +347,6 @@ def test_the_database_goes_away_and_comes_back(
 def test_sigkill_in_the_store_path_then_every_file_accounted_for(
     database: Database,
     tmp_path: Path,
-    fast_env: dict[str, str],
     point: str,
     quarantined: int,
 ) -> None:
@@ -367,7 +361,7 @@ def test_sigkill_in_the_store_path_then_every_file_accounted_for(
         MEDREID_METRICS_PORT=str(metrics_port),
         MEDREID_LOGGING_FORMAT="json",
         PYTHONPATH=str(REPO),
-        **fast_env,
+        **WITHOUT_MODELS,
     )
     crashing = RunningService(
         workdir=tmp_path,
