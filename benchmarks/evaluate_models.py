@@ -27,11 +27,11 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.models.compa import CompaConfig, train_compa
-from pipeline.models.reid import ReidConfig, train_reid
 from pipeline.modelstore import discover
 from synthetic.hospital import SynthOptions, generate
+from training.compa import CompaConfig, train_compa
 from training.evaluate import evaluate_compa, evaluate_reid, plot_confusion, plot_reid
+from training.reid import ReidConfig, train_reid
 
 OTHER_MODALITIES = {"US", "NM"}
 PARTS = ("synthetic", "real-compa", "real-xray")

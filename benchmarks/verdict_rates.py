@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.analysis import AnalysisSettings, HeaderFacts, ModelSet, analyse
-from pipeline.datasets.reader import load_image
 from pipeline.gallery import GalleryIndex
 from pipeline.modelstore import discover, load_model
 from pipeline.runner import PipelineConfig
 from pipeline.series import ImageFinding, aggregate_series
 from pipeline.verdicts import DEFAULT_TAG_MAP
 from synthetic.hospital import SynthOptions, generate, read_manifest
+from training.datasets.reader import load_image
 
 
 def series_rates(

@@ -12,7 +12,6 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from medreid.app import pipeline_config
 from medreid.settings import Settings
-from pipeline.datasets.reader import DatasetItem, iter_images, scan
 from pipeline.models.artifacts import model_name, read_model
 from pipeline.modelstore import embedding_bytes, load_model, resolve
 from pipeline.records import StageError
@@ -20,6 +19,7 @@ from storage import audit
 from storage.audit_trail import append_audit
 from storage.gallery import NewGalleryEntry, active_models, add_gallery_entries
 from storage.models import GalleryEntry, Instance
+from training.datasets.reader import DatasetItem, iter_images, scan
 
 
 def _embedders(settings: Settings, sessions: sessionmaker[Session]) -> dict[str, object]:

@@ -8,11 +8,11 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.datasets.augment import AugmentParams, augment, export_augmented
-from pipeline.datasets.reader import load_image, scan
 from pipeline.runner import PipelineConfig
 from synthetic.hospital import SynthOptions, generate
 from training.baseline import raw_pixel_baseline
+from training.datasets.augment import AugmentParams, augment, export_augmented
+from training.datasets.reader import load_image, scan
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 

@@ -13,12 +13,12 @@ from sqlalchemy import func, select
 
 from medreid.enrollment import enroll_again, enroll_folder
 from medreid.settings import load_settings
-from pipeline.datasets.reader import iter_images, scan_modality
 from pipeline.modelstore import load_model
 from pipeline.runner import PipelineConfig
 from storage.models import AuditEvent, GalleryEntry
 from synthetic.hospital import SynthOptions, generate
 from tests.conftest import Database
+from training.datasets.reader import iter_images, scan_modality
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 NEW = "reid-xray-v2"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.metrics import (
+from training.metrics import (
     cosine_similarity,
     equal_error_rate,
     pair_scores,

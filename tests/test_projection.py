@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.metrics import cosine_similarity, retrieval_scores
-from pipeline.models.projection import fit_within_class_whitening, select_projection
+from training.metrics import cosine_similarity, retrieval_scores
+from training.projection import fit_within_class_whitening, select_projection
 
 
 def nuisance_set(seed: int, patients: int = 12, images: int = 4) -> tuple[np.ndarray, list[str]]:

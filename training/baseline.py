@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.datasets.reader import DatasetItem, iter_images, resize, scan
-from pipeline.metrics import cosine_similarity, retrieval_scores, verification_scores
 from pipeline.runner import PipelineConfig
+from training.datasets.reader import DatasetItem, iter_images, resize, scan
+from training.metrics import cosine_similarity, retrieval_scores, verification_scores
 
 
 @dataclass(frozen=True)

@@ -10,19 +10,19 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from pipeline.datasets.reader import scan, scan_modality
-from pipeline.metrics import (
+from pipeline.models.backbone import Preprocessing, build_backbone
+from pipeline.runner import PipelineConfig
+from training.baseline import raw_pixel_vectors
+from training.compa import KNOWN, OTHER, load_compa
+from training.datasets.reader import scan, scan_modality
+from training.metrics import (
     cosine_similarity,
     pair_scores,
     retrieval_scores,
     roc_curve,
     verification_scores,
 )
-from pipeline.models.backbone import Preprocessing, build_backbone
-from pipeline.models.compa import KNOWN, OTHER, load_compa
-from pipeline.models.reid import ReidModel, embed_images, load_set
-from pipeline.runner import PipelineConfig
-from training.baseline import raw_pixel_vectors
+from training.reid import ReidModel, embed_images, load_set
 
 
 def reid_scores(embeddings: npt.NDArray[np.float32], labels: list[str]) -> dict[str, float]:

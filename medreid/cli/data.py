@@ -111,7 +111,7 @@ def cmd_synth(settings: Settings, args: argparse.Namespace, clock: Clock) -> int
 
 
 def cmd_augment(settings: Settings, args: argparse.Namespace, clock: Clock) -> int:
-    from pipeline.datasets.augment import AugmentParams, export_augmented
+    from training.datasets.augment import AugmentParams, export_augmented
 
     brightness = None
     if args.brightness:

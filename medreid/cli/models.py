@@ -152,7 +152,7 @@ def cmd_train(settings: Settings, args: argparse.Namespace, clock: Clock) -> int
 
     try:
         if args.kind == "compa":
-            from pipeline.models.compa import CompaConfig, train_compa
+            from training.compa import CompaConfig, train_compa
 
             with _Progress("features") as progress:
                 trained = train_compa(
@@ -169,7 +169,7 @@ def cmd_train(settings: Settings, args: argparse.Namespace, clock: Clock) -> int
             )
             return 0
         if args.kind == "whitening":
-            from pipeline.models.reid import whiten_reid
+            from training.reid import whiten_reid
 
             with _TrainProgress() as whitening_progress:
                 result = whiten_reid(
@@ -187,7 +187,7 @@ def cmd_train(settings: Settings, args: argparse.Namespace, clock: Clock) -> int
                 f"{result.description['threshold']:.4f}; model in {result.folder}"
             )
             return 0
-        from pipeline.models.reid import ReidConfig, train_reid
+        from training.reid import ReidConfig, train_reid
 
         config = ReidConfig(
             modality=args.modality,

@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from pipeline.datasets.reader import resize
 from pipeline.records import FloatImage
+from training.datasets.reader import resize
 
 BACKBONES = ("mobilenet_v2", "mobilenet_v1", "mobilenet_v3_small")
 # Input scaling each family was trained with (the V2 file is torchvision's training).

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from pipeline.metrics import cosine_similarity, pair_scores, retrieval_scores
+from training.metrics import cosine_similarity, pair_scores, retrieval_scores
 
 DIMS = (32, 64, 128)
 SHRINKAGE = (0.1, 0.3, 0.6)

@@ -15,9 +15,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pipeline.datasets.reader import is_image_file, load_image
 from pipeline.records import FloatImage, StageError
 from pipeline.runner import PipelineConfig
+from training.datasets.reader import is_image_file, load_image
 
 
 @dataclass(frozen=True)

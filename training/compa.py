@@ -28,13 +28,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from pipeline.datasets.reader import DatasetItem, scan
-from pipeline.metrics import l2_normalise
 from pipeline.models import artifacts
 from pipeline.models.backbone import Preprocessing, build_backbone, predictor, quiet_tensorflow
-from pipeline.models.reid import load_set
 from pipeline.records import FloatImage, Modality
 from pipeline.runner import PipelineConfig
+from training.datasets.reader import DatasetItem, scan
+from training.metrics import l2_normalise
+from training.reid import load_set
 
 KNOWN = tuple(str(m) for m in Modality)
 OTHER = "other"

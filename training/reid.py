@@ -3,7 +3,7 @@ patient lie close together and those of different patients far apart.
 
 Two recipes. ``finetune`` (the default) trains the whole network; ``frozen`` keeps an ImageNet
 backbone as it is and fits only a linear projection of its features in closed form
-(``pipeline.models.projection``), for sets of a few dozen patients, where fine-tuning
+(``training.projection``), for sets of a few dozen patients, where fine-tuning
 millions of weights overfits and loses to the untrained backbone.
 
 Fine-tuning is metric learning with a CosFace head (large-margin cosine loss, Wang et al.
@@ -29,9 +29,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from pipeline.datasets.augment import AugmentParams, augment
-from pipeline.datasets.reader import DatasetItem, iter_images, resize, scan_modality
-from pipeline.metrics import (
+from pipeline.models import artifacts
+from pipeline.models.backbone import Preprocessing, build_backbone, predictor, quiet_tensorflow
+from pipeline.records import FloatImage
+from pipeline.runner import PipelineConfig
+from training.datasets.augment import AugmentParams, augment
+from training.datasets.reader import DatasetItem, iter_images, resize, scan_modality
+from training.metrics import (
     cosine_similarity,
     equal_error_rate,
     l2_normalise,
@@ -41,16 +45,12 @@ from pipeline.metrics import (
     threshold_for_false_match_rate,
     verification_scores,
 )
-from pipeline.models import artifacts
-from pipeline.models.backbone import Preprocessing, build_backbone, predictor, quiet_tensorflow
-from pipeline.models.projection import (
+from training.projection import (
     ProjectionChoice,
     fit_within_class_whitening,
     out_of_fold_pairs,
     select_projection,
 )
-from pipeline.records import FloatImage
-from pipeline.runner import PipelineConfig
 
 # Horizontal flips change anatomy (the heart's side, the liver's); only dermoscopy is
 # free of a left and right.
