@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.models.backbone import Preprocessing, build_backbone, quiet_tensorflow
-from training.reid import ReidModel, embed_images
+from pipeline.models.reid import ReidModel, embed_images
 
 
 def per_image_ms(run: object, images: list[np.ndarray], repeats: int = 3) -> float:

@@ -62,10 +62,10 @@ def resolve(
 
 def load_model(slot: str, folder: Path) -> Any:
     if slot == "compa":
-        from training.compa import load_compa
+        from pipeline.models.compa import load_compa
 
         return load_compa(folder)
-    from training.reid import ReidModel
+    from pipeline.models.reid import ReidModel
 
     return ReidModel(folder)
 

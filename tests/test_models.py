@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 
 from pipeline.models.artifacts import list_models, read_model
+from pipeline.models.reid import ReidModel
 from synthetic.hospital import SynthOptions, generate
 from training.baseline import raw_pixel_vectors
 from training.datasets.reader import scan_modality
 from training.metrics import cosine_similarity, retrieval_scores
-from training.reid import ReidConfig, ReidModel, load_set, train_reid
+from training.reid import ReidConfig, load_set, train_reid
 
 WEIGHTS = (
     Path(__file__).resolve().parents[2]
@@ -170,7 +171,7 @@ def test_a_model_records_the_command_that_made_it(monkeypatch: pytest.MonkeyPatc
 def test_a_whitening_fitted_on_other_patients_is_appended_and_round_trips(
     trained: Path, unseen: Path, tmp_path: Path
 ) -> None:
-    from training.metrics import l2_normalise
+    from pipeline.vectors import l2_normalise
     from training.reid import whiten_reid
 
     whitened = whiten_reid(trained, unseen / "dermoscopy", tmp_path, version="w1").folder
@@ -206,7 +207,8 @@ def test_patient_split_is_disjoint() -> None:
 
 @needs_weights
 def test_compa_tells_the_four_modalities_apart(tiny: Path, tmp_path: Path) -> None:
-    from training.compa import CompaConfig, load_compa, train_compa
+    from pipeline.models.compa import load_compa
+    from training.compa import CompaConfig, train_compa
     from training.evaluate import evaluate_compa
 
     trained = train_compa(

@@ -133,8 +133,9 @@ def test_the_same_seed_gives_byte_identical_files(tmp_path: Path, hospital: Path
 def test_patients_persist_across_visits_more_than_between_patients(tmp_path: Path) -> None:
     """Each patient's own visits resemble each other more than other patients' do (on average),
     which is what makes identity learnable."""
+    from pipeline.models.backbone import resize
     from pipeline.runner import PipelineConfig
-    from training.datasets.reader import load_image, resize, scan
+    from training.datasets.reader import load_image, scan
     from training.metrics import cosine_similarity, pair_scores
 
     generate(SynthOptions(out=tmp_path, patients=8, visits=3, seed=5, slices=1, workers=1))

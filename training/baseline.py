@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.models.backbone import resize
 from pipeline.runner import PipelineConfig
-from training.datasets.reader import DatasetItem, iter_images, resize, scan
+from training.datasets.reader import DatasetItem, iter_images, scan
 from training.metrics import cosine_similarity, retrieval_scores, verification_scores
 
 

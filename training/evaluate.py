@@ -11,9 +11,10 @@ import numpy as np
 import numpy.typing as npt
 
 from pipeline.models.backbone import Preprocessing, build_backbone
+from pipeline.models.compa import KNOWN, OTHER, load_compa
+from pipeline.models.reid import ReidModel, embed_images
 from pipeline.runner import PipelineConfig
 from training.baseline import raw_pixel_vectors
-from training.compa import KNOWN, OTHER, load_compa
 from training.datasets.reader import scan, scan_modality
 from training.metrics import (
     cosine_similarity,
@@ -22,7 +23,7 @@ from training.metrics import (
     roc_curve,
     verification_scores,
 )
-from training.reid import ReidModel, embed_images, load_set
+from training.reid import load_set
 
 
 def reid_scores(embeddings: npt.NDArray[np.float32], labels: list[str]) -> dict[str, float]:
@@ -89,7 +90,7 @@ def evaluate_reid(
     embeddings = model.embed(data.images)
     raw = raw_pixel_vectors(data.images, 64)
     candidates = {"model": embeddings, "raw_pixel_cosine": raw}
-    weights = imagenet_weights or model.config.backbone_weights
+    weights = imagenet_weights or model.description["config"].get("backbone_weights", "none")
     if weights not in ("none", "") and (weights == "imagenet" or Path(weights).is_file()):
         size = max(model.config.size, 224)
         backbone = build_backbone(model.config.backbone, model.config.alpha, size, weights)

@@ -15,13 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from pipeline.vectors import l2_normalise
+
 Matrix = npt.NDArray[np.floating]
-
-
-def l2_normalise(vectors: Matrix) -> npt.NDArray[np.float32]:
-    vectors = np.asarray(vectors, dtype=np.float32)
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return np.asarray(vectors / np.maximum(norms, 1e-12), dtype=np.float32)
 
 
 def cosine_similarity(vectors: Matrix) -> npt.NDArray[np.float32]:

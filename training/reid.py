@@ -1,5 +1,6 @@
-"""Per-modality re-identification: a MobileNet that embeds an image so that images of one
-patient lie close together and those of different patients far apart.
+"""Training per-modality re-identification: a MobileNet that embeds an image so that images of
+one patient lie close together and those of different patients far apart (served by
+``pipeline.models.reid``).
 
 Two recipes. ``finetune`` (the default) trains the whole network; ``frozen`` keeps an ImageNet
 backbone as it is and fits only a linear projection of its features in closed form
@@ -30,15 +31,16 @@ import numpy as np
 import numpy.typing as npt
 
 from pipeline.models import artifacts
-from pipeline.models.backbone import Preprocessing, build_backbone, predictor, quiet_tensorflow
+from pipeline.models.backbone import Preprocessing, build_backbone, quiet_tensorflow, resize
+from pipeline.models.reid import EmbedderShape, ReidModel, build_embedder, embed_images
 from pipeline.records import FloatImage
 from pipeline.runner import PipelineConfig
+from training.cards import reid_card
 from training.datasets.augment import AugmentParams, augment
-from training.datasets.reader import DatasetItem, iter_images, resize, scan_modality
+from training.datasets.reader import DatasetItem, iter_images, scan_modality
 from training.metrics import (
     cosine_similarity,
     equal_error_rate,
-    l2_normalise,
     pair_scores,
     retrieval_scores,
     roc_auc,
@@ -100,6 +102,18 @@ class ReidConfig:
     def preprocessing(self) -> Preprocessing:
         return Preprocessing.for_backbone(self.backbone, self.size)
 
+    def shape(self) -> EmbedderShape:
+        return EmbedderShape.of(asdict(self))
+
+    @classmethod
+    def of(cls, config: dict[str, Any]) -> ReidConfig:
+        """The config a model description records (its augmentation is derived, not read)."""
+        fields = dict(config)
+        fields.pop("augmentation", None)
+        if fields.get("brightness") is not None:
+            fields["brightness"] = tuple(fields["brightness"])
+        return cls(**fields)
+
 
 @dataclass
 class LoadedSet:
@@ -144,28 +158,6 @@ def patient_split(labels: list[str], fraction: float, seed: int) -> tuple[list[i
 # --------------------------------------------------------------------------- the network
 
 
-def build_embedder(config: ReidConfig, weights: str, backbone: Any = None) -> Any:
-    """Image -> L2-normalised embedding, on ``backbone`` if one is given."""
-    quiet_tensorflow()
-    import keras
-
-    if backbone is None:
-        backbone = build_backbone(config.backbone, config.alpha, config.size, weights)
-    inputs = keras.Input((config.size, config.size, 3), name="image")
-    features = backbone(inputs)
-    # The frozen recipe's projection centres its features first: that is the bias.
-    projected = keras.layers.Dense(
-        config.embedding_dim, use_bias=config.recipe == "frozen", name="projection"
-    )(features)
-    if not config.whitening_dim:
-        embedding = keras.layers.UnitNormalization(name="embedding")(projected)
-        return keras.Model(inputs, embedding, name=f"reid_{config.modality}")
-    unit = keras.layers.UnitNormalization(name="unit")(projected)
-    whitened = keras.layers.Dense(config.whitening_dim, name="whitening")(unit)
-    embedding = keras.layers.UnitNormalization(name="embedding")(whitened)
-    return keras.Model(inputs, embedding, name=f"reid_{config.modality}")
-
-
 def _cosface_model(embedder: Any, classes: int, scale: float, margin: float) -> Any:
     import keras
     from keras import ops
@@ -201,24 +193,6 @@ class TrainedReid:
     description: dict[str, Any]
 
 
-def embed_images(
-    model: Any,
-    images: list[FloatImage],
-    prep: Preprocessing,
-    batch_size: int = 32,
-    progress: Callable[[int, int], None] | None = None,
-) -> npt.NDArray[np.float32]:
-    out = []
-    run = predictor(model)
-    for start in range(0, len(images), batch_size):
-        out.append(run(prep.batch(images[start : start + batch_size])))
-        if progress:
-            progress(min(start + batch_size, len(images)), len(images))
-    if not out:
-        return np.zeros((0, 0), np.float32)
-    return np.concatenate(out).astype(np.float32)
-
-
 def _scores(embeddings: npt.NDArray[np.float32], labels: list[str]) -> dict[str, float]:
     similarity = cosine_similarity(embeddings)
     retrieval = retrieval_scores(similarity, labels)
@@ -245,7 +219,7 @@ def _finetune(
     classes = sorted(set(train.labels))
     class_of = {p: i for i, p in enumerate(classes)}
     y = np.array([class_of[p] for p in train.labels])
-    embedder = build_embedder(config, config.backbone_weights)
+    embedder = build_embedder(config.shape(), config.backbone_weights)
     trainer = _cosface_model(embedder, len(classes), config.cosface_scale, config.cosface_margin)
     steps_per_epoch = max(1, math.ceil(len(train.images) / config.batch_size))
     schedule = keras.optimizers.schedules.CosineDecay(
@@ -334,7 +308,7 @@ def _fit_frozen(
     choice = _choose_projection(features, train.labels, config.seed, progress)
     projection = fit_within_class_whitening(features, train.labels, choice.dims, choice.shrinkage)
     fitted = replace(config, embedding_dim=projection.matrix.shape[1])
-    embedder = build_embedder(fitted, "none", backbone=backbone)
+    embedder = build_embedder(fitted.shape(), "none", backbone=backbone)
     embedder.get_layer("projection").set_weights(
         [projection.matrix.astype(np.float32), projection.bias.astype(np.float32)]
     )
@@ -452,7 +426,7 @@ def whiten_reid(
     """
     started = time.monotonic()
     model = ReidModel(base)
-    config = model.config
+    config = ReidConfig.of(model.description["config"])
     if config.whitening_dim or config.recipe == "frozen":
         raise ValueError(
             f"{base.name} already ends in a whitening; start from a fine-tuned model without one"
@@ -476,7 +450,7 @@ def whiten_reid(
     }
     projection = fit_within_class_whitening(embeddings, data.labels, choice.dims, choice.shrinkage)
     whitened = replace(config, whitening_dim=projection.matrix.shape[1])
-    embedder = build_embedder(whitened, "none")
+    embedder = build_embedder(whitened.shape(), "none")
     embedder.set_weights(
         artifacts.quantise(
             [
@@ -514,100 +488,3 @@ def whiten_reid(
         "environment": artifacts.environment(),
     }
     return _save(out, description, embedder)
-
-
-def reid_card(d: dict[str, Any]) -> str:
-    m, data, cfg = d["metrics"], d["data"], d["config"]
-    return f"""# Re-identification model: {d["modality"]} ({d["version"]})
-
-**What it does.** Embeds a CLAHE-enhanced {d["modality"]} image into a
-{cfg["embedding_dim"]}-dimensional unit vector; two images of one patient should have a cosine
-similarity above the threshold **{d["threshold"]:.4f}** (calibrated for a false-match rate of
-{cfg["false_match_rate"]:.0%} on {d["calibrated_on"]} pairs).
-
-**Trained on** `{data["dataset"]}`: {data["patients"]} patients, {data["images"]} images;
-{data["train_patients"]} patients ({data["train_images"]} images) for training,
-{data["validation_patients"]} other patients ({data["validation_images"]} images) for
-validation. Created {d["created"]} by `{d["command"]}` in {d["training_seconds"]} s.
-
-**Network.** {_network_text(d)}
-
-**Validation** (patients unseen in training, each image against all others): P@1
-{m["p_at_1"]:.3f}, mAP@R {m["map_at_r"]:.3f}, ROC AUC {m["roc_auc"]:.4f}, EER {m["eer"]:.4f};
-at the threshold, true-match rate {m["true_match_rate_at_threshold"]:.3f} and false-match rate
-{m["false_match_rate_at_threshold"]:.4f}.
-
-**Reproduce** with `make models` (generated hospital, seed 21) or the command above.
-
-**Limits.** A model is only as good as the images it was trained on. A hospital must train and
-evaluate on its own images (`medreid train reid`, `medreid evaluate reid`) before relying on
-it; figures on generated data say nothing about real patients.
-"""
-
-
-def _network_text(d: dict[str, Any]) -> str:
-    cfg = d["config"]
-    network = (
-        f"{cfg['backbone']} (alpha {cfg['alpha']}, {cfg['size']} px input, backbone "
-        f"initialised from `{cfg['backbone_weights']}`), a linear projection, L2 normalisation"
-    )
-    if cfg.get("recipe", "finetune") == "frozen":
-        chosen: dict[str, float] = next((row for row in d["history"] if row.get("chosen")), {})
-        return (
-            f"{network}. Recipe `frozen`: the backbone is kept as initialised; the projection "
-            f"is a within-class whitening of its features fitted on the training patients "
-            f"({cfg['embedding_dim']} dimensions, shrinkage {chosen.get('shrinkage')}, chosen "
-            f"by 4-fold cross-validation over patients: mAP@R {chosen.get('cv_map_at_r', 0):.3f})."
-        )
-    text = (
-        f"{network}. Recipe `finetune`: trained {cfg['epochs']} epochs with a CosFace loss "
-        f"(scale {cfg['cosface_scale']}, margin {cfg['cosface_margin']}), augmentation "
-        f"{cfg['augmentation']}."
-    )
-    if cfg.get("whitening_dim"):
-        w = d["whitening"]
-        text += (
-            f" The network is `{w['base_model']}`, trained by `{w['base_command']}` in "
-            f"{w['base_training_seconds']} s. Then a within-class whitening of its embeddings "
-            f"({cfg['whitening_dim']} dimensions, shrinkage {w['shrinkage']}) fitted on "
-            f"{w['patients']} other patients ({w['images']} images of `{w['dataset']}`) that "
-            "the network never saw, and L2 normalisation again. The threshold and the "
-            "validation figures below come from 4-fold cross-validation over those patients: "
-            "each fold's pairs under a whitening fitted without them. The base model measured "
-            f"P@1 {w['base_metrics']['p_at_1']:.3f} and ROC AUC "
-            f"{w['base_metrics']['roc_auc']:.4f} on its own validation patients."
-        )
-    return text
-
-
-# --------------------------------------------------------------------------- serving
-
-
-class ReidModel:
-    """A loaded re-identification artifact."""
-
-    def __init__(self, folder: Path) -> None:
-        quiet_tensorflow()
-        self.folder = folder
-        self.description = artifacts.read_model(folder)
-        if self.description["kind"] != "reid":
-            raise artifacts.ArtifactError(f"{folder} is a {self.description['kind']} model")
-        cfg = dict(self.description["config"])
-        cfg.pop("augmentation", None)
-        if cfg.get("brightness") is not None:
-            cfg["brightness"] = tuple(cfg["brightness"])
-        self.config = ReidConfig(**cfg)
-        self.preprocessing = self.config.preprocessing()
-        self.model = build_embedder(self.config, "none")
-        self.model.set_weights(artifacts.load_weights(folder))
-        self.threshold = float(self.description["threshold"])
-
-    @property
-    def version(self) -> str:
-        return artifacts.model_name(self.description)
-
-    def embed(
-        self, images: list[FloatImage], progress: Callable[[int, int], None] | None = None
-    ) -> npt.NDArray[np.float32]:
-        """Embeddings of enhanced images (any size; they are resized here)."""
-        return l2_normalise(embed_images(self.model, images, self.preprocessing, progress=progress))

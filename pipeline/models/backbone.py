@@ -9,16 +9,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import numpy.typing as npt
 
 from pipeline.records import FloatImage
-from training.datasets.reader import resize
 
 BACKBONES = ("mobilenet_v2", "mobilenet_v1", "mobilenet_v3_small")
 # Input scaling each family was trained with (the V2 file is torchvision's training).
 TORCHVISION_MEAN = (0.485, 0.456, 0.406)
 TORCHVISION_STD = (0.229, 0.224, 0.225)
+
+
+def resize(image: FloatImage, size: int) -> FloatImage:
+    interpolation = cv2.INTER_AREA if max(image.shape[:2]) > size else cv2.INTER_LINEAR
+    return np.asarray(cv2.resize(image, (size, size), interpolation=interpolation), np.float32)
 
 
 class BackboneError(ValueError):

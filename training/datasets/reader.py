@@ -105,8 +105,3 @@ def iter_images(
             yield item, load_image(item.path, config), None
         except StageError as exc:
             yield item, None, exc.reason
-
-
-def resize(image: FloatImage, size: int) -> FloatImage:
-    interpolation = cv2.INTER_AREA if max(image.shape[:2]) > size else cv2.INTER_LINEAR
-    return np.asarray(cv2.resize(image, (size, size), interpolation=interpolation), np.float32)

@@ -1,0 +1,109 @@
+"""Serving a re-identification model: the embedding network rebuilt from its artifact.
+
+The network is a MobileNet backbone, a linear projection and L2 normalisation, optionally
+followed by a within-class whitening and L2 normalisation again; images of one patient land
+close together, compared by cosine. How it is trained is ``training.reid``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from pipeline.models import artifacts
+from pipeline.models.backbone import Preprocessing, build_backbone, predictor, quiet_tensorflow
+from pipeline.records import FloatImage
+from pipeline.vectors import l2_normalise
+
+
+@dataclass(frozen=True)
+class EmbedderShape:
+    """What it takes to rebuild the network; the rest of a model's config is its training."""
+
+    modality: str
+    backbone: str = "mobilenet_v2"
+    alpha: float = 1.0
+    size: int = 128
+    embedding_dim: int = 128
+    # The frozen recipe's projection centres its features first: that is the bias.
+    recipe: str = "finetune"
+    # > 0: a within-class whitening of the unit embeddings follows the projection.
+    whitening_dim: int = 0
+
+    @classmethod
+    def of(cls, config: Mapping[str, Any]) -> EmbedderShape:
+        """The shape named by a model description's ``config`` (unknown keys left out)."""
+        return cls(**{f.name: config[f.name] for f in fields(cls) if f.name in config})
+
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing.for_backbone(self.backbone, self.size)
+
+
+def build_embedder(shape: EmbedderShape, weights: str, backbone: Any = None) -> Any:
+    """Image -> L2-normalised embedding, on ``backbone`` if one is given."""
+    quiet_tensorflow()
+    import keras
+
+    if backbone is None:
+        backbone = build_backbone(shape.backbone, shape.alpha, shape.size, weights)
+    inputs = keras.Input((shape.size, shape.size, 3), name="image")
+    features = backbone(inputs)
+    projected = keras.layers.Dense(
+        shape.embedding_dim, use_bias=shape.recipe == "frozen", name="projection"
+    )(features)
+    if not shape.whitening_dim:
+        embedding = keras.layers.UnitNormalization(name="embedding")(projected)
+        return keras.Model(inputs, embedding, name=f"reid_{shape.modality}")
+    unit = keras.layers.UnitNormalization(name="unit")(projected)
+    whitened = keras.layers.Dense(shape.whitening_dim, name="whitening")(unit)
+    embedding = keras.layers.UnitNormalization(name="embedding")(whitened)
+    return keras.Model(inputs, embedding, name=f"reid_{shape.modality}")
+
+
+def embed_images(
+    model: Any,
+    images: list[FloatImage],
+    prep: Preprocessing,
+    batch_size: int = 32,
+    progress: Callable[[int, int], None] | None = None,
+) -> npt.NDArray[np.float32]:
+    out = []
+    run = predictor(model)
+    for start in range(0, len(images), batch_size):
+        out.append(run(prep.batch(images[start : start + batch_size])))
+        if progress:
+            progress(min(start + batch_size, len(images)), len(images))
+    if not out:
+        return np.zeros((0, 0), np.float32)
+    return np.concatenate(out).astype(np.float32)
+
+
+class ReidModel:
+    """A loaded re-identification artifact."""
+
+    def __init__(self, folder: Path) -> None:
+        quiet_tensorflow()
+        self.folder = folder
+        self.description = artifacts.read_model(folder)
+        if self.description["kind"] != "reid":
+            raise artifacts.ArtifactError(f"{folder} is a {self.description['kind']} model")
+        self.config = EmbedderShape.of(self.description["config"])
+        self.preprocessing = self.config.preprocessing()
+        self.model = build_embedder(self.config, "none")
+        self.model.set_weights(artifacts.load_weights(folder))
+        self.threshold = float(self.description["threshold"])
+
+    @property
+    def version(self) -> str:
+        return artifacts.model_name(self.description)
+
+    def embed(
+        self, images: list[FloatImage], progress: Callable[[int, int], None] | None = None
+    ) -> npt.NDArray[np.float32]:
+        """Embeddings of enhanced images (any size; they are resized here)."""
+        return l2_normalise(embed_images(self.model, images, self.preprocessing, progress=progress))
