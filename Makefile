@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml requirements.lock
 
 lock:
 	$(PYTHON) -m pip install --quiet uv
-	$(PYTHON) -m uv pip compile pyproject.toml --extra test --python-version 3.11 \
+	$(PYTHON) -m uv pip compile pyproject.toml --extra test --extra training --python-version 3.11 \
 		--python-platform x86_64-manylinux_2_28 --index-url https://pypi.org/simple \
 		--quiet -o requirements.lock
 

@@ -4,6 +4,7 @@ COMPA tells modalities apart. Small data, few epochs: the models are the subject
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -222,3 +223,13 @@ def test_compa_tells_the_four_modalities_apart(tiny: Path, tmp_path: Path) -> No
     assert abs(sum(prediction.scores.values()) - 1.0) < 1e-6
     assert prediction.modality == "other"
     json.dumps(report)  # machine-readable
+
+
+def test_plots_without_matplotlib_name_the_extra_that_brings_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from training.evaluate import PlotsUnavailable, pyplot
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(PlotsUnavailable, match=r"medreid\[training\]"):
+        pyplot()

@@ -155,11 +155,26 @@ def evaluate_compa(
 # --------------------------------------------------------------------------- plots
 
 
-def plot_reid(evaluation: ReidEvaluation, folder: Path) -> list[Path]:
-    import matplotlib
+class PlotsUnavailable(RuntimeError):
+    """matplotlib, which only the plots need, is not installed."""
 
+
+def pyplot() -> Any:
+    """matplotlib's pyplot drawing off-screen; it comes with the `training` extra."""
+    try:
+        import matplotlib
+    except ModuleNotFoundError:
+        raise PlotsUnavailable(
+            "plots need matplotlib: pip install 'medreid[training]' (make install has it)"
+        ) from None
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot
+
+    return matplotlib.pyplot
+
+
+def plot_reid(evaluation: ReidEvaluation, folder: Path) -> list[Path]:
+    plt = pyplot()
 
     folder.mkdir(parents=True, exist_ok=True)
     title = f"{evaluation.report['model']} on {evaluation.report['n_patients']} patients"
@@ -190,10 +205,7 @@ def plot_reid(evaluation: ReidEvaluation, folder: Path) -> list[Path]:
 
 
 def plot_confusion(report: dict[str, Any], folder: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     folder.mkdir(parents=True, exist_ok=True)
     matrix = np.array(report["confusion_matrix"])

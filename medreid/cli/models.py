@@ -262,11 +262,11 @@ def cmd_evaluate(settings: Settings, args: argparse.Namespace, clock: Clock) -> 
             imagenet_weights=args.imagenet_weights,
             max_per_patient=args.max_per_patient,
         )
-    except (FileNotFoundError, ValueError) as exc:
+        if args.plots:
+            evaluate.plot_reid(evaluation, args.plots)
+    except (FileNotFoundError, ValueError, evaluate.PlotsUnavailable) as exc:
         raise SystemExit(f"medreid evaluate: {exc}") from None
     report = evaluation.report
-    if args.plots:
-        evaluate.plot_reid(evaluation, args.plots)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
