@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from scp.contexts import IMAGE_STORAGE_CLASSES, TRANSFER_SYNTAXES, VERIFICATION_CLASS
 from scp.filemeta import file_meta_header
 from scp.ports import NoObserver, ScpObserver
-from scp.prompt import make_prompt
+from scp.pynetdicom_adapter import make_prompt
 from scp.records import Peer, StoreRequest
 from scp.responses import respond_directly
 from scp.settings import ScpSettings

@@ -24,7 +24,7 @@ from sqlalchemy.orm import sessionmaker
 
 import scp.store
 from scp.contexts import VERIFICATION_CLASS
-from scp.prompt import is_prompt
+from scp.pynetdicom_adapter import is_prompt
 from scp.records import Peer, StoreRequest
 from scp.server import DicomServer
 from scp.status import DatasetUnreadable, StoreStatus, status_for

@@ -15,8 +15,8 @@ import pytest
 from pynetdicom import AE, association, dul
 from pynetdicom.association import Association
 
-from scp import prompt
-from scp.prompt import IDLE_WAIT_S, REACTOR_SLEEP_S, is_prompt, make_prompt
+from scp import pynetdicom_adapter as prompt
+from scp.pynetdicom_adapter import IDLE_WAIT_S, REACTOR_SLEEP_S, is_prompt, make_prompt
 
 
 def unstarted_acceptor() -> Any:
