@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pydicom import uid
-from pynetdicom import sop_class
+from pynetdicom import AllStoragePresentationContexts
 
 # Storage SOP classes whose instances carry an image (pixel data a person would look at),
 # plus the pixel-bearing derived objects a PACS forwards with them.
@@ -15,9 +15,10 @@ _EXTRA_PIXEL_CLASSES = (
 )
 
 IMAGE_STORAGE_CLASSES: dict[str, str] = {
-    name: str(value)
-    for name, value in sop_class._STORAGE_CLASSES.items()
-    if "Image" in name or name in _EXTRA_PIXEL_CLASSES
+    keyword: str(context.abstract_syntax)
+    for context in AllStoragePresentationContexts
+    if (keyword := uid.UID(str(context.abstract_syntax)).keyword)
+    and ("Image" in keyword or keyword in _EXTRA_PIXEL_CLASSES)
 }
 
 TRANSFER_SYNTAXES: tuple[str, ...] = (

@@ -1,34 +1,156 @@
-"""Prompt reactors: pynetdicom's threads of an accepted association wake when there is work.
+"""Every use of pynetdicom's internals, in one place.
 
-Each association runs two polling loops in pynetdicom: the DUL thread reads the socket and
-sends what is queued for the peer, and the association thread takes complete DIMSE messages
-to their handlers. Each sleeps about a millisecond whenever it finds nothing to do, so a
-C-STORE waits on average half a millisecond for its handler and half a millisecond again
-before its response leaves (with 0.5 MB CT images from ``storescu``, about a seventh of the
-time per instance), and an idle association keeps its two loops turning a thousand times a
+pynetdicom's public API (the AE, its events, presentation contexts, the ACSE's reject) carries
+the service. What it does not offer is reached here, through its internals:
+
+- prompt reactors: an association's threads wake when there is work instead of polling;
+- plain C-STORE responses encoded directly as bytes;
+- a PDU's body read in as few reads as the network allows;
+- for the guard in front of the transport: the socket under an association, the acceptor's
+  wait for its request, and its reader's stop;
+- how much pynetdicom's standard handlers log.
+
+These were tested with the pynetdicom versions in ``TESTED_VERSIONS``. With any other,
+:func:`internals_usable` says no (and logs once which version it found) and every hook here
+leaves pynetdicom's own path in place: its threads poll, its responses are encoded through
+pydicom, its reads take 4 KiB at a time, and a connection that never sends its association
+request waits for the ACSE timeout before its association ends. Slower, the same DICOM.
+
+Prompt reactors. Each association runs two polling loops in pynetdicom: the DUL thread reads
+the socket and sends what is queued for the peer, and the association thread takes complete
+DIMSE messages to their handlers. Each sleeps about a millisecond whenever it finds nothing to
+do, so a C-STORE waits on average half a millisecond for its handler and half a millisecond
+again before its response leaves (with 0.5 MB CT images from ``storescu``, about a seventh of
+the time per instance), and an idle association keeps its two loops turning a thousand times a
 second (four idle associations: a third of a core).
 
 For the associations of our server, those sleeps become waits that end as soon as there is
-work: the DUL thread's on its socket and on a wake-up pipe written when a primitive is
-queued for the peer, the association thread's on an event set when a message or primitive
-is queued for it. With nothing to wake them they last ``IDLE_WAIT_S``, so what is still
-polled (timers of seconds, the end of a released association) is seen that much later. The
-loops check everything they checked before, so where pynetdicom's loops change the fallback
-is its own plain sleep.
+work: the DUL thread's on its socket and on a wake-up pipe written when a primitive is queued
+for the peer, the association thread's on an event set when a message or primitive is queued
+for it. With nothing to wake them they last ``IDLE_WAIT_S``, so what is still polled (timers of
+seconds, the end of a released association) is seen that much later. The loops check everything
+they checked before, so where pynetdicom's loops change the fallback is its own plain sleep.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 import os
 import queue
 import select
+import struct
 import threading
 import time
 import weakref
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
+
+import pynetdicom
+from pynetdicom import evt
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu_primitives import P_DATA
+
+from scp.filemeta import padded
+
+# major.minor of the pynetdicom releases whose internals these hooks were tested with
+TESTED_VERSIONS = ("3.0",)
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def internals_usable() -> bool:
+    """Whether the installed pynetdicom is one these hooks were tested with."""
+    installed = str(getattr(pynetdicom, "__version__", "unknown"))
+    if ".".join(installed.split(".")[:2]) in TESTED_VERSIONS:
+        return True
+    log.warning(
+        "pynetdicom %s is not one of the versions the receiver's fast paths were tested with "
+        "(%s): using pynetdicom's own, slower paths",
+        installed,
+        ", ".join(f"{v}.x" for v in TESTED_VERSIONS),
+    )
+    return False
+
+
+def log_handler_level(narrated: bool) -> None:
+    """pynetdicom's standard handlers narrate every PDU and message at INFO and DEBUG, and copy
+    each received dataset to see whether it is empty: bound only where it is logged."""
+    from pynetdicom import _config
+
+    _config.LOG_HANDLER_LEVEL = "standard" if narrated else "none"
+
+
+def prepare_association(assoc: Any) -> None:
+    """Our hooks on an accepted association, before its threads start (EVT_CONN_OPEN); each
+    that cannot be set up leaves pynetdicom's way in place."""
+    if not internals_usable():
+        return
+    read_in_bulk(assoc)
+    try:
+        make_prompt(assoc)
+    except Exception:
+        log.warning("association left to poll: could not set up its wake-ups", exc_info=True)
+    try:
+        respond_directly(assoc)
+    except Exception:
+        log.warning("responses left to pynetdicom's encoder: could not set up", exc_info=True)
+
+
+# --------------------------------------------------------------------------- the guard's hooks
+
+
+def association_socket(assoc: Any) -> Any:
+    """The socket under an association's DUL (None before it has one)."""
+    return getattr(getattr(getattr(assoc, "dul", None), "socket", None), "socket", None)
+
+
+def end_request_wait(assoc: Any) -> None:
+    """Let an acceptor stop waiting for a request that will never come. pynetdicom's acceptor
+    waits for it on this queue; None is what it gets when that wait times out, after which it
+    ends the association itself. Elsewhere it waits for the ACSE timeout."""
+    if internals_usable():
+        assoc.dul.to_user_queue.put(None)
+
+
+def stop_reader(assoc: Any) -> None:
+    """Stop an association's reader thread, which nobody else would stop once its
+    negotiation has raised."""
+    if internals_usable():
+        assoc.dul.kill_dul()
+
+
+def read_in_bulk(assoc: Any) -> None:
+    """Let the association's reader take each PDU in as few reads as the network allows.
+
+    pynetdicom reads a PDU's body 4 KiB at a time into a growing buffer: 32 reads, and as
+    many copies, for each 128 KiB PDU. Here the body is read into a buffer of its announced
+    length (which the guard has checked by then), as much at a time as has arrived. Anything
+    unexpected leaves pynetdicom's own reads in place."""
+    transport = getattr(assoc.dul, "socket", None)
+    if transport is None or not hasattr(transport, "recv") or transport.socket is None:
+        return
+
+    def recv(nr_bytes: int) -> bytearray:
+        sock = transport.socket
+        buffer = bytearray(nr_bytes)
+        with memoryview(buffer) as view:
+            got = 0
+            while got < nr_bytes:
+                count = sock.recv_into(view[got:])
+                if not count:  # closed: what came, as pynetdicom's own read returns it
+                    break
+                got += count
+        if got < nr_bytes:
+            del buffer[got:]
+        return buffer
+
+    transport.recv = recv
+
+
+# --------------------------------------------------------------------------- prompt reactors
 
 # pynetdicom's reactors sleep this long when idle; shorter sleeps of the same threads (waits
 # for a flag another thread sets) are woken too, longer ones (after an abort) never.
@@ -150,3 +272,79 @@ def _close_all(*fds: int) -> None:
     for fd in fds:
         with contextlib.suppress(OSError):
             os.close(fd)
+
+
+# --------------------------------------------------------------------------- direct responses
+# pynetdicom sends every response by building a DIMSE message from the primitive: a pydicom
+# dataset of the command set, its values validated and set one by one, encoded twice (once to
+# learn the group length). For a plain C-STORE response (a status, no error comment or
+# offending element) that was a fifth of the time our server held the GIL while receiving CT
+# images. For our associations such a response is built directly from its seven elements; the
+# bytes are those pynetdicom would send (the tests compare them), and any other message, or
+# any association where something listens for sent messages, goes pynetdicom's way.
+
+_C_STORE_RSP = 0x8001
+_NO_DATASET = 0x0101
+# Message Control Header of a command's last (here: only) fragment, PS3.8 E.2
+_LAST_COMMAND_FRAGMENT = b"\x03"
+
+
+def _element(element: int, value: bytes) -> bytes:
+    """An element of group 0000 (Implicit VR Little Endian, as every command set)."""
+    return struct.pack("<HHI", 0x0000, element, len(value)) + value
+
+
+def c_store_rsp_command(
+    *, message_id: int, sop_class_uid: str, sop_instance_uid: str, status: int
+) -> bytes:
+    """The encoded command set of a C-STORE response with no optional elements."""
+    body = b"".join(
+        (
+            _element(0x0002, padded(sop_class_uid, b"\x00")),
+            _element(0x0100, struct.pack("<H", _C_STORE_RSP)),
+            _element(0x0120, struct.pack("<H", message_id)),
+            _element(0x0800, struct.pack("<H", _NO_DATASET)),
+            _element(0x0900, struct.pack("<H", status)),
+            _element(0x1000, padded(sop_instance_uid, b"\x00")),
+        )
+    )
+    return _element(0x0000, struct.pack("<I", len(body))) + body
+
+
+def _plain_c_store_rsp(primitive: Any) -> bool:
+    return (
+        type(primitive) is C_STORE
+        and primitive.MessageIDBeingRespondedTo is not None
+        and primitive.Status is not None
+        and primitive.AffectedSOPClassUID is not None
+        and primitive.AffectedSOPInstanceUID is not None
+        and primitive.ErrorComment is None
+        and primitive.OffendingElement is None
+    )
+
+
+def respond_directly(assoc: Any) -> None:
+    """Send this association's plain C-STORE responses as directly encoded bytes. Call
+    before its threads start (pynetdicom's EVT_CONN_OPEN)."""
+    dimse = assoc.dimse
+    send = dimse.send_msg
+
+    def send_msg(primitive: Any, context_id: int) -> None:
+        if not _plain_c_store_rsp(primitive) or assoc.get_handlers(evt.EVT_DIMSE_SENT):
+            send(primitive, context_id)
+            return
+        command = c_store_rsp_command(
+            message_id=primitive.MessageIDBeingRespondedTo,
+            sop_class_uid=primitive.AffectedSOPClassUID,
+            sop_instance_uid=primitive.AffectedSOPInstanceUID,
+            status=primitive.Status,
+        )
+        maximum = dimse.maximum_pdu_size
+        if maximum and len(command) > maximum - 6:
+            send(primitive, context_id)  # would need fragments (a peer's PDU under 100 bytes)
+            return
+        pdata = P_DATA()
+        pdata.presentation_data_value_list.append((context_id, _LAST_COMMAND_FRAGMENT + command))
+        assoc.dul.send_pdu(pdata)
+
+    dimse.send_msg = send_msg

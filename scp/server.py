@@ -12,17 +12,15 @@ from typing import Any
 
 from pydicom import Dataset
 from pynetdicom import AE, evt
-from pynetdicom import _config as pynetdicom_config
 from pynetdicom.events import EventHandlerType
 from pynetdicom.pdu_primitives import A_RELEASE
 from sqlalchemy.orm import Session, sessionmaker
 
+from scp import pynetdicom_adapter
 from scp.contexts import IMAGE_STORAGE_CLASSES, TRANSFER_SYNTAXES, VERIFICATION_CLASS
 from scp.filemeta import file_meta_header
 from scp.ports import NoObserver, ScpObserver
-from scp.pynetdicom_adapter import make_prompt
 from scp.records import Peer, StoreRequest
-from scp.responses import respond_directly
 from scp.settings import ScpSettings
 from scp.status import StoreStatus, error_comment, status_for
 from scp.store import StoreService
@@ -32,7 +30,6 @@ from scp.transport import (
     GuardEvent,
     GuardLimits,
     admitted_associations,
-    read_in_bulk,
 )
 from storage import audit
 from storage.audit_trail import append_audit
@@ -173,10 +170,9 @@ class DicomServer:
         )
 
     def start(self) -> None:
-        # pynetdicom's standard handlers narrate every PDU and message at INFO and DEBUG, and
-        # copy each received dataset to see whether it is empty: bound only where it is logged.
-        narrated = logging.getLogger("pynetdicom").isEnabledFor(logging.INFO)
-        pynetdicom_config.LOG_HANDLER_LEVEL = "standard" if narrated else "none"
+        pynetdicom_adapter.log_handler_level(
+            narrated=logging.getLogger("pynetdicom").isEnabledFor(logging.INFO)
+        )
         address = (self.settings.bind_address, self.settings.port)
         tls = self.tls()
         self._guard_audit = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medreid-guard")
@@ -253,16 +249,7 @@ class DicomServer:
     def _on_conn_open(self, event: Any) -> None:
         if self._guard is not None:
             self._guard.attach(event.assoc)
-        read_in_bulk(event.assoc)
-        # before the association's threads start: they wake on work instead of polling
-        try:
-            make_prompt(event.assoc)
-        except Exception:
-            log.warning("association left to poll: could not set up its wake-ups", exc_info=True)
-        try:
-            respond_directly(event.assoc)
-        except Exception:
-            log.warning("responses left to pynetdicom's encoder: could not set up", exc_info=True)
+        pynetdicom_adapter.prepare_association(event.assoc)
 
     def _on_requested(self, event: Any) -> None:
         if self._guard is not None:

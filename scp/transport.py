@@ -28,8 +28,8 @@ A connection that ends before its request is complete lets its association threa
 whose association thread died in pynetdicom's negotiation (some malformed requests make it
 raise) is closed and its reader stopped, where nothing else would ever close it.
 
-This module is also where the receiver's reads reach into pynetdicom's association
-(:func:`read_in_bulk`, the acceptor's request queue, its reader's stop): each use says why.
+What it needs of pynetdicom's association beyond its public API (the socket under it, the
+acceptor's wait for its request, its reader's stop) it asks of ``scp.pynetdicom_adapter``.
 """
 
 from __future__ import annotations
@@ -46,6 +46,8 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from scp import pynetdicom_adapter
 
 log = logging.getLogger(__name__)
 
@@ -428,13 +430,11 @@ class ConnectionGuard:
 
     @staticmethod
     def _let_association_go(sock: _Guarded) -> None:
-        # pynetdicom's acceptor waits for the request on this queue; None is what it gets
-        # when that wait times out, after which it ends the association itself.
         assoc = sock.association() if sock.association is not None else None
         if assoc is None or sock.released_waiter:
             return
         sock.released_waiter = True
-        assoc.dul.to_user_queue.put(None)
+        pynetdicom_adapter.end_request_wait(assoc)
 
     def _report(self, event: GuardEvent) -> None:
         try:
@@ -492,7 +492,7 @@ class ConnectionGuard:
         assoc = sock.association() if sock.association is not None else None
         self.drop(sock, "its association failed while negotiating", abort=True)
         if assoc is not None:
-            assoc.dul.kill_dul()  # nobody else will stop its reader thread
+            pynetdicom_adapter.stop_reader(assoc)
 
     def stop(self) -> None:
         self._stop.set()
@@ -503,36 +503,8 @@ class ConnectionGuard:
             return self._pending
 
 
-def read_in_bulk(assoc: Any) -> None:
-    """Let the association's reader take each PDU in as few reads as the network allows.
-
-    pynetdicom reads a PDU's body 4 KiB at a time into a growing buffer: 32 reads, and as
-    many copies, for each 128 KiB PDU. Here the body is read into a buffer of its announced
-    length (which the guard has checked by then), as much at a time as has arrived. Anything
-    unexpected leaves pynetdicom's own reads in place."""
-    transport = getattr(assoc.dul, "socket", None)
-    if transport is None or not hasattr(transport, "recv") or transport.socket is None:
-        return
-
-    def recv(nr_bytes: int) -> bytearray:
-        sock = transport.socket
-        buffer = bytearray(nr_bytes)
-        with memoryview(buffer) as view:
-            got = 0
-            while got < nr_bytes:
-                count = sock.recv_into(view[got:])
-                if not count:  # closed: what came, as pynetdicom's own read returns it
-                    break
-                got += count
-        if got < nr_bytes:
-            del buffer[got:]
-        return buffer
-
-    transport.recv = recv
-
-
 def _guarded(assoc: Any) -> _Guarded | None:
-    sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+    sock = pynetdicom_adapter.association_socket(assoc)
     return sock if isinstance(sock, _Guarded) else None
 
 

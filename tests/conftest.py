@@ -124,7 +124,7 @@ def make_server(sqlite_database: Database, tmp_path: Path) -> Iterator[ServerFac
         *, min_free_bytes: int = 0, sessions: sessionmaker[Any] | None = None, **scp: Any
     ) -> DicomServer:
         settings = dataclasses.replace(
-            ScpSettings(), port=0, bind_address="127.0.0.1", acse_timeout_s=5.0, **scp
+            ScpSettings(), **{"port": 0, "bind_address": "127.0.0.1", "acse_timeout_s": 5.0, **scp}
         )
         store = StoreService(
             spool=Spool(tmp_path / "spool"),

@@ -1,22 +1,38 @@
-"""The wake-ups that replace pynetdicom's idle sleeps for our associations."""
+"""The pynetdicom adapter: the wake-ups that replace pynetdicom's idle sleeps for our
+associations, the version check, and pynetdicom's own paths where the version is not one
+the hooks were tested with."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import logging
 import os
 import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
 
+import pynetdicom
 import pytest
-from pynetdicom import AE, association, dul
+from pynetdicom import AE, AllStoragePresentationContexts, association, dul
 from pynetdicom.association import Association
 
 from scp import pynetdicom_adapter as prompt
-from scp.pynetdicom_adapter import IDLE_WAIT_S, REACTOR_SLEEP_S, is_prompt, make_prompt
+from scp.contexts import IMAGE_STORAGE_CLASSES
+from scp.pynetdicom_adapter import (
+    IDLE_WAIT_S,
+    REACTOR_SLEEP_S,
+    internals_usable,
+    is_prompt,
+    make_prompt,
+)
+from support.dicom_factory import CT_IMAGE_STORAGE
+from tests.conftest import ServerFactory
+from tests.test_scp import associate, ct, our_side
 
 
 def unstarted_acceptor() -> Any:
@@ -115,3 +131,71 @@ def test_wake_up_pipes_are_closed_with_their_associations() -> None:
     for _ in range(20):
         make_prompt(unstarted_acceptor())
     assert open_fds() <= before + 2
+
+
+@pytest.fixture
+def untested_pynetdicom(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """pynetdicom claims a version the adapter was not tested with."""
+    monkeypatch.setattr(pynetdicom, "__version__", "4.0.0")
+    internals_usable.cache_clear()
+    yield "4.0.0"
+    internals_usable.cache_clear()
+
+
+def serve_a_few(server: Any) -> Any:
+    """C-ECHO and C-STOREs over one association; returns our side of it, still open."""
+    assoc = associate(server)
+    assert assoc.is_established
+    for n in range(20):
+        assert assoc.send_c_echo().Status == 0x0000
+        assert int(assoc.send_c_store(ct(value=n)).Status) == 0x0000
+    acceptor = our_side(server)
+    assoc.release()
+    return acceptor
+
+
+def test_the_tested_pynetdicom_takes_the_fast_paths(make_server: ServerFactory) -> None:
+    internals_usable.cache_clear()
+    assert internals_usable()
+    acceptor = serve_a_few(make_server())
+    assert is_prompt(acceptor)
+    assert "send_msg" in vars(acceptor.dimse)  # responses encoded directly
+    assert "recv" in vars(acceptor.dul.socket)  # PDU bodies read in bulk
+
+
+def test_an_untested_pynetdicom_serves_through_its_own_paths(
+    untested_pynetdicom: str, make_server: ServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="scp.pynetdicom_adapter"):
+        assert not internals_usable()
+    assert f"pynetdicom {untested_pynetdicom} is not one of the versions" in caplog.text
+    acceptor = serve_a_few(make_server())
+    assert not is_prompt(acceptor)
+    assert "send_msg" not in vars(acceptor.dimse)
+    assert "recv" not in vars(acceptor.dul.socket)
+
+
+def test_a_silent_connection_still_ends_without_the_fast_paths(
+    untested_pynetdicom: str, make_server: ServerFactory
+) -> None:
+    """The guard cannot wake the acceptor's wait for a request then: the association waits
+    for the ACSE timeout, and ends."""
+    server = make_server(acse_timeout_s=1.0)
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", server.port)) as silent:
+        silent.settimeout(10)
+        with contextlib.suppress(ConnectionResetError):
+            silent.recv(1024)  # returns once the guard's deadline has closed it
+    assert time.monotonic() - started < 5
+    deadline = time.monotonic() + 10
+    while server.ae.active_associations and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not server.ae.active_associations
+
+
+def test_image_storage_classes_come_from_pynetdicoms_public_contexts() -> None:
+    public = {str(c.abstract_syntax) for c in AllStoragePresentationContexts}
+    assert set(IMAGE_STORAGE_CLASSES.values()) <= public
+    assert IMAGE_STORAGE_CLASSES["CTImageStorage"] == CT_IMAGE_STORAGE
+    assert "BasicTextSRStorage" not in IMAGE_STORAGE_CLASSES
+    assert "SegmentationStorage" in IMAGE_STORAGE_CLASSES

@@ -15,7 +15,7 @@ from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 
-from scp.responses import c_store_rsp_command, respond_directly
+from scp.pynetdicom_adapter import c_store_rsp_command, respond_directly
 from scp.server import DicomServer
 from scp.status import StoreStatus
 from support.dicom_factory import encode
