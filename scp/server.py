@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +16,15 @@ from pynetdicom.pdu_primitives import A_RELEASE
 from sqlalchemy.orm import Session, sessionmaker
 
 from scp import pynetdicom_adapter
+from scp.admission import (
+    REJECT_CALLED_AE,
+    REJECT_CALLING_AE,
+    REJECT_DIAGNOSTICS,
+    REJECT_LOCAL_LIMIT,
+    admitted_associations,
+    parse_allowed_peers,
+    peer_allowed,
+)
 from scp.contexts import IMAGE_STORAGE_CLASSES, TRANSFER_SYNTAXES, VERIFICATION_CLASS
 from scp.filemeta import file_meta_header
 from scp.ports import NoObserver, ScpObserver
@@ -25,12 +33,7 @@ from scp.settings import ScpSettings
 from scp.status import StoreStatus, error_comment, status_for
 from scp.store import StoreService
 from scp.tls import AuditedTLS, TLSFailure, server_context
-from scp.transport import (
-    ConnectionGuard,
-    GuardEvent,
-    GuardLimits,
-    admitted_associations,
-)
+from scp.transport import ConnectionGuard, GuardEvent, GuardLimits
 from storage import audit
 from storage.audit_trail import append_audit
 from storage.instances import close_association, open_association
@@ -38,47 +41,7 @@ from storage.models import AssociationOutcome
 
 log = logging.getLogger(__name__)
 
-# A-ASSOCIATE-RJ (result, source, diagnostic) triples, PS3.8 9.3.4.
-REJECT_CALLING_AE = (0x01, 0x01, 0x03)
-REJECT_CALLED_AE = (0x01, 0x01, 0x07)
-REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)
 LISTEN_BACKLOG = 128
-REJECT_DIAGNOSTICS = {
-    (0x01, 0x03): "calling AE title not recognised",
-    (0x01, 0x07): "called AE title not recognised",
-    (0x03, 0x02): "local limit exceeded: too many associations",
-    (0x03, 0x01): "temporary congestion",
-    (0x02, 0x02): "protocol version not supported",
-}
-
-
-@dataclass(frozen=True)
-class AllowedPeer:
-    ae_title: str
-    hosts: frozenset[str] | None  # None: any host
-
-
-def parse_allowed_peers(entries: tuple[str, ...]) -> list[AllowedPeer]:
-    """'AE' or 'AE@host' entries; host names are resolved once, at start."""
-    peers: list[AllowedPeer] = []
-    for entry in entries:
-        ae, _, host = entry.partition("@")
-        hosts: frozenset[str] | None = None
-        if host:
-            try:
-                addresses = {str(info[4][0]) for info in socket.getaddrinfo(host, None)}
-            except OSError:
-                log.warning("allowed peer %s: host %s does not resolve", entry, host)
-                addresses = set()
-            hosts = frozenset(addresses | {host})
-        peers.append(AllowedPeer(ae.strip(), hosts))
-    return peers
-
-
-def peer_allowed(peers: list[AllowedPeer], calling_ae: str, host: str) -> bool:
-    if not peers:
-        return True
-    return any(p.ae_title == calling_ae and (p.hosts is None or host in p.hosts) for p in peers)
 
 
 @dataclass

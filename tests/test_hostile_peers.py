@@ -23,7 +23,7 @@ from sqlalchemy import select as sql_select
 
 from benchmarks import attacks
 from benchmarks.procstat import PeakRss, rss_bytes
-from scp.transport import ABORT_PDU
+from scp.guarded_socket import ABORT_PDU
 from storage.models import AuditEvent, Instance
 from support.dicom_factory import make_dataset
 from support.service import RunningService, free_port, service_env
