@@ -142,3 +142,38 @@ def make_server(sqlite_database: Database, tmp_path: Path) -> Iterator[ServerFac
     yield factory
     for server in servers:
         server.stop()
+
+
+# --------------------------------------------------------------------------- the console's
+# (made in tests.console_fixtures, imported late: it imports this module)
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Path:
+    return tmp_path / "spool"
+
+
+@pytest.fixture
+def hospital(database: Database, spool: Path) -> Any:
+    """A database of known results (``tests.console_fixtures.Hospital``) and a console user."""
+    from tests.console_fixtures import add_console_user, fill
+
+    filled = fill(database, spool)
+    add_console_user(database)
+    return filled
+
+
+@pytest.fixture
+def clock() -> Any:
+    """A console clock that tests move (``tests.console_fixtures.Clock``)."""
+    from tests.console_fixtures import Clock
+
+    return Clock()
+
+
+@pytest.fixture
+def client(database: Database, spool: Path, clock: Any, hospital: Any) -> Any:
+    """A console test client over ``hospital``."""
+    from tests.console_fixtures import console_client
+
+    return console_client(database, spool, clock)

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import numpy as np
 from fastapi.testclient import TestClient
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from console.app import ConsoleConfig, ConsoleContext, create_app
 from console.passwords import hash_password
 from pipeline.runner import PipelineConfig
 from storage.accounts import add_user
 from storage.instances import NewInstance, add_instance_with_job
-from storage.models import Instance, Job, JobState, Result, SeriesVerdictRow
+from storage.models import AuditEvent, Instance, Job, JobState, Result, SeriesVerdictRow
 from support.dicom_factory import encode, make_dataset
 from tests.conftest import Database
 
@@ -251,3 +251,11 @@ def page_csrf(client: TestClient) -> str:
     match = CSRF.search(client.get("/").text)
     assert match
     return match.group(1)
+
+
+def audit_rows(db: Database, **where: str) -> list[AuditEvent]:
+    with db.sessions.begin() as session:
+        stmt = select(AuditEvent).order_by(AuditEvent.id)
+        for column, value in where.items():
+            stmt = stmt.where(getattr(AuditEvent, column) == value)
+        return list(session.scalars(stmt))
