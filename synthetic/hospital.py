@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
-import hashlib
-import math
 import multiprocessing
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -25,7 +23,8 @@ from pydicom import Dataset, dcmwrite
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
-from synthetic import anatomy
+from synthetic import anatomy, brain, skin
+from synthetic.people import Person, people, rng_for, uid_for
 
 MODALITIES = ("xray", "ct", "mri", "dermoscopy")
 # The header Modality a device of each kind writes, and what a mislabelled series gets instead.
@@ -57,52 +56,6 @@ DEVICES = {
     "mri": [("Helios", "Magna 1.5T", "MR"), ("Acme Medical", "Tesla 3T", "MR")],
     "dermoscopy": [("Dermalux", "DL-200", "DMS"), ("Skinview", "Polar 3", "XC")],
 }
-GIVEN = (
-    "Ada",
-    "Ben",
-    "Cleo",
-    "Dev",
-    "Eva",
-    "Finn",
-    "Gia",
-    "Hugo",
-    "Ines",
-    "Jon",
-    "Kai",
-    "Lena",
-    "Milo",
-    "Nora",
-    "Omar",
-    "Pia",
-    "Rafi",
-    "Sara",
-    "Theo",
-    "Uma",
-    "Vera",
-    "Wim",
-)
-FAMILY = (
-    "Adler",
-    "Berg",
-    "Costa",
-    "Dahl",
-    "Ekström",
-    "Fox",
-    "Grün",
-    "Haas",
-    "Ito",
-    "Jansen",
-    "Kovac",
-    "Lind",
-    "Moreau",
-    "Novak",
-    "Olsen",
-    "Petit",
-    "Quinn",
-    "Rossi",
-    "Sato",
-    "Tan",
-)
 FIRST_STUDY = dt.date(2021, 3, 1)
 # Slices of a series are spread over the volume (relative levels), not adjacent: adjacent
 # slices would be near-copies of each other.
@@ -122,15 +75,6 @@ class SynthOptions:
     mislabel_modality: float = 0.0
     swap_patient: float = 0.0
     workers: int = 2
-
-
-@dataclass(frozen=True)
-class Person:
-    index: int
-    patient_id: str
-    name: str
-    birth_date: str
-    sex: str
 
 
 @dataclass(frozen=True)
@@ -166,28 +110,6 @@ class ManifestRow:
 
 
 MANIFEST_FIELDS = [f.name for f in ManifestRow.__dataclass_fields__.values()]
-
-
-def uid_for(seed: int, *parts: object) -> str:
-    """A deterministic UID under the 2.25 (UUID-derived) root, at most 64 characters."""
-    digest = hashlib.sha256("/".join(map(str, (seed, *parts))).encode()).hexdigest()
-    return f"2.25.{int(digest[:30], 16)}"
-
-
-def rng_for(seed: int, *parts: object) -> np.random.Generator:
-    digest = hashlib.sha256("/".join(map(str, (seed, *parts))).encode()).digest()
-    return np.random.default_rng(int.from_bytes(digest[:16], "little"))
-
-
-def people(seed: int, count: int) -> list[Person]:
-    rng = rng_for(seed, "people")
-    result = []
-    for i in range(count):
-        sex = "F" if rng.random() < 0.5 else "M"
-        birth = dt.date(1935, 1, 1) + dt.timedelta(days=int(rng.integers(0, 365 * 70)))
-        name = f"{FAMILY[int(rng.integers(len(FAMILY)))]}^{GIVEN[int(rng.integers(len(GIVEN)))]}"
-        result.append(Person(i, f"SYN{seed:03d}-{i:04d}", name, birth.strftime("%Y%m%d"), sex))
-    return result
 
 
 def plan(options: SynthOptions) -> list[SeriesPlan]:
@@ -239,8 +161,8 @@ def patient_anatomy(seed: int, person: Person, modality: str) -> Any:
     if modality == "ct":
         return anatomy.AbdomenAnatomy.draw(rng)
     if modality == "mri":
-        return anatomy.BrainAnatomy.draw(rng)
-    return anatomy.LesionAnatomy.draw(rng)
+        return brain.BrainAnatomy.draw(rng)
+    return skin.LesionAnatomy.draw(rng)
 
 
 @dataclass(frozen=True)
@@ -257,7 +179,7 @@ def render_series(seed: int, plan_item: SeriesPlan, slices: int) -> list[Rendere
     if modality == "xray":
         return [RenderedImage(anatomy.render_chest(body, plan_item.visit, rng, size))]
     if modality == "dermoscopy":
-        return [RenderedImage(anatomy.render_dermoscopy(body, plan_item.visit, rng, size))]
+        return [RenderedImage(skin.render_dermoscopy(body, plan_item.visit, rng, size))]
     images = []
     start = body.z_start + rng.uniform(-0.04, 0.04)
     pose = anatomy.series_pose(rng, modality)
@@ -272,7 +194,7 @@ def render_series(seed: int, plan_item: SeriesPlan, slices: int) -> list[Rendere
         signal_scale = rng.uniform(600, 1800)  # MR units differ between sessions
         for k in range(slices):
             z = start + MR_SLICE_GAP * k
-            pixels = anatomy.render_brain(body, z, weighting, rng, size, pose, signal_scale)
+            pixels = brain.render_brain(body, z, weighting, rng, size, pose, signal_scale)
             images.append(RenderedImage(pixels, {"z": z, "weighting": weighting}))
     return images
 
@@ -507,52 +429,3 @@ def write_manifest(path: Path, rows: list[ManifestRow]) -> None:
 def read_manifest(path: Path) -> Iterator[dict[str, str]]:
     with path.open(newline="") as handle:
         yield from csv.DictReader(handle)
-
-
-def preview(options: SynthOptions, destination: Path, patients: int = 5, tile: int = 128) -> Path:
-    """A picture for people: per modality, a grid of patients (rows) x visits (columns)."""
-    items = [i for i in plan(options) if i.patient.index < patients]
-    visits = options.visits
-    label_w, gap = 140, 24
-    panel_w = label_w + visits * tile
-    panel_h = gap + patients * tile
-    canvas = np.full(
-        (panel_h * math.ceil(len(options.modalities) / 2), panel_w * 2, 3), 255, np.uint8
-    )
-    for m_index, modality in enumerate(options.modalities):
-        ox = (m_index % 2) * panel_w
-        oy = (m_index // 2) * panel_h
-        cv2.putText(
-            canvas,
-            modality,
-            (ox + 8, oy + 17),
-            cv2.FONT_HERSHEY_SIMPLEX,
-            0.55,
-            (0, 0, 0),
-            1,
-            cv2.LINE_AA,
-        )
-        for item in (i for i in items if i.modality == modality):
-            image = render_series(options.seed, item, options.slices)[0]
-            png = to_png(modality, image)
-            if png.ndim == 2:
-                png = cv2.cvtColor(png, cv2.COLOR_GRAY2BGR)
-            x = ox + label_w + item.visit * tile
-            y = oy + gap + item.patient.index * tile
-            canvas[y : y + tile, x : x + tile] = cv2.resize(
-                png, (tile, tile), interpolation=cv2.INTER_AREA
-            )
-            if item.visit == 0:
-                cv2.putText(
-                    canvas,
-                    item.patient.patient_id,
-                    (ox + 6, y + tile // 2),
-                    cv2.FONT_HERSHEY_SIMPLEX,
-                    0.4,
-                    (0, 0, 0),
-                    1,
-                    cv2.LINE_AA,
-                )
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(destination), canvas)
-    return destination

@@ -75,7 +75,8 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
 def cmd_synth(settings: Settings, args: argparse.Namespace, clock: Clock) -> int:
     import time
 
-    from synthetic.hospital import SynthOptions, generate, preview
+    from synthetic.hospital import SynthOptions, generate
+    from synthetic.preview import preview
 
     options = SynthOptions(
         out=args.out,
