@@ -32,7 +32,8 @@ from storage.accounts import add_user
 from storage.audit_trail import AuditFilter, query_audit
 from storage.db import make_engine, make_sessionmaker, upgrade
 from storage.models import AuditEvent, Instance, Job, Result
-from storage.reports import ResultQuery, dashboard, page_results, result_detail
+from storage.reports import dashboard, result_detail
+from storage.results import ResultQuery, page_results
 from support.dicom_factory import encode, make_dataset
 
 TARGET_P95_MS = 500.0

@@ -31,15 +31,8 @@ from console.schemas import (
 from storage import audit
 from storage.audit_trail import AuditFilter, query_audit
 from storage.models import AuditEvent, Instance, Result, SeriesVerdictRow
-from storage.reports import (
-    ResultQuery,
-    SeriesQuery,
-    dashboard,
-    page_results,
-    page_series,
-    result_detail,
-    series_verdict_of,
-)
+from storage.reports import dashboard, result_detail, series_verdict_of
+from storage.results import ResultQuery, SeriesQuery, page_results, page_series
 
 # Filter values are bounded as the columns they are compared with.
 Text16 = Annotated[str, StringConstraints(max_length=16)] | None

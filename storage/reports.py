@@ -1,12 +1,13 @@
-"""Read-only queries behind the console: paged results, one result, the dashboard's counts."""
+"""Read-only queries behind the console: one result, the dashboard's counts (paged results
+and series are ``storage.results``')."""
 
 from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
-from sqlalchemy import ColumnElement, Integer, Select, cast, func, or_, select
+from sqlalchemy import ColumnElement, Integer, cast, func, or_, select
 from sqlalchemy.orm import Session
 
 from storage.models import (
@@ -21,113 +22,6 @@ from storage.models import (
 MISMATCH = "mismatch"
 # Mismatch verdicts this recent count as open alerts (the dashboard's and the metrics').
 ALERT_WINDOW = dt.timedelta(days=7)
-
-
-@dataclass(frozen=True)
-class ResultQuery:
-    """The console's result filters; every one optional. Dates are by arrival."""
-
-    verdict: str | None = None  # a modality or identity verdict, e.g. "mismatch"
-    modality: str | None = None  # header Modality code, e.g. "CT"
-    ae: str | None = None  # calling AE title of the sender
-    patient: str | None = None  # header PatientID or the matched one
-    study: str | None = None
-    received_from: dt.datetime | None = None
-    received_before: dt.datetime | None = None
-    status: str | None = None  # "ok" or "failed"
-    limit: int = 100
-    offset: int = 0
-
-
-SelectT = TypeVar("SelectT", bound=Select[*tuple[Any, ...]])
-
-
-def _filtered(stmt: SelectT, where: ResultQuery) -> SelectT:
-    if where.verdict:
-        stmt = stmt.where(
-            or_(Result.identity_verdict == where.verdict, Result.modality_verdict == where.verdict)
-        )
-    if where.modality:
-        stmt = stmt.where(Instance.modality == where.modality)
-    if where.ae:
-        stmt = stmt.where(Instance.calling_ae == where.ae)
-    if where.patient:
-        # Two indexed lookups joined by UNION: an OR across the two tables would scan both.
-        by_header = (
-            select(Result.id)
-            .join(Instance, Instance.id == Result.instance_id)
-            .where(Instance.patient_id == where.patient)
-        )
-        by_match = select(Result.id).where(Result.matched_patient_id == where.patient)
-        stmt = stmt.where(Result.id.in_(by_header.union(by_match)))
-    if where.study:
-        stmt = stmt.where(Instance.study_instance_uid == where.study)
-    if where.received_from is not None:
-        stmt = stmt.where(Instance.received_at >= where.received_from)
-    if where.received_before is not None:
-        stmt = stmt.where(Instance.received_at < where.received_before)
-    if where.status:
-        stmt = stmt.where(Result.status == where.status)
-    return stmt
-
-
-def page_results(
-    session: Session, *, where: ResultQuery
-) -> tuple[list[tuple[Result, Instance]], int]:
-    """One page of results, newest first, and how many match in all."""
-    joined = select(Result, Instance).join(Instance, Instance.id == Result.instance_id)
-    stmt = _filtered(joined, where).order_by(Result.id.desc())
-    rows = [(r, i) for r, i in session.execute(stmt.limit(where.limit).offset(where.offset))]
-    counted = _filtered(
-        select(func.count()).select_from(Result).join(Instance, Instance.id == Result.instance_id),
-        where,
-    )
-    return rows, int(session.scalar(counted) or 0)
-
-
-@dataclass(frozen=True)
-class SeriesQuery:
-    verdict: str | None = None  # a modality or identity verdict of the series
-    patient: str | None = None  # header or matched patient ID
-    study: str | None = None
-    decided_from: dt.datetime | None = None
-    decided_before: dt.datetime | None = None
-    limit: int = 100
-    offset: int = 0
-
-
-def page_series(session: Session, *, where: SeriesQuery) -> tuple[list[SeriesVerdictRow], int]:
-    """One page of series verdicts, newest decision first, and how many match in all."""
-    conditions: list[ColumnElement[bool]] = []
-    if where.verdict:
-        conditions.append(
-            or_(
-                SeriesVerdictRow.modality_verdict == where.verdict,
-                SeriesVerdictRow.identity_verdict == where.verdict,
-            )
-        )
-    if where.patient:
-        conditions.append(
-            or_(
-                SeriesVerdictRow.patient_id == where.patient,
-                SeriesVerdictRow.matched_patient_id == where.patient,
-            )
-        )
-    if where.study:
-        conditions.append(SeriesVerdictRow.study_instance_uid == where.study)
-    if where.decided_from is not None:
-        conditions.append(SeriesVerdictRow.decided_at >= where.decided_from)
-    if where.decided_before is not None:
-        conditions.append(SeriesVerdictRow.decided_at < where.decided_before)
-    rows = session.scalars(
-        select(SeriesVerdictRow)
-        .where(*conditions)
-        .order_by(SeriesVerdictRow.decided_at.desc(), SeriesVerdictRow.id.desc())
-        .limit(where.limit)
-        .offset(where.offset)
-    ).all()
-    total = session.scalar(select(func.count()).select_from(SeriesVerdictRow).where(*conditions))
-    return list(rows), int(total or 0)
 
 
 def result_detail(session: Session, *, result_id: int) -> tuple[Result, Instance] | None:

@@ -91,6 +91,31 @@ def test_audit_listing_is_itself_audited(
     assert "Security Alert" in table and "rows)" in table
 
 
+@pytest.mark.db
+def test_results_are_filtered_as_the_console_filters_them(
+    database: Database,
+    hospital: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """One filter, one meaning: --since is by arrival (the results were all made today, three
+    arrived on the day asked for), --patient is the header or the matched patient."""
+    monkeypatch.setenv("MEDREID_DATABASE_URL", database.url)
+
+    def listed(*args: str) -> list[int]:
+        assert main(["results", *args, "--format", "json"]) == 0
+        return [row["id"] for row in json.loads(capsys.readouterr().out)]
+
+    ids = hospital.results
+    arrived = listed("--since", "2026-11-26T00:00:00+00:00")
+    assert arrived == sorted(ids[name] for name in ("swap", "wrong", "script"))
+    assert listed("--patient", "P3") == [ids["swap"]]  # matched; the header says P2
+    assert listed("--patient", "P2") == [ids["swap"]]
+    assert listed("--verdict", "mismatch") == sorted([ids["swap"], ids["wrong"]])
+    # the newest results (by id) up to the limit
+    assert listed("--since", "2026-11-26T00:00:00+00:00", "--limit", "1") == [ids["script"]]
+
+
 def test_relative_and_absolute_times() -> None:
     import datetime as dt
 

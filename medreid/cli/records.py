@@ -13,7 +13,6 @@ from medreid.settings import Settings
 
 if TYPE_CHECKING:  # the commands import their heavy modules when they run
     from storage.models import Clock
-    from storage.results import ResultFilter
 log = logging.getLogger("medreid")
 
 
@@ -92,7 +91,10 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     results.add_argument("--verdict", help="e.g. mismatch, consistent, new_patient, agree")
     results.add_argument("--study", help="Study Instance UID")
     results.add_argument("--patient", help="header or matched patient ID")
-    results.add_argument("--since", help="ISO date/time, or relative: 30m, 12h, 7d")
+    results.add_argument(
+        "--since",
+        help="received since (with --series: decided since); ISO date/time, or 30m, 12h, 7d",
+    )
     results.add_argument("--limit", type=int, default=1000)
     results.add_argument("--format", choices=FORMATS, default="table")
     results.add_argument(
@@ -186,17 +188,25 @@ def cmd_instances(settings: Settings, args: argparse.Namespace, clock: Clock) ->
     return 0
 
 
-def _series_listing(settings: Settings, args: argparse.Namespace, where: ResultFilter) -> int:
+def _series_listing(settings: Settings, args: argparse.Namespace, clock: Clock) -> int:
     from medreid.app import build_database
     from storage import audit
-    from storage.results import list_series_verdicts
+    from storage.results import SeriesQuery, page_series
 
+    where = SeriesQuery(
+        decided_from=_when(args.since, "--since", clock()),
+        verdict=args.verdict,
+        study=args.study,
+        patient=args.patient,
+        limit=args.limit,
+    )
     engine, sessions = build_database(settings)
     try:
         with sessions.begin() as session:
+            found, _ = page_series(session, where=where)
             rows = [
                 {c.key: getattr(row, c.key) for c in row.__table__.columns}
-                for row in list_series_verdicts(session, where=where)
+                for row in reversed(found)  # oldest first, as every listing here
             ]
             _audit_listing(
                 session, audit.QUERY, args, listing="series", rows=len(rows), verdict=args.verdict
@@ -210,22 +220,23 @@ def _series_listing(settings: Settings, args: argparse.Namespace, where: ResultF
 def cmd_results(settings: Settings, args: argparse.Namespace, clock: Clock) -> int:
     from medreid.app import build_database
     from storage import audit
-    from storage.results import ResultFilter, list_results
+    from storage.results import ResultQuery, page_results
 
-    where = ResultFilter(
-        since=_when(args.since, "--since", clock()),
+    if args.series:
+        return _series_listing(settings, args, clock)
+    where = ResultQuery(
+        received_from=_when(args.since, "--since", clock()),
         verdict=args.verdict,
         study=args.study,
         patient=args.patient,
         limit=args.limit,
     )
-    if args.series:
-        return _series_listing(settings, args, where)
     engine, sessions = build_database(settings)
     try:
         with sessions.begin() as session:
             rows = []
-            for result, instance in list_results(session, where=where):
+            found, _ = page_results(session, where=where)
+            for result, instance in reversed(found):  # oldest first, as every listing here
                 matches = result.top_matches or []
                 rows.append(
                     {
