@@ -6,7 +6,7 @@ transaction (``with Session.begin() as session: ...``)."""
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from sqlalchemy import and_, or_, select, update
@@ -36,7 +36,8 @@ class ClaimedJob:
 
 @dataclass(frozen=True)
 class JobOutcome:
-    """What a worker stores for a finished job."""
+    """What a worker stores for a finished job: the result row's columns, named as they are
+    (``ok`` aside, which is its status)."""
 
     ok: bool
     parameters: dict[str, Any]
@@ -59,6 +60,10 @@ class JobOutcome:
     identity_verdict: str | None = None
     matched_patient_id: str | None = None
     model_versions: dict[str, str] | None = None
+
+    def columns(self) -> dict[str, Any]:
+        """The result row's columns this outcome holds."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "ok"}
 
 
 def release_jobs_of(session: Session, *, claimant_prefix: str) -> int:
@@ -176,27 +181,8 @@ def finish_job(session: Session, *, job: ClaimedJob, worker: str, outcome: JobOu
             job_id=job.job_id,
             instance_id=job.instance_id,
             status="ok" if outcome.ok else "failed",
-            failed_stage=outcome.failed_stage,
-            failure_reason=outcome.failure_reason,
-            shape=outcome.shape,
-            frames_total=outcome.frames_total,
-            frames_analysed=outcome.frames_analysed,
-            photometric=outcome.photometric,
-            stats_decoded=outcome.stats_decoded,
-            stats_clahe=outcome.stats_clahe,
-            parameters=outcome.parameters,
-            timings_ms=outcome.timings_ms,
             worker=worker,
-            predicted_modality=outcome.predicted_modality,
-            modality_scores=outcome.modality_scores,
-            modality_verdict=outcome.modality_verdict,
-            routed_to=outcome.routed_to,
-            top_matches=outcome.top_matches,
-            identity_threshold=outcome.identity_threshold,
-            identity_header_score=outcome.identity_header_score,
-            identity_verdict=outcome.identity_verdict,
-            matched_patient_id=outcome.matched_patient_id,
-            model_versions=outcome.model_versions,
+            **outcome.columns(),
         )
     )
     session.execute(

@@ -133,6 +133,40 @@ def test_failed_outcome_records_stage_and_reason(session: Session) -> None:
     assert rows[0][1] is not None and rows[0][1].failure_reason == "the dataset has no Pixel Data"
 
 
+def test_every_field_of_an_outcome_lands_in_its_result_row(session: Session) -> None:
+    """The worker's outcome is the row: each field (``ok`` is the status) is a column of the
+    same name, stored as it is."""
+    add_instance_with_job(session, new=new_instance(), version=1, spool_path="x")
+    job = claim_jobs(session, worker="w", limit=1, lease_s=60, max_attempts=3)[0]
+    full = JobOutcome(
+        ok=True,
+        parameters={"clahe": {"clip_limit": 2.0}},
+        timings_ms={"read": 0.1, "decode": 1.5},
+        shape=[1, 4, 4],
+        frames_total=1,
+        frames_analysed=[0],
+        photometric="MONOCHROME2",
+        stats_decoded={"mean": 1.0},
+        stats_clahe={"mean": 0.5},
+        predicted_modality="ct",
+        modality_scores={"ct": 0.9, "other": 0.1},
+        modality_verdict="agree",
+        routed_to="ct",
+        top_matches=[{"patient_id": "P1", "score": 0.8}],
+        identity_threshold=0.5,
+        identity_header_score=0.8,
+        identity_verdict="consistent",
+        matched_patient_id="P1",
+        model_versions={"compa": "compa-v1"},
+    )
+    assert finish_job(session, job=job, worker="w", outcome=full)
+    row = session.scalars(select(Result)).one()
+    assert row.status == "ok" and row.worker == "w"
+    for name, value in full.columns().items():
+        assert getattr(row, name) == value, name
+    assert set(full.columns()) <= set(Result.__table__.columns.keys())
+
+
 def test_audit_query_filters(session: Session) -> None:
     append_audit(
         session,
