@@ -114,6 +114,14 @@ def test_results_are_filtered_as_the_console_filters_them(
     assert listed("--verdict", "mismatch") == sorted([ids["swap"], ids["wrong"]])
     # the newest results (by id) up to the limit
     assert listed("--since", "2026-11-26T00:00:00+00:00", "--limit", "1") == [ids["script"]]
+    assert main(["instances", "--patient", "P4", "--format", "json"]) == 0
+    (instance,) = json.loads(capsys.readouterr().out)
+    assert (instance["patient_id"], instance["modality"], instance["calling_ae"]) == (
+        "P4",
+        "DX",
+        "XR2",
+    )
+    assert {"sha256", "peer_host", "timings_ms", "failure_reason"} <= set(instance)
 
 
 def test_relative_and_absolute_times() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from medreid.cli.common import _add_listing_filters, _audit_listing, _when
@@ -12,6 +13,8 @@ from medreid.output import FORMATS, render
 from medreid.settings import Settings
 
 if TYPE_CHECKING:  # the commands import their heavy modules when they run
+    from sqlalchemy.orm import Session
+
     from storage.models import Clock
 log = logging.getLogger("medreid")
 
@@ -56,6 +59,48 @@ RESULT_COLUMNS = (
     "status",
 )
 
+
+# What a JSON listing holds of each row (the columns above are the table's and the CSV's).
+INSTANCE_FIELDS = (
+    "id",
+    "received_at",
+    "calling_ae",
+    "peer_host",
+    "patient_id",
+    "study_instance_uid",
+    "series_instance_uid",
+    "sop_instance_uid",
+    "sop_class_uid",
+    "version",
+    "modality",
+    "transfer_syntax_uid",
+    "size_bytes",
+    "sha256",
+    "state",
+)
+INSTANCE_RESULT_FIELDS = (
+    "shape",
+    "frames_analysed",
+    "failed_stage",
+    "failure_reason",
+    "timings_ms",
+)
+RESULT_INSTANCE_FIELDS = (
+    "calling_ae",
+    "patient_id",
+    "modality",
+    "study_instance_uid",
+    "sop_instance_uid",
+)
+RESULT_FIELDS = (
+    "status",
+    "failure_reason",
+    "predicted_modality",
+    "modality_scores",
+    "modality_verdict",
+    "identity_verdict",
+    "matched_patient_id",
+)
 
 SERIES_COLUMNS = (
     "id",
@@ -104,14 +149,43 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     )
 
 
-def cmd_audit(settings: Settings, args: argparse.Namespace, clock: Clock) -> int:
+def _listing(
+    settings: Settings,
+    args: argparse.Namespace,
+    columns: tuple[str, ...],
+    fetch: Callable[[Session], list[dict[str, Any]]],
+    kind: str,
+    **detail: Any,
+) -> int:
+    """Rows fetched in one transaction with the audit event of the look (``kind``: an
+    ``storage.audit`` event name), then printed."""
     from medreid.app import build_database
+    from storage import audit
+
+    engine, sessions = build_database(settings)
+    try:
+        with sessions.begin() as session:
+            rows = fetch(session)
+            _audit_listing(session, getattr(audit, kind), args, rows=len(rows), **detail)
+    finally:
+        engine.dispose()
+    print(render(rows, args.format, columns))
+    return 0
+
+
+def _times(args: argparse.Namespace, clock: Clock) -> dict[str, Any]:
+    return {
+        "since": _when(args.since, "--since", clock()),
+        "until": _when(args.until, "--until", clock()),
+    }
+
+
+def cmd_audit(settings: Settings, args: argparse.Namespace, clock: Clock) -> int:
     from storage import audit
     from storage.audit_trail import AuditFilter, query_audit
 
     where = AuditFilter(
-        since=_when(args.since, "--since", clock()),
-        until=_when(args.until, "--until", clock()),
+        **_times(args, clock),
         event=args.event,
         ae=args.ae,
         host=args.host,
@@ -121,154 +195,106 @@ def cmd_audit(settings: Settings, args: argparse.Namespace, clock: Clock) -> int
         user=args.user,
         limit=args.limit,
     )
-    engine, sessions = build_database(settings)
-    try:
-        with sessions.begin() as session:
-            events = query_audit(session, where=where)
-            rows = [{c: getattr(e, c) for c in AUDIT_COLUMNS} for e in events]
-            filters = {
-                k: v
-                for k, v in vars(args).items()
-                if v is not None and k not in ("config", "command")
-            }
-            _audit_listing(session, audit.AUDIT_LOG_USED, args, filters=filters, rows=len(rows))
-    finally:
-        engine.dispose()
-    print(render(rows, args.format, AUDIT_COLUMNS))
-    return 0
+    filters = {
+        k: v for k, v in vars(args).items() if v is not None and k not in ("config", "command")
+    }
+    return _listing(
+        settings,
+        args,
+        AUDIT_COLUMNS,
+        lambda session: [
+            {c: getattr(e, c) for c in AUDIT_COLUMNS} for e in query_audit(session, where=where)
+        ],
+        "AUDIT_LOG_USED",
+        filters=filters,
+    )
 
 
 def cmd_instances(settings: Settings, args: argparse.Namespace, clock: Clock) -> int:
-    from medreid.app import build_database
-    from storage import audit
     from storage.instances import InstanceFilter, list_instances
 
     where = InstanceFilter(
-        since=_when(args.since, "--since", clock()),
-        until=_when(args.until, "--until", clock()),
+        **_times(args, clock),
         state=args.state,
         ae=args.ae,
         patient=args.patient,
         study=args.study,
         limit=args.limit,
     )
-    engine, sessions = build_database(settings)
-    try:
-        with sessions.begin() as session:
-            rows: list[dict[str, Any]] = []
-            for instance, result in list_instances(session, where=where):
-                rows.append(
-                    {
-                        "id": instance.id,
-                        "received_at": instance.received_at,
-                        "calling_ae": instance.calling_ae,
-                        "peer_host": instance.peer_host,
-                        "patient_id": instance.patient_id,
-                        "study_instance_uid": instance.study_instance_uid,
-                        "series_instance_uid": instance.series_instance_uid,
-                        "sop_instance_uid": instance.sop_instance_uid,
-                        "sop_class_uid": instance.sop_class_uid,
-                        "version": instance.version,
-                        "modality": instance.modality,
-                        "transfer_syntax_uid": instance.transfer_syntax_uid,
-                        "size_bytes": instance.size_bytes,
-                        "sha256": instance.sha256,
-                        "state": instance.state,
-                        "shape": result.shape if result else None,
-                        "frames_analysed": result.frames_analysed if result else None,
-                        "failed_stage": result.failed_stage if result else None,
-                        "failure_reason": result.failure_reason if result else None,
-                        "timings_ms": result.timings_ms if result else None,
-                    }
-                )
-            _audit_listing(session, audit.QUERY, args, listing="instances", rows=len(rows))
-    finally:
-        engine.dispose()
-    print(render(rows, args.format, INSTANCE_COLUMNS))
-    return 0
 
+    def fetch(session: Session) -> list[dict[str, Any]]:
+        return [
+            {
+                **{c: getattr(instance, c) for c in INSTANCE_FIELDS},
+                **{c: getattr(result, c) if result else None for c in INSTANCE_RESULT_FIELDS},
+            }
+            for instance, result in list_instances(session, where=where)
+        ]
 
-def _series_listing(settings: Settings, args: argparse.Namespace, clock: Clock) -> int:
-    from medreid.app import build_database
-    from storage import audit
-    from storage.results import SeriesQuery, page_series
-
-    where = SeriesQuery(
-        decided_from=_when(args.since, "--since", clock()),
-        verdict=args.verdict,
-        study=args.study,
-        patient=args.patient,
-        limit=args.limit,
-    )
-    engine, sessions = build_database(settings)
-    try:
-        with sessions.begin() as session:
-            found, _ = page_series(session, where=where)
-            rows = [
-                {c.key: getattr(row, c.key) for c in row.__table__.columns}
-                for row in reversed(found)  # oldest first, as every listing here
-            ]
-            _audit_listing(
-                session, audit.QUERY, args, listing="series", rows=len(rows), verdict=args.verdict
-            )
-    finally:
-        engine.dispose()
-    print(render(rows, args.format, SERIES_COLUMNS))
-    return 0
+    return _listing(settings, args, INSTANCE_COLUMNS, fetch, "QUERY", listing="instances")
 
 
 def cmd_results(settings: Settings, args: argparse.Namespace, clock: Clock) -> int:
-    from medreid.app import build_database
-    from storage import audit
-    from storage.results import ResultQuery, page_results
+    from storage.results import ResultQuery, SeriesQuery, page_results, page_series
 
+    since = _when(args.since, "--since", clock())
     if args.series:
-        return _series_listing(settings, args, clock)
+        series_where = SeriesQuery(
+            decided_from=since,
+            verdict=args.verdict,
+            study=args.study,
+            patient=args.patient,
+            limit=args.limit,
+        )
+
+        def fetch_series(session: Session) -> list[dict[str, Any]]:
+            found, _ = page_series(session, where=series_where)
+            return [  # oldest first, as every listing here
+                {c.key: getattr(row, c.key) for c in row.__table__.columns}
+                for row in reversed(found)
+            ]
+
+        return _listing(
+            settings,
+            args,
+            SERIES_COLUMNS,
+            fetch_series,
+            "QUERY",
+            listing="series",
+            verdict=args.verdict,
+        )
     where = ResultQuery(
-        received_from=_when(args.since, "--since", clock()),
+        received_from=since,
         verdict=args.verdict,
         study=args.study,
         patient=args.patient,
         limit=args.limit,
     )
-    engine, sessions = build_database(settings)
-    try:
-        with sessions.begin() as session:
-            rows = []
-            found, _ = page_results(session, where=where)
-            for result, instance in reversed(found):  # oldest first, as every listing here
-                matches = result.top_matches or []
-                rows.append(
-                    {
-                        "id": result.id,
-                        "created_at": result.created_at,
-                        "calling_ae": instance.calling_ae,
-                        "patient_id": instance.patient_id,
-                        "modality": instance.modality,
-                        "study_instance_uid": instance.study_instance_uid,
-                        "sop_instance_uid": instance.sop_instance_uid,
-                        "status": result.status,
-                        "failure_reason": result.failure_reason,
-                        "predicted_modality": result.predicted_modality,
-                        "modality_scores": result.modality_scores,
-                        "modality_verdict": result.modality_verdict,
-                        "identity_verdict": result.identity_verdict,
-                        "matched_patient_id": result.matched_patient_id,
-                        "best_score": matches[0]["score"] if matches else None,
-                        "top_matches": matches,
-                        "identity_threshold": result.identity_threshold,
-                        "header_score": result.identity_header_score,
-                        "model_versions": result.model_versions,
-                        "timings_ms": result.timings_ms,
-                    }
-                )
-            _audit_listing(
-                session, audit.QUERY, args, listing="results", rows=len(rows), verdict=args.verdict
+
+    def fetch(session: Session) -> list[dict[str, Any]]:
+        found, _ = page_results(session, where=where)
+        rows = []
+        for result, instance in reversed(found):  # oldest first, as every listing here
+            matches = result.top_matches or []
+            rows.append(
+                {
+                    "id": result.id,
+                    "created_at": result.created_at,
+                    **{c: getattr(instance, c) for c in RESULT_INSTANCE_FIELDS},
+                    **{c: getattr(result, c) for c in RESULT_FIELDS},
+                    "best_score": matches[0]["score"] if matches else None,
+                    "top_matches": matches,
+                    "identity_threshold": result.identity_threshold,
+                    "header_score": result.identity_header_score,
+                    "model_versions": result.model_versions,
+                    "timings_ms": result.timings_ms,
+                }
             )
-    finally:
-        engine.dispose()
-    print(render(rows, args.format, RESULT_COLUMNS))
-    return 0
+        return rows
+
+    return _listing(
+        settings, args, RESULT_COLUMNS, fetch, "QUERY", listing="results", verdict=args.verdict
+    )
 
 
 COMMANDS = {"audit": cmd_audit, "instances": cmd_instances, "results": cmd_results}
