@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from pipeline.series import SeriesVerdict
@@ -22,6 +22,24 @@ class SeriesPolicy:
     quiet_s: float = 30.0
     tag_map: Mapping[str, str] | None = None
     mismatch_margin: float | None = DEFAULT_MISMATCH_MARGIN  # as AnalysisSettings'
+
+
+def mismatch_alerts(
+    alert: Callable[..., audit.AuditRecord],
+    *,
+    modality_verdict: str | None,
+    identity_verdict: str | None,
+    modality: Mapping[str, object],
+    identity: Mapping[str, object],
+) -> list[audit.AuditRecord]:
+    """The Security Alerts of a judgement, an image's or a series': one for a modality
+    mismatch, one for a patient mismatch, each with what a reviewer needs to see."""
+    records = []
+    if modality_verdict == ModalityVerdict.MISMATCH:
+        records.append(alert(audit.MODALITY_MISMATCH, **modality))
+    if identity_verdict == IdentityVerdict.MISMATCH:
+        records.append(alert(audit.PATIENT_MISMATCH, **identity))
+    return records
 
 
 def series_audit_records(row: SeriesVerdictRow, worker: str) -> list[audit.AuditRecord]:
@@ -43,28 +61,23 @@ def series_audit_records(row: SeriesVerdictRow, worker: str) -> list[audit.Audit
             },
         )
 
-    records = []
-    if row.modality_verdict == ModalityVerdict.MISMATCH:
-        records.append(
-            alert(
-                audit.MODALITY_MISMATCH,
-                header_modality=row.header_modality,
-                predicted=row.predicted_modality,
-                agreement=row.modality_agreement,
-            )
-        )
-    if row.identity_verdict == IdentityVerdict.MISMATCH:
-        records.append(
-            alert(
-                audit.PATIENT_MISMATCH,
-                header_patient=row.patient_id,
-                looks_like=row.matched_patient_id,
-                header_score=row.header_score,
-                best_other_score=row.best_other_score,
-                threshold=row.threshold,
-            )
-        )
-    return records
+    return mismatch_alerts(
+        alert,
+        modality_verdict=row.modality_verdict,
+        identity_verdict=row.identity_verdict,
+        modality={
+            "header_modality": row.header_modality,
+            "predicted": row.predicted_modality,
+            "agreement": row.modality_agreement,
+        },
+        identity={
+            "header_patient": row.patient_id,
+            "looks_like": row.matched_patient_id,
+            "header_score": row.header_score,
+            "best_other_score": row.best_other_score,
+            "threshold": row.threshold,
+        },
+    )
 
 
 def _most_common(values: list[str | None]) -> str | None:

@@ -12,13 +12,18 @@ from pathlib import Path
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from medreid.series import SeriesHeader, SeriesPolicy, series_audit_records, series_row
+from medreid.series import (
+    SeriesHeader,
+    SeriesPolicy,
+    mismatch_alerts,
+    series_audit_records,
+    series_row,
+)
 from pipeline.analysis import Analysis, HeaderFacts
 from pipeline.modelstore import Analyser, embedding_bytes
 from pipeline.ports import NoObserver, WorkerObserver
 from pipeline.runner import PipelineConfig, PipelineResult, run_pipeline
 from pipeline.series import ImageFinding, aggregate_series
-from pipeline.verdicts import IdentityVerdict, ModalityVerdict
 from storage import audit
 from storage.audit_trail import append_audit
 from storage.gallery import NewGalleryEntry, add_gallery_entries
@@ -81,33 +86,31 @@ def audit_records(job: ClaimedJob, outcome: JobOutcome, worker: str) -> list[aud
             detail={"sop_instance_uid": job.sop_instance_uid, **detail},
         )
 
-    records = []
-    if not outcome.ok:
-        records.append(
+    failed = (
+        []
+        if outcome.ok
+        else [
             event(
                 audit.PROCESSING_FAILED, stage=outcome.failed_stage, reason=outcome.failure_reason
             )
-        )
-    if outcome.modality_verdict == ModalityVerdict.MISMATCH:
-        records.append(
-            event(
-                audit.MODALITY_MISMATCH,
-                header_modality=job.modality,
-                predicted=outcome.predicted_modality,
-                scores=outcome.modality_scores,
-            )
-        )
-    if outcome.identity_verdict == IdentityVerdict.MISMATCH:
-        records.append(
-            event(
-                audit.PATIENT_MISMATCH,
-                header_patient=job.patient_id,
-                looks_like=outcome.matched_patient_id,
-                top_matches=outcome.top_matches,
-                threshold=outcome.identity_threshold,
-            )
-        )
-    return records
+        ]
+    )
+    return failed + mismatch_alerts(
+        event,
+        modality_verdict=outcome.modality_verdict,
+        identity_verdict=outcome.identity_verdict,
+        modality={
+            "header_modality": job.modality,
+            "predicted": outcome.predicted_modality,
+            "scores": outcome.modality_scores,
+        },
+        identity={
+            "header_patient": job.patient_id,
+            "looks_like": outcome.matched_patient_id,
+            "top_matches": outcome.top_matches,
+            "threshold": outcome.identity_threshold,
+        },
+    )
 
 
 class Worker:
