@@ -4,12 +4,14 @@ trail. Each is a GET that changes nothing but the audit trail."""
 from __future__ import annotations
 
 import base64
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, Any
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Query, Request
 from fastapi import Path as PathParam
 from fastapi.responses import HTMLResponse, Response
+from sqlalchemy.orm import Session
 
 from console import charts
 from console.context import Ctx, Db, html, page_user, record, record_listing, record_view
@@ -23,6 +25,7 @@ from console.queries import (
     load_results,
     load_series,
 )
+from console.schemas import ResultPageOut, SeriesPageOut
 from console.thumbnail import ThumbnailError, stored_thumbnail
 from storage import audit
 from storage.reports import result_detail
@@ -59,32 +62,37 @@ def dashboard_page(request: Request, ctx: Ctx, db: Db) -> Response:
     )
 
 
+def _listing_page(
+    request: Request,
+    ctx: Ctx,
+    db: Db,
+    params: ResultParams | SeriesParams,
+    load: Callable[[Session, Any], ResultPageOut | SeriesPageOut],
+    page_name: str,
+) -> Response:
+    """A list page of results or series: at most console.page_rows rows, audited, paged."""
+    who = page_user(db, request)
+    params = params.model_copy(update={"limit": min(params.limit, ctx.config.page_rows)})
+    page = load(db, params)
+    record_listing(db, who, audit.QUERY, params, page_name, len(page.items))
+    older, newer = pager(params, page.total, len(page.items))
+    return html(
+        request, f"{page_name}.html", user=who, page=page, params=params, older=older, newer=newer
+    )
+
+
 @router.get("/results")
 def results_page(
     request: Request, ctx: Ctx, db: Db, params: Annotated[ResultParams, Query()]
 ) -> Response:
-    who = page_user(db, request)
-    params = params.model_copy(update={"limit": min(params.limit, ctx.config.page_rows)})
-    page = load_results(db, params)
-    record_listing(db, who, audit.QUERY, params, "results", len(page.items))
-    older, newer = pager(params, page.total, len(page.items))
-    return html(
-        request, "results.html", user=who, page=page, params=params, older=older, newer=newer
-    )
+    return _listing_page(request, ctx, db, params, load_results, "results")
 
 
 @router.get("/series")
 def series_page(
     request: Request, ctx: Ctx, db: Db, params: Annotated[SeriesParams, Query()]
 ) -> Response:
-    who = page_user(db, request)
-    params = params.model_copy(update={"limit": min(params.limit, ctx.config.page_rows)})
-    page = load_series(db, params)
-    record_listing(db, who, audit.QUERY, params, "series", len(page.items))
-    older, newer = pager(params, page.total, len(page.items))
-    return html(
-        request, "series.html", user=who, page=page, params=params, older=older, newer=newer
-    )
+    return _listing_page(request, ctx, db, params, load_series, "series")
 
 
 @router.get("/results/{result_id}")

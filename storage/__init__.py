@@ -1,1 +1,5 @@
-"""SQL storage: models, engine and repository functions (callers own transactions)."""
+"""SQL storage: models, engine and repositories, split by what they own (instances, jobs,
+results, gallery, audit trail, accounts, reports).
+
+Each repository function takes ``session`` keyword-only and never commits: the caller owns
+the transaction (``with Session.begin() as session: ...``)."""

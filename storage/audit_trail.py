@@ -1,7 +1,4 @@
-"""The audit trail: appending events (the database refuses changes) and querying them.
-
-Each function takes ``session`` keyword-only and never commits: the caller owns the
-transaction (``with Session.begin() as session: ...``)."""
+"""The audit trail: appending events (the database refuses changes) and querying them."""
 
 from __future__ import annotations
 

@@ -1,7 +1,4 @@
-"""The re-identification gallery and the activated models.
-
-Each function takes ``session`` keyword-only and never commits: the caller owns the
-transaction (``with Session.begin() as session: ...``)."""
+"""The re-identification gallery and the activated models."""
 
 from __future__ import annotations
 

@@ -1,7 +1,4 @@
-"""Received instances, their associations, and the listing of them.
-
-Each function takes ``session`` keyword-only and never commits: the caller owns the
-transaction (``with Session.begin() as session: ...``)."""
+"""Received instances, their associations, and the listing of them."""
 
 from __future__ import annotations
 

@@ -1,7 +1,4 @@
-"""The job queue: claims under a lease, release, and finishing a job with its result.
-
-Each function takes ``session`` keyword-only and never commits: the caller owns the
-transaction (``with Session.begin() as session: ...``)."""
+"""The job queue: claims under a lease, release, and finishing a job with its result."""
 
 from __future__ import annotations
 

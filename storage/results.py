@@ -1,8 +1,5 @@
 """Results and series verdicts: listing them, one filter each with one meaning for the
-console, its API and the command line, and the series judged once quiet.
-
-Each function takes ``session`` keyword-only and never commits: the caller owns the
-transaction (``with Session.begin() as session: ...``)."""
+console, its API and the command line, and the series judged once quiet."""
 
 from __future__ import annotations
 

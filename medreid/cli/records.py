@@ -238,14 +238,14 @@ def cmd_results(settings: Settings, args: argparse.Namespace, clock: Clock) -> i
     from storage.results import ResultQuery, SeriesQuery, page_results, page_series
 
     since = _when(args.since, "--since", clock())
+    filters = {
+        "verdict": args.verdict,
+        "study": args.study,
+        "patient": args.patient,
+        "limit": args.limit,
+    }
     if args.series:
-        series_where = SeriesQuery(
-            decided_from=since,
-            verdict=args.verdict,
-            study=args.study,
-            patient=args.patient,
-            limit=args.limit,
-        )
+        series_where = SeriesQuery(decided_from=since, **filters)
 
         def fetch_series(session: Session) -> list[dict[str, Any]]:
             found, _ = page_series(session, where=series_where)
@@ -263,13 +263,7 @@ def cmd_results(settings: Settings, args: argparse.Namespace, clock: Clock) -> i
             listing="series",
             verdict=args.verdict,
         )
-    where = ResultQuery(
-        received_from=since,
-        verdict=args.verdict,
-        study=args.study,
-        patient=args.patient,
-        limit=args.limit,
-    )
+    where = ResultQuery(received_from=since, **filters)
 
     def fetch(session: Session) -> list[dict[str, Any]]:
         found, _ = page_results(session, where=where)
