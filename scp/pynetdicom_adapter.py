@@ -1,6 +1,6 @@
 """Every use of pynetdicom's internals, in one place.
 
-pynetdicom's public API (the AE, its events, presentation contexts, the ACSE's reject) carries
+pynetdicom's public API (the AE, its events and their primitives, presentation contexts) carries
 the service. What it does not offer is reached here, through its internals:
 
 - prompt reactors: an association's threads wake when there is work instead of polling;
@@ -8,13 +8,16 @@ the service. What it does not offer is reached here, through its internals:
 - a PDU's body read in as few reads as the network allows;
 - for the guard in front of the transport: the socket under an association, the acceptor's
   wait for its request, and its reader's stop;
+- an association request rejected from our own handler, with its reason;
 - how much pynetdicom's standard handlers log.
 
 These were tested with the pynetdicom versions in ``TESTED_VERSIONS``. With any other,
 :func:`internals_usable` says no (and logs once which version it found) and every hook here
 leaves pynetdicom's own path in place: its threads poll, its responses are encoded through
-pydicom, its reads take 4 KiB at a time, and a connection that never sends its association
-request waits for the ACSE timeout before its association ends. Slower, the same DICOM.
+pydicom, its reads take 4 KiB at a time, a connection that never sends its association
+request waits for the ACSE timeout before its association ends, and a peer refused by our
+rules gets an A-ABORT instead of an A-ASSOCIATE-RJ with the reason. Slower, and refusals
+less precise; nothing else changes.
 
 Prompt reactors. Each association runs two polling loops in pynetdicom: the DUL thread reads
 the socket and sends what is queued for the peer, and the association thread takes complete
@@ -97,6 +100,18 @@ def prepare_association(assoc: Any) -> None:
         respond_directly(assoc)
     except Exception:
         log.warning("responses left to pynetdicom's encoder: could not set up", exc_info=True)
+
+
+def reject(assoc: Any, rejection: tuple[int, int, int]) -> None:
+    """Answer an association request with A-ASSOCIATE-RJ (result, source, diagnostic) from
+    the EVT_REQUESTED handler, where pynetdicom offers no public way to; elsewhere abort it,
+    which refuses it too, without the reason."""
+    if not internals_usable():
+        assoc.abort()
+        return
+    assoc.acse.send_reject(*rejection)
+    assoc.is_rejected = True
+    assoc.kill()
 
 
 # --------------------------------------------------------------------------- the guard's hooks

@@ -231,10 +231,7 @@ class DicomServer:
         # audited before the peer hears of it, so that the row is there once it has
         log.warning("rejected %s@%s: %s", peer.calling_ae, peer.host, reason)
         self._audit_rejection(peer, reason or "rejected")
-        assoc = event.assoc
-        assoc.acse.send_reject(*rejection)
-        assoc.is_rejected = True
-        assoc.kill()
+        pynetdicom_adapter.reject(event.assoc, rejection)
 
     def _on_rejected(self, event: Any) -> None:
         # Rejections decided by pynetdicom itself (too many associations).

@@ -175,6 +175,16 @@ def test_an_untested_pynetdicom_serves_through_its_own_paths(
     assert "recv" not in vars(acceptor.dul.socket)
 
 
+def test_an_untested_pynetdicom_still_refuses_an_unknown_peer(
+    untested_pynetdicom: str, make_server: ServerFactory
+) -> None:
+    """Refused by an A-ABORT there (no A-ASSOCIATE-RJ with the reason), and served after."""
+    server = make_server(allowed_peers=("STORESCU",))
+    refused = associate(server, calling="ROGUE")
+    assert not refused.is_established and refused.is_aborted
+    assert serve_a_few(server) is not None
+
+
 def test_a_silent_connection_still_ends_without_the_fast_paths(
     untested_pynetdicom: str, make_server: ServerFactory
 ) -> None:
