@@ -4,6 +4,7 @@ becomes, and the alerts it raises."""
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -42,25 +43,38 @@ def mismatch_alerts(
     return records
 
 
+def worker_event(
+    kind: audit.EventKind,
+    *,
+    worker: str,
+    patient_id: str | None,
+    study_instance_uid: str | None,
+    **detail: object,
+) -> audit.AuditRecord:
+    """An audit event the worker raises about what it found (a minor failure: a person must
+    look), with the patient and the study it concerns."""
+    return audit.AuditRecord(
+        kind=kind,
+        outcome=audit.Outcome.MINOR_FAILURE,
+        actor_user=worker,
+        patient_id=patient_id,
+        study_instance_uid=study_instance_uid,
+        detail=detail,
+    )
+
+
 def series_audit_records(row: SeriesVerdictRow, worker: str) -> list[audit.AuditRecord]:
     """A series judged a mismatch as a whole is a Security Alert of its own."""
-
-    def alert(kind: audit.EventKind, **detail: object) -> audit.AuditRecord:
-        return audit.AuditRecord(
-            kind=kind,
-            outcome=audit.Outcome.MINOR_FAILURE,
-            actor_user=worker,
-            patient_id=row.patient_id,
-            study_instance_uid=row.study_instance_uid,
-            detail={
-                "scope": "series",
-                "series_instance_uid": row.series_instance_uid,
-                "images": row.images,
-                "revision": row.revision,
-                **detail,
-            },
-        )
-
+    alert = functools.partial(
+        worker_event,
+        worker=worker,
+        patient_id=row.patient_id,
+        study_instance_uid=row.study_instance_uid,
+        scope="series",
+        series_instance_uid=row.series_instance_uid,
+        images=row.images,
+        revision=row.revision,
+    )
     return mismatch_alerts(
         alert,
         modality_verdict=row.modality_verdict,

@@ -4,6 +4,7 @@ stores one result per job."""
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from medreid.series import (
     mismatch_alerts,
     series_audit_records,
     series_row,
+    worker_event,
 )
 from pipeline.analysis import Analysis, HeaderFacts
 from pipeline.modelstore import Analyser, embedding_bytes
@@ -76,16 +78,13 @@ def job_outcome(
 def audit_records(job: ClaimedJob, outcome: JobOutcome, worker: str) -> list[audit.AuditRecord]:
     """Failures and mismatches a person must see, as audit events."""
 
-    def event(kind: audit.EventKind, **detail: object) -> audit.AuditRecord:
-        return audit.AuditRecord(
-            kind=kind,
-            outcome=audit.Outcome.MINOR_FAILURE,
-            actor_user=worker,
-            patient_id=job.patient_id,
-            study_instance_uid=job.study_instance_uid,
-            detail={"sop_instance_uid": job.sop_instance_uid, **detail},
-        )
-
+    event = functools.partial(
+        worker_event,
+        worker=worker,
+        patient_id=job.patient_id,
+        study_instance_uid=job.study_instance_uid,
+        sop_instance_uid=job.sop_instance_uid,
+    )
     failed = (
         []
         if outcome.ok

@@ -258,3 +258,35 @@ def test_large_images_reach_the_models_in_chunks_of_bounded_memory(
     assert worker.run_once() == 5
     assert analyser.batches == [2, 2, 1]
     assert worker.processed == 5
+
+
+def test_a_failed_job_and_each_mismatch_raise_their_own_alert() -> None:
+    from medreid.worker import audit_records
+    from storage.jobs import ClaimedJob, JobOutcome
+
+    job = ClaimedJob(1, 2, 1, "x.dcm", "1.2.3.4", "P2", "1.2.3", modality="CT")
+    both = JobOutcome(
+        ok=True,
+        parameters={},
+        timings_ms={},
+        predicted_modality="xray",
+        modality_verdict="mismatch",
+        identity_verdict="mismatch",
+        matched_patient_id="P3",
+        identity_threshold=0.5,
+    )
+    records = audit_records(job, both, "w1")
+    assert [r.kind.event_type for r in records] == ["Modality Mismatch", "Patient Mismatch"]
+    assert all(
+        (r.actor_user, r.patient_id, r.study_instance_uid) == ("w1", "P2", "1.2.3")
+        and r.detail["sop_instance_uid"] == "1.2.3.4"
+        for r in records
+    )
+    assert records[0].detail["header_modality"] == "CT"
+    assert records[0].detail["predicted"] == "xray"
+    assert records[1].detail["looks_like"] == "P3"
+    failed = JobOutcome(ok=False, parameters={}, timings_ms={}, failed_stage="decode")
+    (failure,) = audit_records(job, failed, "w1")
+    assert failure.kind.event_type == "Processing Failure"
+    assert failure.detail["stage"] == "decode"
+    assert audit_records(job, JobOutcome(ok=True, parameters={}, timings_ms={}), "w1") == []
