@@ -309,7 +309,7 @@ class ServiceGauges:
     def collect(self) -> Iterator[Metric]:
         from prometheus_client.core import GaugeMetricFamily
 
-        from storage.reports import ALERT_WINDOW, open_alerts, queue_state
+        from storage.reports import open_alerts, queue_state
 
         checks = self.readiness.check()
         ready = GaugeMetricFamily(
@@ -329,7 +329,7 @@ class ServiceGauges:
         try:
             with self.sessions.begin() as session:
                 queue = queue_state(session)
-                images, series = open_alerts(session, since=now - ALERT_WINDOW)
+                images, series = open_alerts(session)
         except Exception as exc:
             log.warning("metrics: the database could not be read: %s", type(exc).__name__)
             self.metrics.database_errors.labels(component="monitoring").inc()
@@ -348,7 +348,7 @@ class ServiceGauges:
         )
         alerts = GaugeMetricFamily(
             "medreid_open_alerts",
-            "Mismatch verdicts of the last 7 days, images and series",
+            "Alerts no reviewer has decided yet, of images and of series",
             labels=["kind"],
         )
         alerts.add_metric(["image"], images)

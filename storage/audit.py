@@ -56,6 +56,8 @@ INSTANCE_REFUSED = EventKind("110104", "DICOM Instances Transferred", "Instance 
 PROCESSING_FAILED = EventKind("110103", "DICOM Instances Accessed", "Processing Failure", "R")
 MODALITY_MISMATCH = EventKind("110113", "Security Alert", "Modality Mismatch", "E")
 PATIENT_MISMATCH = EventKind("110113", "Security Alert", "Patient Mismatch", "E")
+# A reviewer's decision on an alert: confirmed (a real misfile or wrong tag) or dismissed.
+ALERT_REVIEWED = EventKind("110113", "Security Alert", "Alert Reviewed", "U")
 GALLERY_ENROLLMENT = EventKind("110103", "DICOM Instances Accessed", "Gallery Enrollment", "C")
 MODEL_ACTIVATED = EventKind("110100", "Application Activity", "Model Activated", "U")
 AUDIT_LOG_USED = EventKind("110101", "Audit Log Used", None, "R")

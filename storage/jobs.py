@@ -1,4 +1,5 @@
-"""The job queue: claims under a lease, release, and finishing a job with its result."""
+"""The job queue: claims under a lease, release, and finishing a job with its result (and
+the alerts its mismatches raise, in the same transaction)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
+from storage.alerts import MISMATCH, FlaggedImage, raise_image_alerts
 from storage.models import (
     Instance,
     InstanceState,
@@ -173,15 +175,31 @@ def finish_job(session: Session, *, job: ClaimedJob, worker: str, outcome: JobOu
     )
     if closed.rowcount != 1:  # type: ignore[attr-defined]
         return False
-    session.add(
-        Result(
-            job_id=job.job_id,
-            instance_id=job.instance_id,
-            status="ok" if outcome.ok else "failed",
-            worker=worker,
-            **outcome.columns(),
-        )
+    result = Result(
+        job_id=job.job_id,
+        instance_id=job.instance_id,
+        status="ok" if outcome.ok else "failed",
+        worker=worker,
+        **outcome.columns(),
     )
+    session.add(result)
+    if MISMATCH in (outcome.modality_verdict, outcome.identity_verdict):
+        session.flush()  # the result's id, for its alerts
+        series = session.scalar(
+            select(Instance.series_instance_uid).where(Instance.id == job.instance_id)
+        )
+        raise_image_alerts(
+            session,
+            result=result,
+            image=FlaggedImage(
+                patient_id=job.patient_id,
+                study_instance_uid=job.study_instance_uid,
+                series_instance_uid=series,
+                sop_instance_uid=job.sop_instance_uid,
+                header_modality=job.modality,
+            ),
+            by=worker,
+        )
     session.execute(
         update(Instance)
         .where(Instance.id == job.instance_id)

@@ -213,6 +213,57 @@ class SeriesVerdictRow(Base):
     revision: Mapped[int] = mapped_column(Integer, default=1)
 
 
+class AlertKind(enum.StrEnum):
+    MODALITY_MISMATCH = "modality_mismatch"
+    PATIENT_MISMATCH = "patient_mismatch"
+
+
+class AlertScope(enum.StrEnum):
+    IMAGE = "image"
+    SERIES = "series"
+
+
+class AlertState(enum.StrEnum):
+    OPEN = "open"
+    CONFIRMED = "confirmed"
+    DISMISSED = "dismissed"
+
+
+class Alert(Base):
+    """A mismatch a person must look at: one per flagged image, or per judged series, and
+    kind. ``open`` until a reviewer confirms or dismisses it, with a reason."""
+
+    __tablename__ = "alerts"
+    __table_args__ = (
+        UniqueConstraint("result_id", "kind", name="uq_alerts_result_id_kind"),
+        UniqueConstraint("series_verdict_id", "kind", name="uq_alerts_series_verdict_id_kind"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    scope: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16), index=True, default=AlertState.OPEN)
+    result_id: Mapped[int | None] = mapped_column(ForeignKey("results.id", ondelete="CASCADE"))
+    series_verdict_id: Mapped[int | None] = mapped_column(
+        ForeignKey("series_verdicts.id", ondelete="CASCADE")
+    )
+    patient_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    study_instance_uid: Mapped[str | None] = mapped_column(String(64), index=True)
+    series_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    # What the pixels say instead: the patient they resemble, the modality they show.
+    suspected_patient_id: Mapped[str | None] = mapped_column(String(64))
+    header_modality: Mapped[str | None] = mapped_column(String(16))
+    predicted_modality: Mapped[str | None] = mapped_column(String(16))
+    detail: Mapped[dict[str, Any]]
+    raised_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    raised_by: Mapped[str] = mapped_column(String(255))
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    reviewed_by: Mapped[str | None] = mapped_column(String(255))
+    reviewed_at: Mapped[dt.datetime | None]
+    review_reason: Mapped[str | None] = mapped_column(Text)
+
+
 class GalleryEntry(Base):
     """An enrolled embedding: this image shows this patient, for one model version."""
 

@@ -12,6 +12,9 @@ from sqlalchemy.orm import Session
 
 from storage.models import (
     ActiveModel,
+    Alert,
+    AlertScope,
+    AlertState,
     Instance,
     Job,
     JobState,
@@ -20,8 +23,8 @@ from storage.models import (
 )
 
 MISMATCH = "mismatch"
-# Mismatch verdicts this recent count as open alerts (the dashboard's and the metrics').
-ALERT_WINDOW = dt.timedelta(days=7)
+# The dashboard's recent past: failed jobs and mismatch rates per sender.
+RECENT_WINDOW = dt.timedelta(days=7)
 
 
 def result_detail(session: Session, *, result_id: int) -> tuple[Result, Instance] | None:
@@ -49,7 +52,7 @@ class Dashboard:
     week_by_modality: dict[str, int] = field(default_factory=dict)
     today_by_sender: dict[str, int] = field(default_factory=dict)
     week_by_sender: dict[str, int] = field(default_factory=dict)
-    open_image_alerts: int = 0  # image results with a mismatch verdict in the alert window
+    open_image_alerts: int = 0  # alerts of images no reviewer has decided yet
     open_series_alerts: int = 0
     queue_pending: int = 0
     queue_running: int = 0
@@ -81,23 +84,16 @@ def _mismatch() -> ColumnElement[bool]:
     return or_(Result.modality_verdict == MISMATCH, Result.identity_verdict == MISMATCH)
 
 
-def open_alerts(session: Session, *, since: dt.datetime) -> tuple[int, int]:
-    """Image results and series verdicts with a mismatch verdict since ``since``."""
-    images = session.scalar(
-        select(func.count()).select_from(Result).where(Result.created_at >= since, _mismatch())
+def open_alerts(session: Session) -> tuple[int, int]:
+    """Alerts no reviewer has decided yet: of images, of series."""
+    counted = dict(
+        session.execute(
+            select(Alert.scope, func.count())
+            .where(Alert.state == AlertState.OPEN)
+            .group_by(Alert.scope)
+        ).all()
     )
-    series = session.scalar(
-        select(func.count())
-        .select_from(SeriesVerdictRow)
-        .where(
-            SeriesVerdictRow.decided_at >= since,
-            or_(
-                SeriesVerdictRow.modality_verdict == MISMATCH,
-                SeriesVerdictRow.identity_verdict == MISMATCH,
-            ),
-        )
-    )
-    return int(images or 0), int(series or 0)
+    return int(counted.get(AlertScope.IMAGE, 0)), int(counted.get(AlertScope.SERIES, 0))
 
 
 @dataclass(frozen=True)
@@ -129,7 +125,7 @@ def dashboard(
     now: dt.datetime,
     day_start: dt.datetime,
     week_start: dt.datetime,
-    alert_window: dt.timedelta = ALERT_WINDOW,
+    recent_window: dt.timedelta = RECENT_WINDOW,
     hours: int = 48,
 ) -> Dashboard:
     board = Dashboard()
@@ -140,15 +136,15 @@ def dashboard(
     board.received_today = sum(board.today_by_modality.values())
     board.received_week = sum(board.week_by_modality.values())
 
-    alerts_since = now - alert_window
-    board.open_image_alerts, board.open_series_alerts = open_alerts(session, since=alerts_since)
+    board.open_image_alerts, board.open_series_alerts = open_alerts(session)
+    recent_since = now - recent_window
     queue = queue_state(session)
     board.queue_pending, board.queue_running = queue.pending, queue.running
     board.failed_recently = int(
         session.scalar(
             select(func.count())
             .select_from(Job)
-            .where(Job.state == JobState.FAILED, Job.finished_at >= alerts_since)
+            .where(Job.state == JobState.FAILED, Job.finished_at >= recent_since)
         )
         or 0
     )
@@ -185,7 +181,7 @@ def dashboard(
             select(Instance.calling_ae, func.count(), mismatches)
             .select_from(Result)
             .join(Instance, Instance.id == Result.instance_id)
-            .where(Result.created_at >= alerts_since, Result.status == "ok")
+            .where(Result.created_at >= recent_since, Result.status == "ok")
             .group_by(Instance.calling_ae)
             .order_by(Instance.calling_ae)
         ).all()

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 from sqlalchemy import ColumnElement, Select, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from storage.alerts import sync_series_alerts
 from storage.models import (
     Instance,
     Job,
@@ -198,9 +199,9 @@ def series_results(session: Session, *, series_uid: str) -> list[tuple[Instance,
 def save_series_verdict(session: Session, *, row: SeriesVerdictRow) -> SeriesVerdictRow | None:
     """Insert the series' verdict, or revise the one decided before the series' last image.
 
-    Returns the stored row, or None where another worker has already judged the series as it
-    stands. A concurrent first insert by another worker raises IntegrityError; the caller
-    rolls back and moves on."""
+    Its alerts follow it (``storage.alerts.sync_series_alerts``). Returns the stored row, or
+    None where another worker has already judged the series as it stands. A concurrent first
+    insert by another worker raises IntegrityError; the caller rolls back and moves on."""
     existing = session.scalar(
         select(SeriesVerdictRow).where(
             SeriesVerdictRow.series_instance_uid == row.series_instance_uid
@@ -209,6 +210,7 @@ def save_series_verdict(session: Session, *, row: SeriesVerdictRow) -> SeriesVer
     if existing is None:
         session.add(row)
         session.flush()
+        sync_series_alerts(session, row=row, by=row.decided_by)
         return row
     values = {
         c.key: getattr(row, c.key)
@@ -222,8 +224,12 @@ def save_series_verdict(session: Session, *, row: SeriesVerdictRow) -> SeriesVer
             SeriesVerdictRow.last_received_at < row.last_received_at,
         )
         .values(**values, decided_at=utcnow(), revision=SeriesVerdictRow.revision + 1)
+        # the row is refreshed below; comparing times in Python would meet SQLite's naive
+        # datetimes beside aware ones
+        .execution_options(synchronize_session=False)
     )
     if revised.rowcount != 1:  # type: ignore[attr-defined]
         return None
     session.refresh(existing)
+    sync_series_alerts(session, row=existing, by=existing.decided_by)
     return existing

@@ -15,8 +15,10 @@ from console.app import ConsoleConfig, ConsoleContext, create_app
 from console.passwords import hash_password
 from pipeline.runner import PipelineConfig
 from storage.accounts import add_user
+from storage.alerts import FlaggedImage, raise_image_alerts
 from storage.instances import NewInstance, add_instance_with_job
 from storage.models import AuditEvent, Instance, Job, JobState, Result, SeriesVerdictRow
+from storage.results import save_series_verdict
 from support.dicom_factory import encode, make_dataset
 from tests.conftest import Database
 
@@ -163,6 +165,21 @@ def fill(db: Database, spool: Path) -> Hospital:
         )
         with db.sessions.begin() as session:
             session.add(result)
+            session.flush()
+            instance = session.get(Instance, instance_id)
+            assert instance is not None
+            raise_image_alerts(  # as finish_job does
+                session,
+                result=result,
+                image=FlaggedImage(
+                    patient_id=instance.patient_id,
+                    study_instance_uid=instance.study_instance_uid,
+                    series_instance_uid=instance.series_instance_uid,
+                    sop_instance_uid=instance.sop_instance_uid,
+                    header_modality=instance.modality,
+                ),
+                by="test/1/0",
+            )
             session.execute(
                 update(Job)
                 .where(Job.id == job_id)
@@ -179,8 +196,9 @@ def fill(db: Database, spool: Path) -> Hospital:
             assert judged is not None
             instance = session.get(Instance, judged.instance_id)
             assert instance is not None and instance.series_instance_uid
-            session.add(
-                SeriesVerdictRow(
+            save_series_verdict(  # and its alerts
+                session,
+                row=SeriesVerdictRow(
                     series_instance_uid=instance.series_instance_uid,
                     study_instance_uid=instance.study_instance_uid,
                     patient_id=instance.patient_id,
@@ -196,7 +214,7 @@ def fill(db: Database, spool: Path) -> Hospital:
                     last_received_at=instance.received_at,
                     decided_at=decided,
                     decided_by="test/1/0",
-                )
+                ),
             )
     hospital.pending_instance, _ = _instance(
         db,

@@ -65,7 +65,7 @@ def test_downgrade_and_upgrade_round_trip(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------------- with data
 
-EARLIER_REVISIONS = ["0001", "0002", "0003", "0004"]
+EARLIER_REVISIONS = ["0001", "0002", "0003", "0004", "0005"]
 WHEN = dt.datetime(2026, 11, 2, 8, 30, 0)
 
 
@@ -152,5 +152,43 @@ def test_a_filled_database_at_an_earlier_revision_upgrades_with_its_rows(
         with engine.connect() as connection:
             kept = connection.scalar(sa.text("SELECT count(*) FROM audit_events"))
         assert kept == len(before["audit_events"])
+    finally:
+        engine.dispose()
+
+
+def test_the_stored_mismatches_become_open_alerts(database_url_at_base: str) -> None:
+    """0006: one open alert for each mismatch already stored, of an image or a series."""
+    url = database_url_at_base
+    from alembic import command
+
+    from storage.db import alembic_config
+
+    command.upgrade(alembic_config(url), "0005")
+    engine = make_engine(url)
+    try:
+        _fill(engine)
+        with engine.begin() as connection:
+            connection.execute(
+                sa.text("UPDATE results SET identity_verdict = 'mismatch' WHERE id = 1")
+            )
+            connection.execute(
+                sa.text("UPDATE series_verdicts SET modality_verdict = 'mismatch' WHERE id = 2")
+            )
+        upgrade(url)
+        with engine.connect() as connection:
+            alerts = [
+                dict(r._mapping)
+                for r in connection.execute(sa.text("SELECT * FROM alerts ORDER BY scope"))
+            ]
+        assert [(a["kind"], a["scope"], a["state"]) for a in alerts] == [
+            ("patient_mismatch", "image", "open"),
+            ("modality_mismatch", "series", "open"),
+        ]
+        image, series = alerts
+        assert (image["result_id"], image["series_verdict_id"]) == (1, None)
+        assert image["patient_id"] == "pat1" and image["suspected_patient_id"] == "mat1"
+        assert image["sop_instance_uid"] == "sop1" and image["raised_by"] == "wor1"
+        assert (series["result_id"], series["series_verdict_id"]) == (None, 2)
+        assert series["series_instance_uid"] == "ser2" and series["suspected_patient_id"] is None
     finally:
         engine.dispose()

@@ -1,0 +1,216 @@
+"""Alerts: raised with the result or series verdict that flags a mismatch, listed open first,
+and closed by a reviewer as confirmed or dismissed."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import case, func, select
+from sqlalchemy.orm import Session
+
+from storage.models import (
+    Alert,
+    AlertKind,
+    AlertScope,
+    AlertState,
+    Result,
+    SeriesVerdictRow,
+    utcnow,
+)
+
+MISMATCH = "mismatch"
+
+
+class AlertReviewError(ValueError):
+    """A review that cannot be recorded (no such alert, decided already, no reason)."""
+
+
+@dataclass(frozen=True)
+class FlaggedImage:
+    """What an image's alert says of it besides its result."""
+
+    patient_id: str | None
+    study_instance_uid: str | None
+    series_instance_uid: str | None
+    sop_instance_uid: str | None
+    header_modality: str | None
+
+
+def raise_image_alerts(
+    session: Session, *, result: Result, image: FlaggedImage, by: str
+) -> list[Alert]:
+    """One alert for each mismatch of an image's result (none where it agrees)."""
+    raised = []
+    for kind, flagged in (
+        (AlertKind.MODALITY_MISMATCH, result.modality_verdict == MISMATCH),
+        (AlertKind.PATIENT_MISMATCH, result.identity_verdict == MISMATCH),
+    ):
+        if not flagged:
+            continue
+        alert = Alert(
+            kind=kind,
+            scope=AlertScope.IMAGE,
+            result_id=result.id,
+            patient_id=image.patient_id,
+            study_instance_uid=image.study_instance_uid,
+            series_instance_uid=image.series_instance_uid,
+            sop_instance_uid=image.sop_instance_uid,
+            suspected_patient_id=result.matched_patient_id
+            if kind == AlertKind.PATIENT_MISMATCH
+            else None,
+            header_modality=image.header_modality,
+            predicted_modality=result.predicted_modality,
+            detail=_image_detail(result),
+            raised_by=by,
+        )
+        session.add(alert)
+        raised.append(alert)
+    session.flush()
+    return raised
+
+
+def _image_detail(result: Result) -> dict[str, Any]:
+    return {
+        "modality_scores": result.modality_scores,
+        "top_matches": result.top_matches,
+        "threshold": result.identity_threshold,
+        "header_score": result.identity_header_score,
+        "model_versions": result.model_versions,
+    }
+
+
+def sync_series_alerts(session: Session, *, row: SeriesVerdictRow, by: str) -> list[Alert]:
+    """The series' open alerts follow its verdict: raised once, updated when the series is
+    judged again (a decided one is left as its reviewer left it). Returns those raised."""
+    existing = {
+        a.kind: a for a in session.scalars(select(Alert).where(Alert.series_verdict_id == row.id))
+    }
+    raised = []
+    now = utcnow()
+    for kind, flagged in (
+        (AlertKind.MODALITY_MISMATCH, row.modality_verdict == MISMATCH),
+        (AlertKind.PATIENT_MISMATCH, row.identity_verdict == MISMATCH),
+    ):
+        detail = {
+            "revision": row.revision,
+            "images": row.images,
+            "still_mismatch": flagged,
+            "modality_agreement": row.modality_agreement,
+            "header_score": row.header_score,
+            "best_other_score": row.best_other_score,
+            "threshold": row.threshold,
+        }
+        alert = existing.get(kind)
+        if alert is not None:
+            if alert.state == AlertState.OPEN:
+                alert.detail = detail
+                alert.suspected_patient_id = _suspect(kind, row)
+                alert.predicted_modality = row.predicted_modality
+                alert.updated_at = now
+            continue
+        if not flagged:
+            continue
+        alert = Alert(
+            kind=kind,
+            scope=AlertScope.SERIES,
+            series_verdict_id=row.id,
+            patient_id=row.patient_id,
+            study_instance_uid=row.study_instance_uid,
+            series_instance_uid=row.series_instance_uid,
+            suspected_patient_id=_suspect(kind, row),
+            header_modality=row.header_modality,
+            predicted_modality=row.predicted_modality,
+            detail=detail,
+            raised_by=by,
+            raised_at=now,
+            updated_at=now,
+        )
+        session.add(alert)
+        raised.append(alert)
+    session.flush()
+    return raised
+
+
+def _suspect(kind: str, row: SeriesVerdictRow) -> str | None:
+    return row.matched_patient_id if kind == AlertKind.PATIENT_MISMATCH else None
+
+
+@dataclass(frozen=True)
+class AlertQuery:
+    """Which alerts to list; open ones come first, newest first within each state."""
+
+    state: AlertState | None = None
+    kind: AlertKind | None = None
+    patient: str | None = None  # the header patient or the suspected one
+    study: str | None = None
+    limit: int = 100
+    offset: int = 0
+
+
+def list_alerts(session: Session, *, where: AlertQuery) -> tuple[list[Alert], int]:
+    conditions = []
+    if where.state is not None:
+        conditions.append(Alert.state == where.state)
+    if where.kind is not None:
+        conditions.append(Alert.kind == where.kind)
+    if where.patient:
+        conditions.append(
+            (Alert.patient_id == where.patient) | (Alert.suspected_patient_id == where.patient)
+        )
+    if where.study:
+        conditions.append(Alert.study_instance_uid == where.study)
+    open_first = case((Alert.state == AlertState.OPEN, 0), else_=1)
+    rows = session.scalars(
+        select(Alert)
+        .where(*conditions)
+        .order_by(open_first, Alert.raised_at.desc(), Alert.id.desc())
+        .limit(where.limit)
+        .offset(where.offset)
+    ).all()
+    total = session.scalar(select(func.count()).select_from(Alert).where(*conditions))
+    return list(rows), int(total or 0)
+
+
+def alert_counts(session: Session) -> dict[str, int]:
+    """How many alerts are in each state."""
+    counted: Sequence[Any] = session.execute(
+        select(Alert.state, func.count()).group_by(Alert.state)
+    ).all()
+    return {str(state): int(n) for state, n in counted}
+
+
+def review_alert(
+    session: Session,
+    *,
+    alert_id: int,
+    decision: AlertState,
+    reviewer: str,
+    reason: str | None,
+    now: dt.datetime | None = None,
+) -> Alert:
+    """Confirm or dismiss an open alert. A dismissal needs a reason; a decided alert stays
+    decided (a second review is refused, so the first reviewer's word is never overwritten)."""
+    if decision == AlertState.OPEN:
+        raise AlertReviewError("a review confirms or dismisses an alert")
+    reason = (reason or "").strip() or None
+    if decision == AlertState.DISMISSED and reason is None:
+        raise AlertReviewError("a dismissal needs a reason")
+    alert = session.get(Alert, alert_id, with_for_update=True)
+    if alert is None:
+        raise AlertReviewError(f"no alert {alert_id}")
+    if alert.state != AlertState.OPEN:
+        raise AlertReviewError(
+            f"alert {alert_id} was {alert.state} by {alert.reviewed_by} at "
+            f"{alert.reviewed_at:%Y-%m-%d %H:%M}"
+        )
+    now = now or utcnow()
+    alert.state = decision
+    alert.reviewed_by = reviewer
+    alert.reviewed_at = now
+    alert.review_reason = reason
+    alert.updated_at = now
+    session.flush()
+    return alert
