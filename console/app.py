@@ -1,10 +1,11 @@
 """The console's web application: pages for people, the same data as JSON for programs.
 
 ``create_app`` assembles the routers (``console.auth``: login and logout; ``console.pages``;
-``console.api``) over what they share (``console.context``). Every page view, API call and
-export is an audit event with the user's name. Every page and API operation is a GET that
-changes nothing; the two forms (login, logout) carry CSRF tokens. Nothing here builds SQL from
-strings, and every page is rendered by Jinja with autoescaping."""
+``console.api``; ``console.review``: the alert worklist and its decisions) over what they
+share (``console.context``). Every page view, API call, export and decision is an audit event
+with the user's name. Pages and API operations are GETs that change nothing, but a
+reviewer's decision on an alert; the forms (login, logout, review) carry CSRF tokens.
+Nothing here builds SQL from strings, and every page is rendered by Jinja with autoescaping."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from console import api, auth, pages
+from console import api, auth, pages, review
 from console.context import ConsoleConfig, ConsoleContext, LoginRequiredError, html, is_api
 
 __all__ = ["ConsoleConfig", "ConsoleContext", "create_app"]
@@ -78,7 +79,8 @@ def create_app(ctx: ConsoleContext) -> FastAPI:
         title="medreid console API",
         version=ctx.version or "0",
         description=(
-            "Read-only access to medreid's results, series verdicts and audit trail. "
+            "medreid's results, series verdicts, alerts and audit trail; reviewers confirm or "
+            "dismiss alerts. "
             "Authenticate with a bearer token from `medreid users token NAME`, or with the "
             "session cookie of a console login. Every call is recorded in the audit trail."
         ),
@@ -138,7 +140,9 @@ def create_app(ctx: ConsoleContext) -> FastAPI:
 
     app.include_router(auth.router)
     app.include_router(pages.router)
+    app.include_router(review.pages)
     app.include_router(api.router)
+    app.include_router(review.api)
 
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> dict[str, str]:

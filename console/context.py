@@ -21,7 +21,7 @@ from pipeline.runner import PipelineConfig
 from storage import audit
 from storage.accounts import live_session
 from storage.audit_trail import append_audit
-from storage.models import Clock, Instance, SessionKind, utcnow
+from storage.models import Clock, Instance, SessionKind, UserRole, utcnow
 
 SESSION_COOKIE = "medreid_session"
 LOGIN_CSRF_COOKIE = "medreid_login_csrf"
@@ -59,6 +59,7 @@ class Principal:
     kind: str
     csrf_token: str | None
     client_host: str | None
+    role: UserRole = UserRole.VIEWER
 
 
 class LoginRequiredError(Exception):
@@ -124,6 +125,7 @@ def authenticate(db: Session, request: Request) -> Principal | None:
         kind=row.kind,
         csrf_token=row.csrf_token,
         client_host=client_host(request),
+        role=UserRole(row.user.role),
     )
 
 

@@ -25,8 +25,8 @@ class CountsOut(BaseModel):
 
 
 class AlertsOut(BaseModel):
-    images: int = Field(description="image results with a mismatch verdict in the last 7 days")
-    series: int = Field(description="series verdicts of mismatch in the last 7 days")
+    images: int = Field(description="open alerts of images (no reviewer has decided them)")
+    series: int = Field(description="open alerts of series")
 
 
 class QueueOut(BaseModel):
@@ -157,3 +157,50 @@ class AuditEventOut(BaseModel):
 class AuditPageOut(BaseModel):
     limit: int
     items: list[AuditEventOut]
+
+
+AlertKindName = Literal["modality_mismatch", "patient_mismatch"]
+AlertStateName = Literal["open", "confirmed", "dismissed"]
+
+
+class AlertOut(BaseModel):
+    """A mismatch for a person to decide: confirmed (real) or dismissed (a false alarm)."""
+
+    id: int
+    kind: AlertKindName
+    scope: Literal["image", "series"]
+    state: AlertStateName
+    result_id: int | None
+    series_verdict_id: int | None
+    patient_id: str | None = Field(description="the header's PatientID")
+    suspected_patient_id: str | None = Field(description="the patient the pixels resemble")
+    header_modality: str | None
+    predicted_modality: str | None
+    study_instance_uid: str | None
+    series_instance_uid: str | None
+    sop_instance_uid: str | None
+    detail: dict[str, Any]
+    raised_at: dt.datetime
+    raised_by: str
+    updated_at: dt.datetime
+    reviewed_by: str | None
+    reviewed_at: dt.datetime | None
+    review_reason: str | None
+
+
+class AlertPageOut(BaseModel):
+    total: int
+    offset: int
+    limit: int
+    counts: dict[str, int] = Field(description="alerts in each state, whatever the filters")
+    items: list[AlertOut]
+
+
+class ReviewIn(BaseModel):
+    decision: Literal["confirmed", "dismissed"]
+    reason: str | None = Field(None, max_length=1000, description="needed to dismiss")
+    enroll: bool = Field(
+        False,
+        description="with a dismissed patient mismatch of an image: also enroll the image "
+        "under its header patient",
+    )

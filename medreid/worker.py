@@ -27,6 +27,7 @@ from pipeline.ports import NoObserver, WorkerObserver
 from pipeline.runner import PipelineConfig, PipelineResult, run_pipeline
 from pipeline.series import ImageFinding, aggregate_series
 from storage import audit
+from storage.alerts import FlaggedEmbedding
 from storage.audit_trail import append_audit
 from storage.gallery import NewGalleryEntry, add_gallery_entries
 from storage.jobs import ClaimedJob, JobOutcome, claim_jobs, finish_job
@@ -73,6 +74,16 @@ def job_outcome(
         stats_decoded=before.__dict__ if before is not None else None,
         stats_clahe=after.__dict__ if after is not None else None,
     )
+
+
+def _embedding(analysis: Analysis | None) -> FlaggedEmbedding | None:
+    """The image's embedding under its routed model, kept with a patient mismatch's alert."""
+    if analysis is None or analysis.embedding is None or analysis.routed_to is None:
+        return None
+    version = analysis.versions.get(f"reid:{analysis.routed_to}")
+    if version is None:
+        return None
+    return FlaggedEmbedding(embedding_bytes(analysis.embedding), version, analysis.routed_to)
 
 
 def audit_records(job: ClaimedJob, outcome: JobOutcome, worker: str) -> list[audit.AuditRecord]:
@@ -202,7 +213,9 @@ class Worker:
         self, session: Session, job: ClaimedJob, result: PipelineResult, analysis: Analysis | None
     ) -> bool:
         outcome = job_outcome(result, self.config, analysis)
-        stored = finish_job(session, job=job, worker=self.name, outcome=outcome)
+        stored = finish_job(
+            session, job=job, worker=self.name, outcome=outcome, embedding=_embedding(analysis)
+        )
         if stored:
             if log.isEnabledFor(logging.DEBUG):  # no context dict per job unless it is logged
                 log.debug(

@@ -11,11 +11,13 @@ from typing import Any
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
+from storage.audit import ALERT_REVIEWED, GALLERY_ENROLLMENT, AuditRecord
 from storage.models import (
     Alert,
     AlertKind,
     AlertScope,
     AlertState,
+    GalleryEntry,
     Result,
     SeriesVerdictRow,
     utcnow,
@@ -29,6 +31,15 @@ class AlertReviewError(ValueError):
 
 
 @dataclass(frozen=True)
+class FlaggedEmbedding:
+    """The flagged image's embedding, under the model that made it."""
+
+    vector: bytes  # float32, little-endian
+    model_version: str
+    modality: str
+
+
+@dataclass(frozen=True)
 class FlaggedImage:
     """What an image's alert says of it besides its result."""
 
@@ -37,6 +48,7 @@ class FlaggedImage:
     series_instance_uid: str | None
     sop_instance_uid: str | None
     header_modality: str | None
+    embedding: FlaggedEmbedding | None = None
 
 
 def raise_image_alerts(
@@ -50,9 +62,13 @@ def raise_image_alerts(
     ):
         if not flagged:
             continue
+        kept = image.embedding if kind == AlertKind.PATIENT_MISMATCH else None
         alert = Alert(
             kind=kind,
             scope=AlertScope.IMAGE,
+            embedding=kept.vector if kept else None,
+            embedding_model=kept.model_version if kept else None,
+            embedding_modality=kept.modality if kept else None,
             result_id=result.id,
             patient_id=image.patient_id,
             study_instance_uid=image.study_instance_uid,
@@ -190,11 +206,18 @@ def review_alert(
     reviewer: str,
     reason: str | None,
     now: dt.datetime | None = None,
+    enroll: bool = False,
 ) -> Alert:
     """Confirm or dismiss an open alert. A dismissal needs a reason; a decided alert stays
-    decided (a second review is refused, so the first reviewer's word is never overwritten)."""
+    decided (a second review is refused, so the first reviewer's word is never overwritten).
+
+    ``enroll``: a dismissed patient mismatch of an image also enrolls that image under its
+    header patient (the reviewer says it is theirs), so their next image is ``consistent``.
+    A confirmed alert never enrolls its image."""
     if decision == AlertState.OPEN:
         raise AlertReviewError("a review confirms or dismisses an alert")
+    if enroll and decision != AlertState.DISMISSED:
+        raise AlertReviewError("only a dismissed alert may enroll its image")
     reason = (reason or "").strip() or None
     if decision == AlertState.DISMISSED and reason is None:
         raise AlertReviewError("a dismissal needs a reason")
@@ -206,7 +229,26 @@ def review_alert(
             f"alert {alert_id} was {alert.state} by {alert.reviewed_by} at "
             f"{alert.reviewed_at:%Y-%m-%d %H:%M}"
         )
+    if enroll and (alert.embedding is None or alert.result_id is None or not alert.patient_id):
+        raise AlertReviewError(
+            f"alert {alert_id} has no image embedding to enroll (only an image's patient "
+            "mismatch has one)"
+        )
     now = now or utcnow()
+    if enroll:
+        result = session.get(Result, alert.result_id)
+        session.add(
+            GalleryEntry(
+                patient_id=alert.patient_id,
+                modality=alert.embedding_modality,
+                model_version=alert.embedding_model,
+                embedding=alert.embedding,
+                source_instance_id=result.instance_id if result is not None else None,
+                source_path=None,
+                enrolled_by=reviewer,
+                enrolled_at=now,
+            )
+        )
     alert.state = decision
     alert.reviewed_by = reviewer
     alert.reviewed_at = now
@@ -214,3 +256,52 @@ def review_alert(
     alert.updated_at = now
     session.flush()
     return alert
+
+
+def review_audit(
+    alert: Alert,
+    *,
+    actor_user: str,
+    actor_host: str | None,
+    interface: str,
+    enrolled: bool,
+    occurred_at: dt.datetime | None = None,
+) -> list[AuditRecord]:
+    """The audit events of a decision: the review, and the enrollment it made if any."""
+    common: dict[str, Any] = {
+        "actor_user": actor_user,
+        "actor_host": actor_host,
+        "patient_id": alert.patient_id,
+        "study_instance_uid": alert.study_instance_uid,
+        "occurred_at": occurred_at,
+    }
+    records = [
+        AuditRecord(
+            kind=ALERT_REVIEWED,
+            detail={
+                "interface": interface,
+                "alert_id": alert.id,
+                "alert_kind": alert.kind,
+                "decision": alert.state,
+                "reason": alert.review_reason,
+                "suspected_patient_id": alert.suspected_patient_id,
+                "enrolled": enrolled,
+            },
+            **common,
+        )
+    ]
+    if enrolled:
+        records.append(
+            AuditRecord(
+                kind=GALLERY_ENROLLMENT,
+                detail={
+                    "interface": interface,
+                    "policy": "dismissed alert",
+                    "alert_id": alert.id,
+                    "model": alert.embedding_model,
+                    "sop_instance_uid": alert.sop_instance_uid,
+                },
+                **common,
+            )
+        )
+    return records

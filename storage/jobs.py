@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
-from storage.alerts import MISMATCH, FlaggedImage, raise_image_alerts
+from storage.alerts import MISMATCH, FlaggedEmbedding, FlaggedImage, raise_image_alerts
 from storage.models import (
     Instance,
     InstanceState,
@@ -158,8 +158,16 @@ def _fail_abandoned_job(session: Session, *, job_id: int, instance_id: int, atte
     )
 
 
-def finish_job(session: Session, *, job: ClaimedJob, worker: str, outcome: JobOutcome) -> bool:
-    """Store the job's single result and close it, if this worker still holds it.
+def finish_job(
+    session: Session,
+    *,
+    job: ClaimedJob,
+    worker: str,
+    outcome: JobOutcome,
+    embedding: FlaggedEmbedding | None = None,
+) -> bool:
+    """Store the job's single result and close it, if this worker still holds it. A patient
+    mismatch's alert keeps ``embedding``, the image's, for a reviewer who may enroll it.
 
     Returns False (and writes nothing) when the lease was lost to another worker.
     """
@@ -197,6 +205,7 @@ def finish_job(session: Session, *, job: ClaimedJob, worker: str, outcome: JobOu
                 series_instance_uid=series,
                 sop_instance_uid=job.sop_instance_uid,
                 header_modality=job.modality,
+                embedding=embedding,
             ),
             by=worker,
         )

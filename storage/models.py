@@ -262,6 +262,11 @@ class Alert(Base):
     reviewed_by: Mapped[str | None] = mapped_column(String(255))
     reviewed_at: Mapped[dt.datetime | None]
     review_reason: Mapped[str | None] = mapped_column(Text)
+    # A flagged image's embedding, so a reviewer who dismisses a patient mismatch may enroll
+    # the image under its header patient without running the model again.
+    embedding: Mapped[bytes | None] = mapped_column(LargeBinary)
+    embedding_model: Mapped[str | None] = mapped_column(String(128))
+    embedding_modality: Mapped[str | None] = mapped_column(String(16))
 
 
 class GalleryEntry(Base):
@@ -319,8 +324,20 @@ class AuditEvent(Base):
     detail: Mapped[dict[str, Any]]
 
 
+class UserRole(enum.StrEnum):
+    """What a console user may do: look (viewer), also decide alerts (reviewer), and also
+    manage users (admin)."""
+
+    VIEWER = "viewer"
+    REVIEWER = "reviewer"
+    ADMIN = "admin"
+
+    def may_review(self) -> bool:
+        return self in (UserRole.REVIEWER, UserRole.ADMIN)
+
+
 class ConsoleUser(Base):
-    """An administrator of the web console; the password is kept as a salted scrypt hash."""
+    """A user of the web console; the password is kept as a salted scrypt hash."""
 
     __tablename__ = "console_users"
 
@@ -334,6 +351,9 @@ class ConsoleUser(Base):
     last_login_at: Mapped[dt.datetime | None]
     # failed logins before this time no longer count towards a lockout (`medreid users unlock`)
     unlocked_at: Mapped[dt.datetime | None]
+    role: Mapped[str] = mapped_column(
+        String(16), default=UserRole.VIEWER, server_default=UserRole.VIEWER.value
+    )
 
 
 class SessionKind(enum.StrEnum):

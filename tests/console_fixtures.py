@@ -229,9 +229,12 @@ def fill(db: Database, spool: Path) -> Hospital:
     return hospital
 
 
-def add_console_user(db: Database, name: str = "admin", password: str = PASSWORD) -> None:
+def add_console_user(
+    db: Database, name: str = "admin", password: str = PASSWORD, role: str = "viewer"
+) -> None:
     with db.sessions.begin() as session:
-        add_user(session, username=name, password_hash=hash_password(password), by="test")
+        user = add_user(session, username=name, password_hash=hash_password(password), by="test")
+        user.role = role
 
 
 def console_client(
@@ -277,3 +280,26 @@ def audit_rows(db: Database, **where: str) -> list[AuditEvent]:
         for column, value in where.items():
             stmt = stmt.where(getattr(AuditEvent, column) == value)
         return list(session.scalars(stmt))
+
+
+def api_token(db: Database, name: str) -> str:
+    """A bearer token of the user, as `medreid users token` makes one."""
+    from console.passwords import new_token, token_digest
+    from storage.accounts import find_user, open_session
+    from storage.models import SessionKind
+
+    token = new_token()
+    with db.sessions.begin() as session:
+        user = find_user(session, username=name)
+        assert user is not None
+        open_session(
+            session,
+            user=user,
+            kind=SessionKind.API,
+            token_sha256=token_digest(token),
+            csrf_token=None,
+            client_host=None,
+            now=NOW,
+            expires_at=NOW + dt.timedelta(days=1),
+        )
+    return token

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -188,3 +189,99 @@ def test_the_worklist_from_the_command_line_with_every_decision_audited(
         assert reviewed[0].patient_id == "P1" and reviewed[0].detail["reason"] == (
             "misfiled at the CT desk"
         )
+
+
+def test_a_dismissed_mismatch_enrolled_under_its_header_patient_is_consistent_next_time(
+    database: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The whole loop, with the real analyser and gallery over a stand-in embedder: an image
+    of P1 looks like P9 (alert); the reviewer dismisses it and enrolls it under P1; P1's next
+    image is consistent. A confirmed alert, or a modality one, never enrolls."""
+    import numpy as np
+
+    from medreid.registry import SqlModelRegistry
+    from medreid.worker import Worker
+    from pipeline import modelstore
+    from pipeline.analysis import AnalysisSettings
+    from pipeline.modelstore import Analyser, embedding_bytes
+    from pipeline.runner import PipelineConfig
+    from storage.gallery import NewGalleryEntry, add_gallery_entries
+    from storage.models import GalleryEntry, Result
+    from support.dicom_factory import encode, make_dataset
+    from tests.test_modelstore import model_folder
+    from tests.test_worker import enqueue
+
+    class SameFace:
+        threshold = 0.9
+
+        def __init__(self, folder: Path) -> None:
+            self.version = folder.name
+
+        def embed(self, images: list[Any]) -> np.ndarray:
+            return np.tile(np.array([0.6, 0.8], dtype=np.float32), (len(images), 1))
+
+    monkeypatch.setattr(modelstore, "load_model", lambda slot, folder: SameFace(folder))
+    models = tmp_path / "models"
+    folder = model_folder(models, "reid-ct-v1", "2026-01-01T00:00:00+00:00")
+    (folder / "model.json").write_text(  # a CT model
+        json.dumps({"kind": "reid", "modality": "ct", "version": "reid-ct-v1", "created": "x"})
+    )
+    with database.sessions.begin() as session:
+        add_gallery_entries(
+            session,
+            entries=[
+                NewGalleryEntry(
+                    "P9",
+                    "ct",
+                    "reid-ct-v1",
+                    embedding_bytes(np.array([0.6, 0.8])),
+                    None,
+                    None,
+                    "admin",
+                )
+            ],
+        )
+    worker = Worker(
+        sessions=database.sessions,
+        config=PipelineConfig(),
+        name="test/1/0",
+        spool_root=tmp_path,
+        analyser=Analyser(SqlModelRegistry(database.sessions), models, AnalysisSettings()),
+    )
+    first = make_dataset(np.full((8, 8), 100, dtype=np.uint16))
+    enqueue(database, tmp_path, "first.dcm", encode(first), first.SOPInstanceUID)
+    assert worker.run_once() == 1
+    with database.sessions.begin() as session:
+        (alert,) = session.scalars(select(Alert)).all()
+        assert (alert.kind, alert.patient_id, alert.suspected_patient_id) == (
+            "patient_mismatch",
+            "P1",
+            "P9",
+        )
+        assert alert.embedding_model == "reid-ct-v1" and alert.embedding_modality == "ct"
+        with pytest.raises(AlertReviewError, match="only a dismissed alert"):
+            review_alert(
+                session,
+                alert_id=alert.id,
+                decision=AlertState.CONFIRMED,
+                reviewer="qa",
+                reason=None,
+                enroll=True,
+            )
+        review_alert(
+            session,
+            alert_id=alert.id,
+            decision=AlertState.DISMISSED,
+            reviewer="qa",
+            reason="P1's own image: new scanner",
+            enroll=True,
+        )
+        (entry,) = session.scalars(select(GalleryEntry).where(GalleryEntry.patient_id == "P1"))
+        assert (entry.enrolled_by, entry.model_version) == ("qa", "reid-ct-v1")
+    second = make_dataset(np.full((8, 8), 120, dtype=np.uint16))
+    enqueue(database, tmp_path, "second.dcm", encode(second), second.SOPInstanceUID)
+    assert worker.run_once() == 1
+    with database.sessions.begin() as session:
+        newest = session.scalars(select(Result).order_by(Result.id.desc())).first()
+        assert newest is not None and newest.identity_verdict == "consistent"
+        assert len(session.scalars(select(Alert)).all()) == 1

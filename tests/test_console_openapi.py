@@ -71,6 +71,8 @@ OPERATIONS = [
     "/api/v1/series",
     "/api/v1/audit",
     "/api/v1/audit.csv",
+    "/api/v1/alerts",
+    "/api/v1/alerts/{alert_id}",
 ]
 
 
@@ -110,6 +112,9 @@ def test_the_description_covers_the_api_and_its_refusals(console_app: FastAPI) -
         ("/api/v1/series", "get"),
         ("/api/v1/audit", "get"),
         ("/api/v1/audit.csv", "get"),
+        ("/api/v1/alerts", "get"),
+        ("/api/v1/alerts/{alert_id}", "get"),
+        ("/api/v1/alerts/{alert_id}/review", "post"),
     }
     assert {"HTTPBearer", "APIKeyCookie"} <= set(described["components"]["securitySchemes"])
     for spec in operations.values():
@@ -121,6 +126,26 @@ def test_the_unauthenticated_are_refused_by_every_operation(
 ) -> None:
     for path in OPERATIONS:
         operation = api_schema[path]["GET"]
-        case = operation.Case(path_parameters={"result_id": 1})
+        case = operation.Case(path_parameters={"result_id": 1, "alert_id": 1})
         answer = case.call()
         assert answer.status_code == 401, operation.label
+
+
+@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
+def test_a_review_conforms_to_the_description(
+    api_schema: schemathesis.schemas.BaseSchema, mode: GenerationMode
+) -> None:
+    """Decisions, valid or not, by the test's user (a viewer): described refusals only."""
+    operation = api_schema["/api/v1/alerts/{alert_id}/review"]["POST"]
+
+    @given(case=operation.as_strategy(generation_mode=mode))
+    @settings(
+        max_examples=25,
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=list(HealthCheck),
+    )
+    def check(case: schemathesis.Case) -> None:
+        case.call_and_validate(headers={"Authorization": f"Bearer {TOKEN}"})
+
+    check()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -212,10 +213,10 @@ def test_one_result_that_cannot_be_stored_does_not_hold_back_its_batch(
         ids.append(enqueue(database, tmp_path, f"{n}.dcm", encode(ds), ds.SOPInstanceUID))
     real_finish = worker_module.finish_job
 
-    def finish_job(session: object, *, job: object, worker: str, outcome: object) -> bool:
+    def finish_job(session: object, *, job: object, **kwargs: Any) -> bool:
         if getattr(job, "instance_id", None) == ids[1]:
             raise IntegrityError("INSERT INTO results", {}, Exception("refused by a constraint"))
-        return real_finish(session, job=job, worker=worker, outcome=outcome)  # type: ignore[arg-type]
+        return real_finish(session, job=job, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(worker_module, "finish_job", finish_job)
     worker = make_worker(database, tmp_path)

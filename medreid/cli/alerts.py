@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from typing import TYPE_CHECKING, Any
 
 from medreid.cli.common import _audit_listing
@@ -49,6 +50,11 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     dismiss = actions.add_parser("dismiss", help="dismiss an open alert as a false alarm")
     dismiss.add_argument("alert_id", type=int, metavar="ID")
     dismiss.add_argument("--reason", required=True, help="why it is a false alarm")
+    dismiss.add_argument(
+        "--enroll",
+        action="store_true",
+        help="a patient mismatch: also enroll the image under its header patient, whose it is",
+    )
 
 
 def alert_row(alert: Alert) -> dict[str, Any]:
@@ -58,7 +64,13 @@ def alert_row(alert: Alert) -> dict[str, Any]:
 def cmd_alerts(settings: Settings, args: argparse.Namespace, clock: Clock) -> int:
     from medreid.app import build_database, os_user
     from storage import audit
-    from storage.alerts import AlertQuery, AlertReviewError, list_alerts, review_alert
+    from storage.alerts import (
+        AlertQuery,
+        AlertReviewError,
+        list_alerts,
+        review_alert,
+        review_audit,
+    )
     from storage.audit_trail import append_audit
     from storage.models import Alert, AlertKind, AlertState
 
@@ -93,6 +105,7 @@ def cmd_alerts(settings: Settings, args: argparse.Namespace, clock: Clock) -> in
                 return 0
             decision = AlertState.CONFIRMED if args.action == "confirm" else AlertState.DISMISSED
             reviewer = os_user()
+            enroll = bool(getattr(args, "enroll", False))
             try:
                 alert = review_alert(
                     session,
@@ -101,27 +114,21 @@ def cmd_alerts(settings: Settings, args: argparse.Namespace, clock: Clock) -> in
                     reviewer=reviewer,
                     reason=args.reason,
                     now=clock(),
+                    enroll=enroll,
                 )
             except AlertReviewError as exc:
                 raise SystemExit(f"medreid alerts {args.action}: {exc}") from None
-            append_audit(
-                session,
-                record=audit.AuditRecord(
-                    kind=audit.ALERT_REVIEWED,
-                    occurred_at=clock(),
-                    actor_user=reviewer,
-                    patient_id=alert.patient_id,
-                    study_instance_uid=alert.study_instance_uid,
-                    detail={
-                        "interface": "cli",
-                        "alert_id": alert.id,
-                        "kind": alert.kind,
-                        "decision": alert.state,
-                        "reason": alert.review_reason,
-                        "suspected_patient_id": alert.suspected_patient_id,
-                    },
-                ),
-            )
+            for record in review_audit(
+                alert,
+                actor_user=reviewer,
+                actor_host=os.uname().nodename,
+                interface="cli",
+                enrolled=enroll,
+                occurred_at=clock(),
+            ):
+                append_audit(session, record=record)
+            if enroll:
+                print(f"image enrolled under {alert.patient_id} ({alert.embedding_model})")
             print(f"alert {alert.id}: {alert.state} by {reviewer}")
             return 0
     finally:

@@ -17,6 +17,9 @@ if TYPE_CHECKING:  # the commands import their heavy modules when they run
 log = logging.getLogger("medreid")
 
 
+ROLES = ("viewer", "reviewer", "admin")  # storage.models.UserRole
+
+
 def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     users = commands.add_parser("users", help="the web console's users and API tokens")
     user_commands = users.add_subparsers(dest="users_command", required=True, metavar="ACTION")
@@ -29,6 +32,17 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         sub.add_argument(
             "--password-stdin", action="store_true", help="read the password from standard input"
         )
+        if action == "add":
+            sub.add_argument(
+                "--role",
+                choices=ROLES,
+                default="viewer",
+                help="viewer looks; reviewer also confirms or dismisses alerts; admin also "
+                "manages users (default: viewer)",
+            )
+    role = user_commands.add_parser("role", help="set what a user may do")
+    role.add_argument("name")
+    role.add_argument("role", choices=ROLES)
     user_commands.add_parser("list", help="list users").add_argument(
         "--format", choices=FORMATS, default="table"
     )
@@ -105,6 +119,7 @@ def cmd_users(settings: Settings, args: argparse.Namespace, clock: Clock) -> int
                 rows = [
                     {
                         "username": u.username,
+                        "role": u.role,
                         "created_at": u.created_at,
                         "created_by": u.created_by,
                         "last_login_at": u.last_login_at,
@@ -118,11 +133,14 @@ def cmd_users(settings: Settings, args: argparse.Namespace, clock: Clock) -> int
                 assert password_hash is not None
                 try:
                     with session.begin_nested():
-                        add_user(session, username=name, password_hash=password_hash, by=os_user())
+                        added = add_user(
+                            session, username=name, password_hash=password_hash, by=os_user()
+                        )
+                        added.role = args.role
                 except IntegrityError:
                     raise SystemExit(f"medreid: user {name!r} exists") from None
-                changed(session, "added")
-                print(f"user {name} added")
+                changed(session, "added", role=args.role)
+                print(f"user {name} added ({args.role})")
                 return 0
             user = find_user(session, username=name)
             if user is None:
@@ -137,6 +155,11 @@ def cmd_users(settings: Settings, args: argparse.Namespace, clock: Clock) -> int
                 disable_user(session, user=user, now=now)
                 changed(session, "disabled")
                 print(f"user {name} disabled; its sessions and tokens are ended")
+            elif args.users_command == "role":
+                was = user.role
+                user.role = args.role
+                changed(session, "role", role=args.role, was=was)
+                print(f"user {name} is now {args.role} (was {was})")
             elif args.users_command == "unlock":
                 user.unlocked_at = now
                 changed(session, "unlocked")

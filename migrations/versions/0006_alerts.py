@@ -1,5 +1,6 @@
 """alerts: one row per flagged image or series and kind, open until a reviewer decides;
-the mismatches already stored become open alerts
+the mismatches already stored become open alerts; console users get a role (viewer,
+reviewer, admin), existing ones viewer
 
 Revision ID: 0006
 Revises: 0005
@@ -44,6 +45,9 @@ def upgrade() -> None:
         sa.Column("reviewed_by", sa.String(length=255), nullable=True),
         sa.Column("reviewed_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("review_reason", sa.Text(), nullable=True),
+        sa.Column("embedding", sa.LargeBinary(), nullable=True),
+        sa.Column("embedding_model", sa.String(length=128), nullable=True),
+        sa.Column("embedding_modality", sa.String(length=16), nullable=True),
         sa.ForeignKeyConstraint(
             ["result_id"],
             ["results.id"],
@@ -65,6 +69,10 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f("ix_alerts_state"), ["state"], unique=False)
         batch_op.create_index(
             batch_op.f("ix_alerts_study_instance_uid"), ["study_instance_uid"], unique=False
+        )
+    with op.batch_alter_table("console_users") as batch:
+        batch.add_column(
+            sa.Column("role", sa.String(length=16), server_default="viewer", nullable=False)
         )
     _backfill()
 
@@ -197,6 +205,8 @@ def _backfill() -> None:
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("console_users") as batch:
+        batch.drop_column("role")
     with op.batch_alter_table("alerts", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_alerts_study_instance_uid"))
         batch_op.drop_index(batch_op.f("ix_alerts_state"))
