@@ -1,7 +1,9 @@
 """The console in a real browser: `medreid serve` with the console on, filled with generated
 studies by C-STORE, driven in headless Chromium through Selenium. An administrator logs in,
 filters the results to the mismatches, opens one, exports the audit CSV; the page views and the
-export are in the audit trail; the unauthenticated are refused.
+export are in the audit trail; the unauthenticated are refused. On the alert worklist the
+administrator, a viewer, is refused a decision; a reviewer dismisses one alert with a reason
+and confirms another, each decision in the audit trail.
 
 With MEDREID_SCREENSHOT_DIR set, the dashboard and a result page are saved there as PNG (the
 documentation's pictures are made this way)."""
@@ -37,6 +39,7 @@ MODELS = Path(__file__).resolve().parents[1] / "models"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 PASSWORD = "the console's long password"
+CLI = (sys.executable, "-m", "medreid.cli")
 
 pytestmark = [
     pytest.mark.slow,
@@ -90,6 +93,16 @@ def running(sqlite_database: Database, tmp_path: Path) -> Iterator[tuple[Running
         timeout=60,
     )
     assert added.returncode == 0, added.stderr
+    reviewer = subprocess.run(
+        [*CLI, "users", "add", "qa", "--password-stdin", "--role", "reviewer"],
+        input=PASSWORD + "\n",
+        cwd=tmp_path,
+        env=service.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert reviewer.returncode == 0, reviewer.stderr
     service.start(timeout=180)
     for row in rows:
         if row["visit"] == "2":
@@ -200,6 +213,51 @@ def test_an_administrator_audits_from_the_browser(
         driver.find_element(By.ID, "export-csv").click()
         exported = _wait_for_file(downloads, "medreid-audit-*.csv")
         events = list(csv.DictReader(exported.open(encoding="utf-8")))
+
+        # the worklist: a viewer looks, and is refused a decision
+        driver.find_element(By.LINK_TEXT, "Alerts").click()
+        wait.until(loaded.title_contains("Alerts"))
+        open_before = int(driver.find_element(By.ID, "count-open").text)
+        assert open_before >= 2  # the swaps and wrong tags of the generated visits
+        links = driver.find_elements(By.CSS_SELECTOR, "table#alerts tbody tr td:first-child a")
+        alert_ids = [int(link.text) for link in links]
+        links[0].click()
+        wait.until(loaded.url_matches(r"/alerts/\d+$"))
+        assert driver.find_elements(By.ID, "viewer-note") and not driver.find_elements(
+            By.ID, "review"
+        )
+        token = driver.find_element(By.CSS_SELECTOR, "form.logout input[name=csrf_token]")
+        driver.execute_script(
+            "const f = document.createElement('form'); f.method = 'post';"
+            "f.action = arguments[0];"
+            "for (const [k, v] of Object.entries(arguments[1])) {"
+            "  const i = document.createElement('input'); i.type = 'hidden'; i.name = k;"
+            "  i.value = v; f.appendChild(i); }"
+            "document.body.appendChild(f); f.submit();",
+            f"/alerts/{alert_ids[0]}/review",
+            {"csrf_token": token.get_attribute("value"), "decision": "confirmed", "reason": ""},
+        )
+        wait.until(loaded.title_contains("Forbidden"))
+        assert "reviewers decide alerts" in driver.find_element(By.TAG_NAME, "main").text
+
+        # a reviewer dismisses one with a reason and confirms another
+        driver.get(base + "/")
+        driver.find_element(By.CSS_SELECTOR, "form.logout button").click()
+        wait.until(loaded.url_contains("/login"))
+        driver.find_element(By.ID, "username").send_keys("qa")
+        driver.find_element(By.ID, "password").send_keys(PASSWORD)
+        driver.find_element(By.ID, "login-button").click()
+        wait.until(loaded.title_contains("Dashboard"))
+        driver.get(f"{base}/alerts/{alert_ids[0]}")
+        driver.find_element(By.ID, "reason").send_keys("the header is right: a known look-alike")
+        driver.find_element(By.ID, "dismiss").click()
+        wait.until(loaded.text_to_be_present_in_element((By.ID, "alert-state"), "dismissed by qa"))
+        driver.get(f"{base}/alerts/{alert_ids[1]}")
+        driver.find_element(By.ID, "confirm").click()
+        wait.until(loaded.text_to_be_present_in_element((By.ID, "alert-state"), "confirmed by qa"))
+        driver.get(base + "/alerts")
+        assert int(driver.find_element(By.ID, "count-open").text) == open_before - 2
+        driver.save_screenshot(str(shots / "console-alerts.png"))
     finally:
         driver.quit()
 
@@ -222,3 +280,16 @@ def test_an_administrator_audits_from_the_browser(
     exports = [d for event, _, d in trail if event == "Audit Log Used" and d.get("export")]
     assert len(exports) == 1 and exports[0]["export"] == "csv"
     assert exports[0]["rows"] == len(events)
+    with sqlite_database.sessions.begin() as session:
+        decisions = [
+            (e.actor_user, e.detail["alert_id"], e.detail["decision"], e.detail["interface"])
+            for e in session.scalars(
+                select(AuditEvent)
+                .where(AuditEvent.event_type == "Alert Reviewed")
+                .order_by(AuditEvent.id)
+            )
+        ]
+    assert decisions == [
+        ("qa", alert_ids[0], "dismissed", "console"),
+        ("qa", alert_ids[1], "confirmed", "console"),
+    ]
