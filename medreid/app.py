@@ -42,6 +42,7 @@ from storage.models import Association, AssociationOutcome, utcnow
 
 if TYPE_CHECKING:
     from console.server import ConsoleServer
+    from medreid.webhooks import WebhookDispatcher
 
 from medreid.builders import build_database, os_user, pipeline_config
 from medreid.processes import WorkerPool
@@ -222,6 +223,7 @@ def _serve(settings: Settings, config_path: str | None, metrics_dir: Path, start
     )
     monitoring: MonitoringServer | None = None
     console: ConsoleServer | None = None
+    webhooks: WebhookDispatcher | None = None
     pool.start()
     try:
         service.server.start()
@@ -245,6 +247,13 @@ def _serve(settings: Settings, config_path: str | None, metrics_dir: Path, start
         console = build_console(settings, service.sessions) if settings.console.enabled else None
         if console is not None:
             console.start()
+        if settings.webhooks.urls:
+            from medreid.webhooks import WebhookDispatcher
+
+            webhooks = WebhookDispatcher(
+                service.sessions, settings.webhooks, f"{service.node}/webhooks"
+            )
+            webhooks.start()
         _wait_until_ready(readiness, settings.metrics.startup_timeout_s, stop_requested)
         log.info(
             "medreid %s ready in %.1f s: AE %s, port %d, %d worker process(es), database %s%s%s",
@@ -263,6 +272,8 @@ def _serve(settings: Settings, config_path: str | None, metrics_dir: Path, start
         service.server.stop()
         if console is not None:
             console.stop()
+        if webhooks is not None:
+            webhooks.stop()
         pool.stop()
         if monitoring is not None:
             monitoring.stop()

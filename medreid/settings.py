@@ -250,6 +250,67 @@ class MetricsSettings:
         check_range("metrics.startup_timeout_s", self.startup_timeout_s, 1.0, 3600.0)
 
 
+# What a webhook body may hold of an alert. Patient IDs leave the hospital only when listed.
+WEBHOOK_FIELDS = (
+    "event",
+    "delivery_id",
+    "alert_id",
+    "kind",
+    "scope",
+    "state",
+    "raised_at",
+    "reviewed_at",
+    "reviewed_by",
+    "review_reason",
+    "header_modality",
+    "predicted_modality",
+    "study_instance_uid",
+    "series_instance_uid",
+    "sop_instance_uid",
+    "patient_id",
+    "suspected_patient_id",
+)
+DEFAULT_WEBHOOK_FIELDS = tuple(
+    f for f in WEBHOOK_FIELDS if f not in ("patient_id", "suspected_patient_id")
+)
+
+
+@dataclass(frozen=True)
+class WebhookSettings:
+    """Each alert, and each review decision, POSTed as JSON to these URLs through the outbox,
+    signed with HMAC-SHA256 under ``secret``. Off while ``urls`` is empty."""
+
+    urls: tuple[str, ...] = ()
+    secret: str = ""
+    fields: tuple[str, ...] = DEFAULT_WEBHOOK_FIELDS
+    timeout_s: float = 5.0
+    max_attempts: int = 10
+    backoff_s: float = 5.0  # doubled after each failure...
+    backoff_max_s: float = 900.0  # ...up to this
+    poll_interval_s: float = 2.0
+    # events older than this when a URL is first configured are not sent to it
+    backlog_h: float = 24.0
+
+    def validate(self) -> None:
+        for url in self.urls:
+            if not url.startswith(("http://", "https://")):
+                raise SettingsError(f"webhooks.urls: {url!r} is not an http(s) URL")
+        if self.urls and len(self.secret) < 16:
+            raise SettingsError("webhooks.secret: 16 characters or more, shared with the receiver")
+        unknown = sorted(set(self.fields) - set(WEBHOOK_FIELDS))
+        if unknown:
+            raise SettingsError(
+                f"webhooks.fields: unknown {', '.join(unknown)} "
+                f"(known: {', '.join(WEBHOOK_FIELDS)})"
+            )
+        check_range("webhooks.timeout_s", self.timeout_s, 0.1, 120.0)
+        check_range("webhooks.max_attempts", self.max_attempts, 1, 1000)
+        check_range("webhooks.backoff_s", self.backoff_s, 0.0, 3600.0)
+        check_range("webhooks.backoff_max_s", self.backoff_max_s, 0.0, 86400.0)
+        check_range("webhooks.poll_interval_s", self.poll_interval_s, 0.05, 600.0)
+        check_range("webhooks.backlog_h", self.backlog_h, 0.0, 24.0 * 365)
+
+
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
@@ -286,6 +347,7 @@ class Settings:
     analysis: AnalysisSettingsSection = field(default_factory=AnalysisSettingsSection)
     console: ConsoleSettings = field(default_factory=ConsoleSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    webhooks: WebhookSettings = field(default_factory=WebhookSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
 
 
@@ -388,5 +450,6 @@ def describe(settings: Settings) -> list[tuple[str, str]]:
             value = getattr(obj, f.name)
             if isinstance(value, tuple):
                 value = list(value)
-            rows.append((f"{section.name}.{f.name}", mask_secrets(str(value))))
+            shown = "***" if f.name == "secret" and value else mask_secrets(str(value))
+            rows.append((f"{section.name}.{f.name}", shown))
     return rows

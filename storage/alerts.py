@@ -14,6 +14,8 @@ from sqlalchemy.orm import Session
 from storage.audit import ALERT_REVIEWED, GALLERY_ENROLLMENT, AuditRecord
 from storage.models import (
     Alert,
+    AlertEvent,
+    AlertEventKind,
     AlertKind,
     AlertScope,
     AlertState,
@@ -85,7 +87,13 @@ def raise_image_alerts(
         session.add(alert)
         raised.append(alert)
     session.flush()
+    _events(session, raised, AlertEventKind.RAISED)
     return raised
+
+
+def _events(session: Session, alerts: Sequence[Alert], kind: AlertEventKind) -> None:
+    """What people outside are told of, written with the change (the outbox's source)."""
+    session.add_all(AlertEvent(alert_id=a.id, event=kind) for a in alerts)
 
 
 def _image_detail(result: Result) -> dict[str, Any]:
@@ -147,6 +155,7 @@ def sync_series_alerts(session: Session, *, row: SeriesVerdictRow, by: str) -> l
         session.add(alert)
         raised.append(alert)
     session.flush()
+    _events(session, raised, AlertEventKind.RAISED)
     return raised
 
 
@@ -254,6 +263,7 @@ def review_alert(
     alert.reviewed_at = now
     alert.review_reason = reason
     alert.updated_at = now
+    _events(session, [alert], AlertEventKind.REVIEWED)
     session.flush()
     return alert
 

@@ -269,6 +269,55 @@ class Alert(Base):
     embedding_modality: Mapped[str | None] = mapped_column(String(16))
 
 
+class AlertEventKind(enum.StrEnum):
+    RAISED = "alert.raised"
+    REVIEWED = "alert.reviewed"
+
+
+class AlertEvent(Base):
+    """What happened to an alert that people outside are told of: written in the transaction
+    of the change, then delivered from the outbox (``deliveries``)."""
+
+    __tablename__ = "alert_events"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    alert_id: Mapped[int] = mapped_column(ForeignKey("alerts.id", ondelete="CASCADE"), index=True)
+    event: Mapped[str] = mapped_column(String(32))
+    occurred_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class DeliveryState(enum.StrEnum):
+    PENDING = "pending"
+    SENT = "sent"
+    GIVEN_UP = "given_up"
+
+
+class Delivery(Base):
+    """One event to one destination: retried with backoff until sent or given up, across
+    restarts; claimed under a lease, as jobs are, so two dispatchers never send it at once."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (
+        UniqueConstraint(
+            "event_id", "channel", "destination", name="uq_deliveries_event_id_channel_destination"
+        ),
+        Index("ix_deliveries_state_next_attempt_at", "state", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    event_id: Mapped[int] = mapped_column(ForeignKey("alert_events.id", ondelete="CASCADE"))
+    channel: Mapped[str] = mapped_column(String(16))
+    destination: Mapped[str] = mapped_column(String(512))
+    state: Mapped[str] = mapped_column(String(16), default=DeliveryState.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    lease_until: Mapped[dt.datetime | None]
+    claimed_by: Mapped[str | None] = mapped_column(String(255))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    sent_at: Mapped[dt.datetime | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+
 class GalleryEntry(Base):
     """An enrolled embedding: this image shows this patient, for one model version."""
 

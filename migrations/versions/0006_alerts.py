@@ -1,6 +1,6 @@
 """alerts: one row per flagged image or series and kind, open until a reviewer decides;
 the mismatches already stored become open alerts; console users get a role (viewer,
-reviewer, admin), existing ones viewer
+reviewer, admin), existing ones viewer; alert events and their deliveries (the outbox)
 
 Revision ID: 0006
 Revises: 0005
@@ -69,6 +69,51 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f("ix_alerts_state"), ["state"], unique=False)
         batch_op.create_index(
             batch_op.f("ix_alerts_study_instance_uid"), ["study_instance_uid"], unique=False
+        )
+    op.create_table(
+        "alert_events",
+        sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
+        sa.Column("alert_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
+        sa.Column("event", sa.String(length=32), nullable=False),
+        sa.Column("occurred_at", sa.DateTime(timezone=True), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["alert_id"],
+            ["alerts.id"],
+            name=op.f("fk_alert_events_alert_id_alerts"),
+            ondelete="CASCADE",
+        ),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_alert_events")),
+    )
+    with op.batch_alter_table("alert_events") as batch:
+        batch.create_index(batch.f("ix_alert_events_alert_id"), ["alert_id"], unique=False)
+    op.create_table(
+        "deliveries",
+        sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
+        sa.Column("event_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
+        sa.Column("channel", sa.String(length=16), nullable=False),
+        sa.Column("destination", sa.String(length=512), nullable=False),
+        sa.Column("state", sa.String(length=16), nullable=False),
+        sa.Column("attempts", sa.Integer(), nullable=False),
+        sa.Column("next_attempt_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("lease_until", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("claimed_by", sa.String(length=255), nullable=True),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("sent_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("last_error", sa.Text(), nullable=True),
+        sa.ForeignKeyConstraint(
+            ["event_id"],
+            ["alert_events.id"],
+            name=op.f("fk_deliveries_event_id_alert_events"),
+            ondelete="CASCADE",
+        ),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_deliveries")),
+        sa.UniqueConstraint(
+            "event_id", "channel", "destination", name="uq_deliveries_event_id_channel_destination"
+        ),
+    )
+    with op.batch_alter_table("deliveries") as batch:
+        batch.create_index(
+            "ix_deliveries_state_next_attempt_at", ["state", "next_attempt_at"], unique=False
         )
     with op.batch_alter_table("console_users") as batch:
         batch.add_column(
@@ -205,6 +250,8 @@ def _backfill() -> None:
 
 
 def downgrade() -> None:
+    op.drop_table("deliveries")
+    op.drop_table("alert_events")
     with op.batch_alter_table("console_users") as batch:
         batch.drop_column("role")
     with op.batch_alter_table("alerts", schema=None) as batch_op:
