@@ -42,7 +42,7 @@ from storage.models import Association, AssociationOutcome, utcnow
 
 if TYPE_CHECKING:
     from console.server import ConsoleServer
-    from medreid.webhooks import WebhookDispatcher
+    from medreid.outbox import OutboxDispatcher
 
 from medreid.builders import build_database, os_user, pipeline_config
 from medreid.processes import WorkerPool
@@ -148,6 +148,26 @@ class NotReadyError(RuntimeError):
     """`medreid serve` could not become ready; the message names what is not."""
 
 
+def build_outbox(
+    settings: Settings, sessions: sessionmaker[Session], node: str
+) -> OutboxDispatcher | None:
+    """The outbox's dispatcher over the configured channels (None where there is none)."""
+    from medreid.alert_reports import ReportChannel
+    from medreid.outbox import Channel, OutboxDispatcher
+    from medreid.webhooks import WebhookChannel
+
+    channels: list[Channel] = []
+    if settings.outbox.report_destinations:
+        channels.append(
+            ReportChannel(settings.outbox, settings.spool.dir.resolve(), node, __version__)
+        )
+    if settings.webhooks.urls:
+        channels.append(WebhookChannel(settings.webhooks))
+    if not channels:
+        return None
+    return OutboxDispatcher(sessions, settings.outbox, channels, f"{node}/outbox")
+
+
 def serve(settings: Settings, config_path: str | None) -> int:
     """Run the SCP, its workers, the console and the monitoring listener until SIGTERM or
     SIGINT. Raises NotReadyError when not ready within metrics.startup_timeout_s."""
@@ -223,7 +243,7 @@ def _serve(settings: Settings, config_path: str | None, metrics_dir: Path, start
     )
     monitoring: MonitoringServer | None = None
     console: ConsoleServer | None = None
-    webhooks: WebhookDispatcher | None = None
+    outbox: OutboxDispatcher | None = None
     pool.start()
     try:
         service.server.start()
@@ -247,13 +267,9 @@ def _serve(settings: Settings, config_path: str | None, metrics_dir: Path, start
         console = build_console(settings, service.sessions) if settings.console.enabled else None
         if console is not None:
             console.start()
-        if settings.webhooks.urls:
-            from medreid.webhooks import WebhookDispatcher
-
-            webhooks = WebhookDispatcher(
-                service.sessions, settings.webhooks, f"{service.node}/webhooks"
-            )
-            webhooks.start()
+        outbox = build_outbox(settings, service.sessions, service.node)
+        if outbox is not None:
+            outbox.start()
         _wait_until_ready(readiness, settings.metrics.startup_timeout_s, stop_requested)
         log.info(
             "medreid %s ready in %.1f s: AE %s, port %d, %d worker process(es), database %s%s%s",
@@ -272,8 +288,8 @@ def _serve(settings: Settings, config_path: str | None, metrics_dir: Path, start
         service.server.stop()
         if console is not None:
             console.stop()
-        if webhooks is not None:
-            webhooks.stop()
+        if outbox is not None:
+            outbox.stop()
         pool.stop()
         if monitoring is not None:
             monitoring.stop()

@@ -284,12 +284,6 @@ class WebhookSettings:
     secret: str = ""
     fields: tuple[str, ...] = DEFAULT_WEBHOOK_FIELDS
     timeout_s: float = 5.0
-    max_attempts: int = 10
-    backoff_s: float = 5.0  # doubled after each failure...
-    backoff_max_s: float = 900.0  # ...up to this
-    poll_interval_s: float = 2.0
-    # events older than this when a URL is first configured are not sent to it
-    backlog_h: float = 24.0
 
     def validate(self) -> None:
         for url in self.urls:
@@ -304,11 +298,61 @@ class WebhookSettings:
                 f"(known: {', '.join(WEBHOOK_FIELDS)})"
             )
         check_range("webhooks.timeout_s", self.timeout_s, 0.1, 120.0)
-        check_range("webhooks.max_attempts", self.max_attempts, 1, 1000)
-        check_range("webhooks.backoff_s", self.backoff_s, 0.0, 3600.0)
-        check_range("webhooks.backoff_max_s", self.backoff_max_s, 0.0, 86400.0)
-        check_range("webhooks.poll_interval_s", self.poll_interval_s, 0.05, 600.0)
-        check_range("webhooks.backlog_h", self.backlog_h, 0.0, 24.0 * 365)
+
+
+class ReportMoment(StrEnum):
+    RAISE = "raise"  # when the alert is raised
+    CONFIRM = "confirm"  # when a reviewer confirms it
+
+
+_DESTINATION = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d{1,5})$")
+
+
+def parse_destination(text: str) -> tuple[str, str, int]:
+    """``AE@host:port`` as (AE title, host, port); ValueError naming what is wrong."""
+    match = _DESTINATION.match(text.strip())
+    if match is None or not 0 < int(match["port"]) < 65536:
+        raise ValueError(f"{text!r} is not AE@host:port")
+    return match["ae"].strip(), match["host"], int(match["port"])
+
+
+@dataclass(frozen=True)
+class OutboxSettings:
+    """What leaves for people and systems outside: DICOM Structured Reports of the alerts to
+    ``report_destinations`` (C-STORE), and the webhooks. Every message is a row, retried with
+    waits doubling from ``backoff_s`` to ``backoff_max_s`` until sent or given up after
+    ``max_attempts``, across restarts."""
+
+    report_destinations: tuple[str, ...] = ()  # AE@host:port
+    calling_ae: str = "MEDREID"
+    send_reports_on: str = ReportMoment.RAISE
+    report_timeout_s: float = 30.0
+    max_attempts: int = 10
+    backoff_s: float = 5.0
+    backoff_max_s: float = 900.0
+    poll_interval_s: float = 2.0
+    # events older than this when a destination is first configured are not sent to it
+    backlog_h: float = 24.0
+
+    def validate(self) -> None:
+        for destination in self.report_destinations:
+            try:
+                parse_destination(destination)
+            except ValueError as exc:
+                raise SettingsError(f"outbox.report_destinations: {exc}") from None
+        if not 1 <= len(self.calling_ae.strip()) <= 16:
+            raise SettingsError("outbox.calling_ae: 1 to 16 characters")
+        if self.send_reports_on not in set(ReportMoment):
+            raise SettingsError(
+                f"outbox.send_reports_on: {self.send_reports_on!r} is not one of "
+                f"{', '.join(ReportMoment)}"
+            )
+        check_range("outbox.report_timeout_s", self.report_timeout_s, 1.0, 600.0)
+        check_range("outbox.max_attempts", self.max_attempts, 1, 1000)
+        check_range("outbox.backoff_s", self.backoff_s, 0.0, 3600.0)
+        check_range("outbox.backoff_max_s", self.backoff_max_s, 0.0, 86400.0)
+        check_range("outbox.poll_interval_s", self.poll_interval_s, 0.05, 600.0)
+        check_range("outbox.backlog_h", self.backlog_h, 0.0, 24.0 * 365)
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -347,6 +391,7 @@ class Settings:
     analysis: AnalysisSettingsSection = field(default_factory=AnalysisSettingsSection)
     console: ConsoleSettings = field(default_factory=ConsoleSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    outbox: OutboxSettings = field(default_factory=OutboxSettings)
     webhooks: WebhookSettings = field(default_factory=WebhookSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
 

@@ -31,9 +31,12 @@ def fan_out(
     destinations: Sequence[str],
     since: dt.datetime,
     now: dt.datetime,
+    events: Sequence[str] | None = None,
+    alert_state: str | None = None,
     limit: int = 500,
 ) -> int:
-    """A pending delivery for each event since ``since`` that a destination lacks."""
+    """A pending delivery for each event since ``since`` that a destination lacks; only of
+    ``events`` where given, and of alerts in ``alert_state`` where given."""
     made = 0
     for destination in destinations:
         has_one = exists().where(
@@ -41,12 +44,14 @@ def fan_out(
             Delivery.channel == channel,
             Delivery.destination == destination,
         )
-        missing = session.scalars(
-            select(AlertEvent.id)
-            .where(AlertEvent.occurred_at >= since, ~has_one)
-            .order_by(AlertEvent.id)
-            .limit(limit)
-        ).all()
+        wanted = select(AlertEvent.id).where(AlertEvent.occurred_at >= since, ~has_one)
+        if events is not None:
+            wanted = wanted.where(AlertEvent.event.in_(list(events)))
+        if alert_state is not None:
+            wanted = wanted.join(Alert, Alert.id == AlertEvent.alert_id).where(
+                Alert.state == alert_state
+            )
+        missing = session.scalars(wanted.order_by(AlertEvent.id).limit(limit)).all()
         session.add_all(
             Delivery(
                 event_id=event_id,

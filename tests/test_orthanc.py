@@ -42,9 +42,9 @@ end
 
 
 class Orthanc:
-    def __init__(self, workdir: Path, medreid_port: int) -> None:
+    def __init__(self, workdir: Path, medreid_port: int, dicom_port: int | None = None) -> None:
         self.http_port = free_port()
-        self.dicom_port = free_port()
+        self.dicom_port = dicom_port or free_port()
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "forward.lua").write_text(FORWARD_RULE)
         config = {

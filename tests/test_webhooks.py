@@ -18,8 +18,15 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from medreid.settings import SettingsError, WebhookSettings, describe, load_settings
-from medreid.webhooks import WebhookDispatcher
+from medreid.outbox import OutboxDispatcher
+from medreid.settings import (
+    OutboxSettings,
+    SettingsError,
+    WebhookSettings,
+    describe,
+    load_settings,
+)
+from medreid.webhooks import WebhookChannel
 from storage.alerts import review_alert
 from storage.models import Alert, AlertState, AuditEvent, Delivery
 from tests.conftest import Database
@@ -75,11 +82,20 @@ def receiver() -> Iterator[Receiver]:
         r.close()
 
 
-def settings_for(*urls: str, **changes: Any) -> WebhookSettings:
-    return dataclasses.replace(WebhookSettings(urls=urls, secret=SECRET, backoff_s=0.0), **changes)
+def dispatcher_for(
+    database: Database, *urls: str, name: str = "test/outbox", clock: Any = None, **changes: Any
+) -> OutboxDispatcher:
+    """A dispatcher of webhooks to ``urls``; ``changes`` to the webhook or outbox settings."""
+    hook_keys = {f.name for f in dataclasses.fields(WebhookSettings)}
+    hooks = WebhookSettings(urls=urls, secret=SECRET)
+    outbox = OutboxSettings(backoff_s=0.0)
+    hooks = dataclasses.replace(hooks, **{k: v for k, v in changes.items() if k in hook_keys})
+    outbox = dataclasses.replace(outbox, **{k: v for k, v in changes.items() if k not in hook_keys})
+    extra = {"clock": clock} if clock is not None else {}
+    return OutboxDispatcher(database.sessions, outbox, [WebhookChannel(hooks)], name, **extra)
 
 
-def drain(dispatcher: WebhookDispatcher, rounds: int = 20) -> None:
+def drain(dispatcher: OutboxDispatcher, rounds: int = 20) -> None:
     for _ in range(rounds):
         if not dispatcher.run_once():
             return
@@ -97,7 +113,7 @@ def test_every_alert_and_decision_is_delivered_once_signed_and_without_patient_i
             session, alert_id=first.id, decision=AlertState.CONFIRMED, reviewer="qa", reason="x"
         )
     hook = receiver([503, 503])  # refuses twice, then takes everything
-    dispatcher = WebhookDispatcher(database.sessions, settings_for(hook.url), "test/webhooks")
+    dispatcher = dispatcher_for(database, hook.url)
     drain(dispatcher)
     bodies = [json.loads(body) for _, body in hook.accepted]
     # three alerts raised (a swap; a swap with a wrong tag) and one decision
@@ -124,9 +140,7 @@ def test_patient_ids_leave_only_when_listed(database: Database, receiver: Any) -
         finished(session, "2.1", SWAPPED)
     hook = receiver([])
     fields = ("event", "alert_id", "patient_id", "suspected_patient_id")
-    dispatcher = WebhookDispatcher(
-        database.sessions, settings_for(hook.url, fields=fields), "test/webhooks"
-    )
+    dispatcher = dispatcher_for(database, hook.url, fields=fields)
     drain(dispatcher)
     ((_, body),) = hook.accepted
     assert json.loads(body) == {
@@ -143,9 +157,7 @@ def test_a_receiver_that_never_accepts_is_given_up_after_its_retries(
     with database.sessions.begin() as session:
         finished(session, "3.1", SWAPPED)
     hook = receiver([500] * 10)
-    dispatcher = WebhookDispatcher(
-        database.sessions, settings_for(hook.url, max_attempts=3), "test/webhooks"
-    )
+    dispatcher = dispatcher_for(database, hook.url, max_attempts=3)
     drain(dispatcher)
     assert hook.tries == 3 and hook.accepted == []
     with database.sessions.begin() as session:
@@ -162,10 +174,8 @@ def test_a_receiver_that_never_accepts_is_given_up_after_its_retries(
 
 
 def test_the_wait_between_tries_doubles_up_to_its_cap(database: Database) -> None:
-    dispatcher = WebhookDispatcher(
-        database.sessions,
-        settings_for("http://127.0.0.1:9/", backoff_s=5.0, backoff_max_s=30.0, max_attempts=6),
-        "test/webhooks",
+    dispatcher = dispatcher_for(
+        database, "http://127.0.0.1:9/", backoff_s=5.0, backoff_max_s=30.0, max_attempts=6
     )
     now = dt.datetime(2026, 12, 6, tzinfo=dt.UTC)
     waits = [dispatcher.retry_at(n, now) for n in range(1, 7)]
@@ -180,14 +190,10 @@ def test_a_dead_dispatchers_deliveries_are_taken_over_after_their_lease(
         finished(session, "4.1", SWAPPED)
     hook = receiver([])
     clock = [dt.datetime.now(dt.UTC)]
-    dead = WebhookDispatcher(
-        database.sessions, settings_for(hook.url), "host-a/webhooks", clock=lambda: clock[0]
-    )
-    dead._send = lambda delivery: None  # type: ignore[method-assign]  # killed mid-send
+    dead = dispatcher_for(database, hook.url, name="host-a/outbox", clock=lambda: clock[0])
+    dead._deliver = lambda channel, delivery: None  # type: ignore[method-assign]
     assert dead.run_once() == 1
-    after = WebhookDispatcher(
-        database.sessions, settings_for(hook.url), "host-b/webhooks", clock=lambda: clock[0]
-    )
+    after = dispatcher_for(database, hook.url, name="host-b/outbox", clock=lambda: clock[0])
     assert after.run_once() == 0  # still leased to the dead one
     clock[0] += dt.timedelta(minutes=5)
     assert after.run_once() == 1

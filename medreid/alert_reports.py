@@ -1,0 +1,232 @@
+"""DICOM Structured Reports of the alerts, stored by C-STORE to the PACS through the outbox.
+
+One Comprehensive SR an alert (modelled on IHE AI Results: the finding, the algorithm and its
+versions, the scores, references to the flagged instances), in the study the flagged images
+are filed under, so the PACS shows it with them. Built with highdicom from the flagged images'
+headers as received (read from the spool). Its SOP Instance UID is made from the delivery, so
+a message sent again is the same instance, which the PACS keeps once."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import highdicom as hd
+from pydicom import Dataset, dcmread
+from pydicom.errors import InvalidDicomError
+from pydicom.sr.coding import Code
+from pydicom.uid import ExplicitVRLittleEndian
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from medreid.outbox import DeliveryFailed
+from medreid.settings import OutboxSettings, ReportMoment, parse_destination
+from storage import audit
+from storage.models import (
+    Alert,
+    AlertEvent,
+    AlertEventKind,
+    AlertKind,
+    AlertState,
+    Instance,
+    Result,
+)
+from storage.outbox import ClaimedDelivery
+
+SCHEME = "99MEDREID"  # our own concepts (a private coding scheme, PS3.16 8.2)
+ALERT = Code("ALERT", SCHEME, "Image identity and modality check")
+FINDINGS = {
+    AlertKind.PATIENT_MISMATCH: Code(
+        "PATIENT_MISMATCH", SCHEME, "Image resembles another patient than its header's"
+    ),
+    AlertKind.MODALITY_MISMATCH: Code(
+        "MODALITY_MISMATCH", SCHEME, "Image modality differs from its header's Modality"
+    ),
+}
+FINDING = Code("121071", "DCM", "Finding")
+ALGORITHM_NAME = Code("111001", "DCM", "Algorithm Name")
+ALGORITHM_VERSION = Code("111003", "DCM", "Algorithm Version")
+SOURCE = Code("121112", "DCM", "Source of Measurement")
+STATE = Code("STATE", SCHEME, "Review state")
+SUSPECTED = Code("SUSPECTED", SCHEME, "Patient the image resembles")
+HEADER_MODALITY = Code("HDR_MODALITY", SCHEME, "Modality in the header")
+PREDICTED_MODALITY = Code("PRED_MODALITY", SCHEME, "Modality predicted from the pixels")
+HEADER_SCORE = Code("HDR_SCORE", SCHEME, "Similarity to the header's patient")
+THRESHOLD = Code("THRESHOLD", SCHEME, "Decision threshold")
+NO_UNITS = Code("1", "UCUM", "no units")
+MAX_REFERENCES = 64  # of a series' images
+
+
+def derived_uid(*parts: object) -> str:
+    """A UID under the 2.25 (UUID-derived) root, the same for the same parts."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).hexdigest()
+    return f"2.25.{int(digest[:30], 16)}"
+
+
+def flagged_headers(session: Session, spool_root: Path, alert: Alert) -> list[Dataset]:
+    """The headers of the flagged image, or of the series' images, as received."""
+    if alert.result_id is not None:
+        instances = list(
+            session.scalars(
+                select(Instance)
+                .join(Result, Result.instance_id == Instance.id)
+                .where(Result.id == alert.result_id)
+            )
+        )
+    else:
+        instances = list(
+            session.scalars(
+                select(Instance)
+                .where(Instance.series_instance_uid == alert.series_instance_uid)
+                .order_by(Instance.id)
+                .limit(MAX_REFERENCES)
+            )
+        )
+    headers: list[Dataset] = []
+    for instance in instances:
+        try:
+            headers.append(dcmread(spool_root / instance.spool_path, stop_before_pixels=True))
+        except (OSError, InvalidDicomError) as exc:
+            raise DeliveryFailed(f"the flagged image cannot be read: {exc}") from None
+    if not headers:
+        raise DeliveryFailed("no flagged image is stored to refer to")
+    return headers
+
+
+# Type 2 attributes of the patient and study that the report copies from the first image; a
+# sender may leave them out, and the report then carries them empty, as type 2 allows.
+_COPIED = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
+
+
+def _with_type2(header: Dataset) -> Dataset:
+    complete = copy.copy(header)
+    for keyword in _COPIED:
+        if keyword not in complete:
+            setattr(complete, keyword, "")
+    return complete
+
+
+def alert_report(
+    alert: Alert, evidence: Sequence[Dataset], *, sop_instance_uid: str, version: str
+) -> hd.sr.ComprehensiveSR:
+    """The alert as a Comprehensive SR referring to ``evidence`` (in its study)."""
+    items: list[Any] = [
+        hd.sr.CodeContentItem(
+            FINDING, FINDINGS[AlertKind(alert.kind)], relationship_type="CONTAINS"
+        ),
+        hd.sr.TextContentItem(STATE, str(alert.state), relationship_type="CONTAINS"),
+        hd.sr.TextContentItem(ALGORITHM_NAME, "medreid", relationship_type="CONTAINS"),
+    ]
+    models = alert.detail.get("model_versions") or {}
+    for slot, model in sorted(models.items()):
+        items.append(
+            hd.sr.TextContentItem(
+                ALGORITHM_VERSION, f"{slot}: {model}"[:1024], relationship_type="CONTAINS"
+            )
+        )
+    for name, value in (
+        (SUSPECTED, alert.suspected_patient_id),
+        (HEADER_MODALITY, alert.header_modality),
+        (PREDICTED_MODALITY, alert.predicted_modality),
+    ):
+        if value:
+            items.append(hd.sr.TextContentItem(name, value, relationship_type="CONTAINS"))
+    for name, number in (
+        (HEADER_SCORE, alert.detail.get("header_score")),
+        (THRESHOLD, alert.detail.get("threshold")),
+    ):
+        if isinstance(number, int | float):
+            items.append(
+                hd.sr.NumContentItem(name, float(number), NO_UNITS, relationship_type="CONTAINS")
+            )
+    for header in evidence:
+        items.append(
+            hd.sr.ImageContentItem(
+                SOURCE,
+                header.SOPClassUID,
+                header.SOPInstanceUID,
+                relationship_type="CONTAINS",
+            )
+        )
+    container = hd.sr.ContainerContentItem(ALERT)
+    container.ContentSequence = hd.sr.ContentSequence(items)
+    return hd.sr.ComprehensiveSR(
+        evidence=[_with_type2(header) for header in evidence],
+        content=container,
+        series_instance_uid=derived_uid("medreid alert series", alert.id),
+        series_number=9900,
+        sop_instance_uid=sop_instance_uid,
+        instance_number=1,
+        manufacturer="medreid",
+        is_complete=True,
+        is_final=alert.state != AlertState.OPEN,
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        software_versions=version,
+    )
+
+
+@dataclass
+class ReportChannel:
+    settings: OutboxSettings
+    spool_root: Path
+    node: str
+    version: str
+    name: str = "dicom"
+    sent: audit.EventKind = audit.REPORT_SENT
+    given_up: audit.EventKind = audit.REPORT_GIVEN_UP
+    events: Sequence[str] | None = field(init=False)
+    alert_state: str | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        on_confirm = self.settings.send_reports_on == ReportMoment.CONFIRM
+        self.events = (AlertEventKind.REVIEWED if on_confirm else AlertEventKind.RAISED,)
+        self.alert_state = AlertState.CONFIRMED if on_confirm else None
+
+    @property
+    def destinations(self) -> Sequence[str]:
+        return self.settings.report_destinations
+
+    @property
+    def timeout_s(self) -> float:
+        return self.settings.report_timeout_s
+
+    def prepare(
+        self, session: Session, delivery: ClaimedDelivery, event: AlertEvent, alert: Alert
+    ) -> Dataset:
+        evidence = flagged_headers(session, self.spool_root, alert)
+        uid = derived_uid("medreid alert report", self.node, delivery.id)
+        return alert_report(alert, evidence, sop_instance_uid=uid, version=self.version)
+
+    def send(self, destination: str, message: Dataset) -> None:
+        from pynetdicom import AE
+
+        called, host, port = parse_destination(destination)
+        ae = AE(ae_title=self.settings.calling_ae)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout_s
+        ae.add_requested_context(message.SOPClassUID, ExplicitVRLittleEndian)
+        assoc = ae.associate(host, port, ae_title=called)
+        if not assoc.is_established:
+            raise DeliveryFailed(f"{destination}: association not established")
+        try:
+            status = assoc.send_c_store(message)
+        finally:
+            assoc.release()
+        code = getattr(status, "Status", None)
+        if code is None:
+            raise DeliveryFailed(f"{destination}: no C-STORE response")
+        if int(code) not in (0x0000, 0xB000, 0xB007, 0xB006):
+            raise DeliveryFailed(f"{destination}: C-STORE status 0x{int(code):04X}")
