@@ -190,6 +190,7 @@ class ReportChannel:
     given_up: audit.EventKind = audit.REPORT_GIVEN_UP
     events: Sequence[str] | None = field(init=False)
     alert_state: str | None = field(init=False)
+    alert_kind: str | None = None
 
     def __post_init__(self) -> None:
         on_confirm = self.settings.send_reports_on == ReportMoment.CONFIRM
@@ -212,21 +213,89 @@ class ReportChannel:
         return alert_report(alert, evidence, sop_instance_uid=uid, version=self.version)
 
     def send(self, destination: str, message: Dataset) -> None:
-        from pynetdicom import AE
+        store(self.settings, destination, message)
 
-        called, host, port = parse_destination(destination)
-        ae = AE(ae_title=self.settings.calling_ae)
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout_s
-        ae.add_requested_context(message.SOPClassUID, ExplicitVRLittleEndian)
-        assoc = ae.associate(host, port, ae_title=called)
-        if not assoc.is_established:
-            raise DeliveryFailed(f"{destination}: association not established")
-        try:
-            status = assoc.send_c_store(message)
-        finally:
-            assoc.release()
-        code = getattr(status, "Status", None)
-        if code is None:
-            raise DeliveryFailed(f"{destination}: no C-STORE response")
-        if int(code) not in (0x0000, 0xB000, 0xB007, 0xB006):
-            raise DeliveryFailed(f"{destination}: C-STORE status 0x{int(code):04X}")
+
+@dataclass
+class RejectionChannel:
+    """IHE IOCM: a confirmed wrong-patient alert's images marked "Rejected for Patient Safety
+    Reasons" by a Key Object Selection in their study (``outbox.send_rejection_notes``), so
+    the PACS hides or removes them."""
+
+    settings: OutboxSettings
+    spool_root: Path
+    node: str
+    name: str = "rejection"
+    sent: audit.EventKind = audit.REJECTION_SENT
+    given_up: audit.EventKind = audit.REJECTION_GIVEN_UP
+    events: Sequence[str] | None = (AlertEventKind.REVIEWED,)
+    alert_state: str | None = AlertState.CONFIRMED
+    alert_kind: str | None = AlertKind.PATIENT_MISMATCH
+
+    @property
+    def destinations(self) -> Sequence[str]:
+        return self.settings.report_destinations if self.settings.send_rejection_notes else ()
+
+    @property
+    def timeout_s(self) -> float:
+        return self.settings.report_timeout_s
+
+    def prepare(
+        self, session: Session, delivery: ClaimedDelivery, event: AlertEvent, alert: Alert
+    ) -> Dataset:
+        evidence = flagged_headers(session, self.spool_root, alert)
+        return rejection_note(
+            alert,
+            evidence,
+            sop_instance_uid=derived_uid("medreid rejection note", self.node, delivery.id),
+        )
+
+    def send(self, destination: str, message: Dataset) -> None:
+        store(self.settings, destination, message)
+
+
+REJECTED_FOR_PATIENT_SAFETY = Code("113037", "DCM", "Rejected for Patient Safety Reasons")
+
+
+def rejection_note(
+    alert: Alert, evidence: Sequence[Dataset], *, sop_instance_uid: str
+) -> hd.ko.KeyObjectSelectionDocument:
+    """A Key Object Selection titled (113037, DCM) referring to the wrong images."""
+    complete = [_with_type2(header) for header in evidence]
+    return hd.ko.KeyObjectSelectionDocument(
+        evidence=complete,
+        content=hd.ko.KeyObjectSelection(
+            document_title=REJECTED_FOR_PATIENT_SAFETY,
+            referenced_objects=complete,
+            description=f"medreid alert {alert.id}: confirmed by {alert.reviewed_by}"[:1024],
+        ),
+        series_instance_uid=derived_uid("medreid rejection series", alert.id),
+        series_number=9901,
+        sop_instance_uid=sop_instance_uid,
+        instance_number=1,
+        manufacturer="medreid",
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+    )
+
+
+def store(settings: OutboxSettings, destination: str, message: Dataset) -> None:
+    """C-STORE one object to ``AE@host:port``; DeliveryFailed where it is not stored."""
+    from pynetdicom import AE
+
+    called, host, port = parse_destination(destination)
+    timeout = settings.report_timeout_s
+    ae = AE(ae_title=settings.calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.add_requested_context(message.SOPClassUID, ExplicitVRLittleEndian)
+    assoc = ae.associate(host, port, ae_title=called)
+    if not assoc.is_established:
+        raise DeliveryFailed(f"{destination}: association not established")
+    try:
+        status = assoc.send_c_store(message)
+    finally:
+        assoc.release()
+    code = getattr(status, "Status", None)
+    if code is None:
+        raise DeliveryFailed(f"{destination}: no C-STORE response")
+    if int(code) not in (0x0000, 0xB000, 0xB007, 0xB006):
+        raise DeliveryFailed(f"{destination}: C-STORE status 0x{int(code):04X}")

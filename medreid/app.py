@@ -152,15 +152,16 @@ def build_outbox(
     settings: Settings, sessions: sessionmaker[Session], node: str
 ) -> OutboxDispatcher | None:
     """The outbox's dispatcher over the configured channels (None where there is none)."""
-    from medreid.alert_reports import ReportChannel
+    from medreid.alert_reports import RejectionChannel, ReportChannel
     from medreid.outbox import Channel, OutboxDispatcher
     from medreid.webhooks import WebhookChannel
 
     channels: list[Channel] = []
     if settings.outbox.report_destinations:
-        channels.append(
-            ReportChannel(settings.outbox, settings.spool.dir.resolve(), node, __version__)
-        )
+        spool = settings.spool.dir.resolve()
+        channels.append(ReportChannel(settings.outbox, spool, node, __version__))
+        if settings.outbox.send_rejection_notes:
+            channels.append(RejectionChannel(settings.outbox, spool, node))
     if settings.webhooks.urls:
         channels.append(WebhookChannel(settings.webhooks))
     if not channels:

@@ -43,6 +43,7 @@ class Channel(Protocol):
     name: str  # the deliveries' channel
     events: Sequence[str] | None  # None: every event
     alert_state: str | None  # only alerts in this state, where given
+    alert_kind: str | None  # only alerts of this kind, where given
     sent: audit.EventKind
     given_up: audit.EventKind
 
@@ -101,6 +102,7 @@ class OutboxDispatcher:
                     now=now,
                     events=channel.events,
                     alert_state=channel.alert_state,
+                    alert_kind=channel.alert_kind,
                 )
             with self.sessions.begin() as session:
                 claimed = claim_deliveries(

@@ -326,6 +326,8 @@ class OutboxSettings:
     report_destinations: tuple[str, ...] = ()  # AE@host:port
     calling_ae: str = "MEDREID"
     send_reports_on: str = ReportMoment.RAISE
+    # IHE IOCM: a confirmed wrong-patient alert's images rejected for patient safety reasons
+    send_rejection_notes: bool = False
     report_timeout_s: float = 30.0
     max_attempts: int = 10
     backoff_s: float = 5.0

@@ -83,6 +83,7 @@ class WebhookChannel:
     name: str = "webhook"
     events: Sequence[str] | None = None  # every alert and every decision
     alert_state: str | None = None
+    alert_kind: str | None = None
     sent: audit.EventKind = audit.WEBHOOK_SENT
     given_up: audit.EventKind = audit.WEBHOOK_GIVEN_UP
 

@@ -64,6 +64,9 @@ WEBHOOK_GIVEN_UP = EventKind("110106", "Export", "Webhook Given Up", "R")
 # An alert's DICOM Structured Report stored to a PACS, or given up after its retries.
 REPORT_SENT = EventKind("110106", "Export", "Report Sent", "R")
 REPORT_GIVEN_UP = EventKind("110106", "Export", "Report Given Up", "R")
+# An IHE IOCM rejection note of a confirmed wrong-patient alert's images.
+REJECTION_SENT = EventKind("110106", "Export", "Rejection Note Sent", "R")
+REJECTION_GIVEN_UP = EventKind("110106", "Export", "Rejection Note Given Up", "R")
 GALLERY_ENROLLMENT = EventKind("110103", "DICOM Instances Accessed", "Gallery Enrollment", "C")
 MODEL_ACTIVATED = EventKind("110100", "Application Activity", "Model Activated", "U")
 AUDIT_LOG_USED = EventKind("110101", "Audit Log Used", None, "R")

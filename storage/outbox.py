@@ -33,10 +33,11 @@ def fan_out(
     now: dt.datetime,
     events: Sequence[str] | None = None,
     alert_state: str | None = None,
+    alert_kind: str | None = None,
     limit: int = 500,
 ) -> int:
     """A pending delivery for each event since ``since`` that a destination lacks; only of
-    ``events`` where given, and of alerts in ``alert_state`` where given."""
+    ``events``, and of alerts in ``alert_state`` and of ``alert_kind``, where given."""
     made = 0
     for destination in destinations:
         has_one = exists().where(
@@ -47,10 +48,12 @@ def fan_out(
         wanted = select(AlertEvent.id).where(AlertEvent.occurred_at >= since, ~has_one)
         if events is not None:
             wanted = wanted.where(AlertEvent.event.in_(list(events)))
+        if alert_state is not None or alert_kind is not None:
+            wanted = wanted.join(Alert, Alert.id == AlertEvent.alert_id)
         if alert_state is not None:
-            wanted = wanted.join(Alert, Alert.id == AlertEvent.alert_id).where(
-                Alert.state == alert_state
-            )
+            wanted = wanted.where(Alert.state == alert_state)
+        if alert_kind is not None:
+            wanted = wanted.where(Alert.kind == alert_kind)
         missing = session.scalars(wanted.order_by(AlertEvent.id).limit(limit)).all()
         session.add_all(
             Delivery(

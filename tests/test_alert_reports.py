@@ -15,18 +15,19 @@ import pytest
 from pydicom import dcmread
 from sqlalchemy import select
 
-from medreid.alert_reports import ReportChannel, alert_report
+from medreid.alert_reports import RejectionChannel, ReportChannel, alert_report, rejection_note
 from medreid.outbox import OutboxDispatcher
 from medreid.settings import OutboxSettings
+from storage.alerts import review_alert
 from storage.instances import NewInstance, add_instance_with_job
 from storage.jobs import claim_jobs, finish_job
-from storage.models import Alert, AuditEvent, Delivery
+from storage.models import Alert, AlertState, AuditEvent, Delivery
 from storage.outbox import ClaimedDelivery, event_with_alert
 from support.dicom_factory import encode, make_dataset
+from support.orthanc import ORTHANC, Orthanc
 from support.service import free_port
 from tests.conftest import Database
 from tests.test_alerts import SWAPPED
-from tests.test_orthanc import ORTHANC, Orthanc
 
 pytestmark = pytest.mark.db
 DCIODVFY = shutil.which("dciodvfy")
@@ -80,6 +81,18 @@ def test_a_report_passes_the_dicom_validator(database: Database, tmp_path: Path)
     referenced = report.CurrentRequestedProcedureEvidenceSequence[0]
     series = referenced.ReferencedSeriesSequence[0]
     assert series.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    with database.sessions.begin() as session:
+        (alert,) = session.scalars(select(Alert)).all()
+        note = rejection_note(alert, [source], sop_instance_uid="2.25.43")
+    note.save_as(tmp_path / "note.dcm", enforce_file_format=True)
+    checked = subprocess.run(
+        [str(DCIODVFY), str(tmp_path / "note.dcm")], capture_output=True, text=True, timeout=60
+    )
+    output = checked.stdout + checked.stderr
+    assert "KeyObjectSelectionDocument" in output
+    assert [line for line in output.splitlines() if line.startswith("Error")] == [], output
+    title = note.ConceptNameCodeSequence[0]
+    assert (title.CodeValue, title.CodingSchemeDesignator) == ("113037", "DCM")
 
 
 @pytest.mark.skipif(ORTHANC is None, reason="Orthanc is not installed (apt-get install orthanc)")
@@ -91,11 +104,13 @@ def test_reports_reach_orthanc_in_the_flagged_study_once(
     pacs_port = free_port()
     settings = OutboxSettings(
         report_destinations=(f"ORTHANC@127.0.0.1:{pacs_port}",),
+        send_rejection_notes=True,
         backoff_s=0.0,
         report_timeout_s=5.0,
     )
     channel = ReportChannel(settings, spool, "test-node", "test")
-    dispatcher = OutboxDispatcher(database.sessions, settings, [channel], "test/outbox")
+    rejection = RejectionChannel(settings, spool, "test-node")
+    dispatcher = OutboxDispatcher(database.sessions, settings, [channel, rejection], "test/outbox")
     assert dispatcher.run_once() == 1  # the PACS is down: tried, to be retried
     with database.sessions.begin() as session:
         (delivery,) = session.scalars(select(Delivery)).all()
@@ -125,11 +140,28 @@ def test_reports_reach_orthanc_in_the_flagged_study_once(
             again = channel.prepare(session, claimed, *found)
         channel.send(settings.report_destinations[0], again)
         assert len(orthanc.get(f"/studies/{study}/instances")) == 2
+        # a reviewer confirms the wrong patient: the images are rejected in the PACS (IOCM)
+        with database.sessions.begin() as session:
+            (alert,) = session.scalars(select(Alert)).all()
+            review_alert(
+                session,
+                alert_id=alert.id,
+                decision=AlertState.CONFIRMED,
+                reviewer="qa",
+                reason="misfiled",
+            )
+        dispatcher.run_once()
+        series = orthanc.get(f"/studies/{study}/series")
+        assert sorted(s["MainDicomTags"]["Modality"] for s in series) == ["CT", "KO", "SR"]
     finally:
         orthanc.stop()
     with database.sessions.begin() as session:
         sent = session.scalars(select(AuditEvent).where(AuditEvent.event_type == "Report Sent"))
         assert [e.detail["attempts"] for e in sent] == [2]
+        noted = session.scalars(
+            select(AuditEvent).where(AuditEvent.event_type == "Rejection Note Sent")
+        ).all()
+        assert len(noted) == 1
 
 
 def ct_study(orthanc: Orthanc, study_uid: str) -> str:

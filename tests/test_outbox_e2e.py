@@ -15,6 +15,7 @@ import pytest
 from sqlalchemy import func, select
 
 from storage.models import Alert, AlertEvent, Delivery, Result, SeriesVerdictRow
+from support.orthanc import ORTHANC, Orthanc
 from support.service import (
     RunningService,
     first_visit_gallery,
@@ -25,7 +26,6 @@ from support.service import (
 )
 from synthetic.hospital import SynthOptions, generate
 from tests.conftest import Database
-from tests.test_orthanc import ORTHANC, Orthanc
 from tests.test_webhooks import SECRET, Receiver
 
 MODELS = Path(__file__).resolve().parents[1] / "models"

@@ -1,0 +1,83 @@
+"""Orthanc as a PACS for tests and benchmarks: started on free ports with its own storage,
+forwarding what arrives by C-STORE to medreid, reached through its REST API."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from support.service import free_port
+
+ORTHANC = shutil.which("Orthanc")
+
+FORWARD_RULE = """
+function OnStoredInstance(instanceId, tags, metadata, origin)
+  -- what arrives by C-STORE goes on to medreid; uploads are sent explicitly
+  if origin['RequestOrigin'] == 'DicomProtocol' then
+    SendToModality(instanceId, 'medreid')
+  end
+end
+"""
+
+
+class Orthanc:
+    def __init__(self, workdir: Path, medreid_port: int, dicom_port: int | None = None) -> None:
+        self.http_port = free_port()
+        self.dicom_port = dicom_port or free_port()
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "forward.lua").write_text(FORWARD_RULE)
+        config = {
+            "Name": "test-pacs",
+            "StorageDirectory": str(workdir / "storage"),
+            "IndexDirectory": str(workdir / "index"),
+            "HttpPort": self.http_port,
+            "DicomPort": self.dicom_port,
+            "DicomAet": "ORTHANC",
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomModalities": {"medreid": ["MEDREID", "127.0.0.1", medreid_port]},
+            "LuaScripts": [str(workdir / "forward.lua")],
+            "Plugins": [],
+            # close each forwarding association at once, so its audit is written at once
+            "DicomAssociationCloseDelay": 0,
+        }
+        (workdir / "orthanc.json").write_text(json.dumps(config))
+        self.log = (workdir / "orthanc.log").open("wb")
+        self.process = subprocess.Popen(
+            [str(ORTHANC), str(workdir / "orthanc.json")], stdout=self.log, stderr=self.log
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                self.get("/system")
+                return
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("Orthanc did not start") from None
+                time.sleep(0.2)
+
+    def request(self, method: str, path: str, body: bytes | None = None) -> Any:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.http_port}{path}", data=body, method=method
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return json.loads(response.read() or b"null")
+
+    def get(self, path: str) -> Any:
+        return self.request("GET", path)
+
+    def post(self, path: str, body: bytes) -> Any:
+        return self.request("POST", path, body)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.log.close()
