@@ -44,7 +44,6 @@ from storage.alerts import (
 from storage.audit_trail import append_audit
 from storage.models import (
     Alert,
-    AlertKind,
     AlertState,
     GalleryEntry,
     Instance,
@@ -78,9 +77,9 @@ def alert_out(alert: Alert) -> AlertOut:
 def load_alerts(db: Session, params: AlertParams) -> AlertPageOut:
     found, total = list_alerts(
         db,
-        where=AlertQuery(
-            state=None if params.state == "all" else AlertState(params.state),
-            kind=AlertKind(params.kind) if params.kind else None,
+        where=AlertQuery.named(
+            params.state,
+            params.kind,
             patient=params.patient,
             study=params.study,
             limit=params.limit,

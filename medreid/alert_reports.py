@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -179,23 +178,17 @@ def alert_report(
     )
 
 
-@dataclass
-class ReportChannel:
+class PacsChannel:
+    """What the PACS channels share: C-STORE of one object a delivery, made from the flagged
+    images' headers, to ``outbox.report_destinations``."""
+
     settings: OutboxSettings
     spool_root: Path
     node: str
-    version: str
-    name: str = "dicom"
-    sent: audit.EventKind = audit.REPORT_SENT
-    given_up: audit.EventKind = audit.REPORT_GIVEN_UP
-    events: Sequence[str] | None = field(init=False)
-    alert_state: str | None = field(init=False)
+    name: str
+    events: Sequence[str] | None
+    alert_state: str | None
     alert_kind: str | None = None
-
-    def __post_init__(self) -> None:
-        on_confirm = self.settings.send_reports_on == ReportMoment.CONFIRM
-        self.events = (AlertEventKind.REVIEWED if on_confirm else AlertEventKind.RAISED,)
-        self.alert_state = AlertState.CONFIRMED if on_confirm else None
 
     @property
     def destinations(self) -> Sequence[str]:
@@ -209,49 +202,61 @@ class ReportChannel:
         self, session: Session, delivery: ClaimedDelivery, event: AlertEvent, alert: Alert
     ) -> Dataset:
         evidence = flagged_headers(session, self.spool_root, alert)
-        uid = derived_uid("medreid alert report", self.node, delivery.id)
-        return alert_report(alert, evidence, sop_instance_uid=uid, version=self.version)
+        uid = derived_uid("medreid", self.name, self.node, delivery.id)
+        return self.make(alert, evidence, uid)
+
+    def make(self, alert: Alert, evidence: Sequence[Dataset], uid: str) -> Dataset:
+        raise NotImplementedError
 
     def send(self, destination: str, message: Dataset) -> None:
         store(self.settings, destination, message)
 
 
-@dataclass
-class RejectionChannel:
+class ReportChannel(PacsChannel):
+    """Each alert's Structured Report, when raised or when confirmed."""
+
+    sent = audit.REPORT_SENT
+    given_up = audit.REPORT_GIVEN_UP
+
+    def __init__(self, settings: OutboxSettings, spool_root: Path, node: str, version: str):
+        self.settings, self.spool_root, self.node, self.version = (
+            settings,
+            spool_root,
+            node,
+            version,
+        )
+        self.name = "dicom"
+        on_confirm = settings.send_reports_on == ReportMoment.CONFIRM
+        self.events = (AlertEventKind.REVIEWED if on_confirm else AlertEventKind.RAISED,)
+        self.alert_state = AlertState.CONFIRMED if on_confirm else None
+
+    def make(self, alert: Alert, evidence: Sequence[Dataset], uid: str) -> Dataset:
+        return alert_report(alert, evidence, sop_instance_uid=uid, version=self.version)
+
+
+class RejectionChannel(PacsChannel):
     """IHE IOCM: a confirmed wrong-patient alert's images marked "Rejected for Patient Safety
     Reasons" by a Key Object Selection in their study (``outbox.send_rejection_notes``), so
     the PACS hides or removes them."""
 
-    settings: OutboxSettings
-    spool_root: Path
-    node: str
-    name: str = "rejection"
-    sent: audit.EventKind = audit.REJECTION_SENT
-    given_up: audit.EventKind = audit.REJECTION_GIVEN_UP
-    events: Sequence[str] | None = (AlertEventKind.REVIEWED,)
-    alert_state: str | None = AlertState.CONFIRMED
-    alert_kind: str | None = AlertKind.PATIENT_MISMATCH
+    sent = audit.REJECTION_SENT
+    given_up = audit.REJECTION_GIVEN_UP
+
+    def __init__(self, settings: OutboxSettings, spool_root: Path, node: str) -> None:
+        self.settings = settings
+        self.spool_root = spool_root
+        self.node = node
+        self.name = "rejection"
+        self.events = (AlertEventKind.REVIEWED,)
+        self.alert_state = AlertState.CONFIRMED
+        self.alert_kind = AlertKind.PATIENT_MISMATCH
 
     @property
     def destinations(self) -> Sequence[str]:
         return self.settings.report_destinations if self.settings.send_rejection_notes else ()
 
-    @property
-    def timeout_s(self) -> float:
-        return self.settings.report_timeout_s
-
-    def prepare(
-        self, session: Session, delivery: ClaimedDelivery, event: AlertEvent, alert: Alert
-    ) -> Dataset:
-        evidence = flagged_headers(session, self.spool_root, alert)
-        return rejection_note(
-            alert,
-            evidence,
-            sop_instance_uid=derived_uid("medreid rejection note", self.node, delivery.id),
-        )
-
-    def send(self, destination: str, message: Dataset) -> None:
-        store(self.settings, destination, message)
+    def make(self, alert: Alert, evidence: Sequence[Dataset], uid: str) -> Dataset:
+        return rejection_note(alert, evidence, sop_instance_uid=uid)
 
 
 REJECTED_FOR_PATIENT_SAFETY = Code("113037", "DCM", "Rejected for Patient Safety Reasons")

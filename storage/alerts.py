@@ -174,6 +174,15 @@ class AlertQuery:
     limit: int = 100
     offset: int = 0
 
+    @classmethod
+    def named(cls, state: str, kind: str | None = None, **filters: Any) -> AlertQuery:
+        """From the worklist's names: ``state`` one of the states or ``all``."""
+        return cls(
+            state=None if state == "all" else AlertState(state),
+            kind=AlertKind(kind) if kind else None,
+            **filters,
+        )
+
 
 def list_alerts(session: Session, *, where: AlertQuery) -> tuple[list[Alert], int]:
     conditions = []

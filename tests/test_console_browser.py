@@ -83,26 +83,17 @@ def running(sqlite_database: Database, tmp_path: Path) -> Iterator[tuple[Running
     rows = list(csv.DictReader((hospital / "manifest.csv").open()))
     gallery = first_visit_gallery(hospital, rows, tmp_path / "gallery")
     assert "embeddings enrolled" in service.cli("enroll", str(gallery)).stdout
-    added = subprocess.run(
-        [sys.executable, "-m", "medreid.cli", "users", "add", "admin", "--password-stdin"],
-        input=PASSWORD + "\n",
-        cwd=tmp_path,
-        env=service.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert added.returncode == 0, added.stderr
-    reviewer = subprocess.run(
-        [*CLI, "users", "add", "qa", "--password-stdin", "--role", "reviewer"],
-        input=PASSWORD + "\n",
-        cwd=tmp_path,
-        env=service.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert reviewer.returncode == 0, reviewer.stderr
+    for name, role in (("admin", "viewer"), ("qa", "reviewer")):
+        added = subprocess.run(
+            [*CLI, "users", "add", name, "--password-stdin", "--role", role],
+            input=PASSWORD + "\n",
+            cwd=tmp_path,
+            env=service.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert added.returncode == 0, added.stderr
     service.start(timeout=180)
     for row in rows:
         if row["visit"] == "2":

@@ -72,7 +72,7 @@ def cmd_alerts(settings: Settings, args: argparse.Namespace, clock: Clock) -> in
         review_audit,
     )
     from storage.audit_trail import append_audit
-    from storage.models import Alert, AlertKind, AlertState
+    from storage.models import Alert, AlertState
 
     engine, sessions = build_database(settings)
     try:
@@ -80,9 +80,9 @@ def cmd_alerts(settings: Settings, args: argparse.Namespace, clock: Clock) -> in
             if args.action == "list":
                 found, total = list_alerts(
                     session,
-                    where=AlertQuery(
-                        state=None if args.state == "all" else AlertState(args.state),
-                        kind=AlertKind(args.kind) if args.kind else None,
+                    where=AlertQuery.named(
+                        args.state,
+                        args.kind,
                         patient=args.patient,
                         study=args.study,
                         limit=args.limit,
