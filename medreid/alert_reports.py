@@ -23,7 +23,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from medreid.outbox import DeliveryFailed
-from medreid.settings import OutboxSettings, ReportMoment, parse_destination
+from medreid.outbox_settings import OutboxSettings, ReportMoment, parse_destination
 from storage import audit
 from storage.models import (
     Alert,

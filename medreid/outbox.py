@@ -16,7 +16,7 @@ from typing import Any, Protocol
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from medreid.settings import OutboxSettings
+from medreid.outbox_settings import OutboxSettings
 from storage import audit
 from storage.audit_trail import append_audit
 from storage.models import Alert, AlertEvent, Clock, utcnow

@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from medreid.outbox import DeliveryFailed
-from medreid.settings import WebhookSettings
+from medreid.outbox_settings import WebhookSettings
 from storage import audit
 from storage.models import Alert, AlertEvent
 from storage.outbox import ClaimedDelivery

@@ -17,7 +17,7 @@ from sqlalchemy import select
 
 from medreid.alert_reports import RejectionChannel, ReportChannel, alert_report, rejection_note
 from medreid.outbox import OutboxDispatcher
-from medreid.settings import OutboxSettings
+from medreid.outbox_settings import OutboxSettings
 from storage.alerts import review_alert
 from storage.instances import NewInstance, add_instance_with_job
 from storage.jobs import claim_jobs, finish_job
