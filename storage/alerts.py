@@ -12,6 +12,7 @@ from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
 from storage.audit import ALERT_REVIEWED, GALLERY_ENROLLMENT, AuditRecord
+from storage.gallery import NewGalleryEntry, add_gallery_entries
 from storage.models import (
     Alert,
     AlertEvent,
@@ -19,7 +20,6 @@ from storage.models import (
     AlertKind,
     AlertScope,
     AlertState,
-    GalleryEntry,
     Result,
     SeriesVerdictRow,
     utcnow,
@@ -247,25 +247,35 @@ def review_alert(
             f"alert {alert_id} was {alert.state} by {alert.reviewed_by} at "
             f"{alert.reviewed_at:%Y-%m-%d %H:%M}"
         )
-    if enroll and (alert.embedding is None or alert.result_id is None or not alert.patient_id):
+    if enroll and (
+        alert.embedding is None
+        or alert.embedding_model is None
+        or alert.embedding_modality is None
+        or alert.result_id is None
+        or not alert.patient_id
+    ):
         raise AlertReviewError(
             f"alert {alert_id} has no image embedding to enroll (only an image's patient "
             "mismatch has one)"
         )
     now = now or utcnow()
     if enroll:
+        assert alert.embedding is not None and alert.embedding_model is not None
+        assert alert.embedding_modality is not None and alert.patient_id
         result = session.get(Result, alert.result_id)
-        session.add(
-            GalleryEntry(
-                patient_id=alert.patient_id,
-                modality=alert.embedding_modality,
-                model_version=alert.embedding_model,
-                embedding=alert.embedding,
-                source_instance_id=result.instance_id if result is not None else None,
-                source_path=None,
-                enrolled_by=reviewer,
-                enrolled_at=now,
-            )
+        add_gallery_entries(
+            session,
+            entries=[
+                NewGalleryEntry(
+                    patient_id=alert.patient_id,
+                    modality=alert.embedding_modality,
+                    model_version=alert.embedding_model,
+                    embedding=alert.embedding,
+                    source_instance_id=result.instance_id if result is not None else None,
+                    source_path=None,
+                    enrolled_by=reviewer,
+                )
+            ],
         )
     alert.state = decision
     alert.reviewed_by = reviewer
