@@ -170,7 +170,8 @@ LOOPBACK_ADDRESSES = ("127.0.0.1", "::1", "localhost")
 
 @dataclass(frozen=True)
 class ConsoleSettings:
-    """The administrators' web console (read-only): off by default, on loopback when on."""
+    """The web console (it changes nothing but alerts' reviews): off by default, on loopback
+    when on."""
 
     enabled: bool = False
     bind_address: str = "127.0.0.1"
