@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Query, Request
@@ -33,7 +33,16 @@ from storage.reports import result_detail
 router = APIRouter(include_in_schema=False, default_response_class=HTMLResponse)
 
 
-def pager(params: ResultParams | SeriesParams, total: int, shown: int) -> tuple[str | None, ...]:
+class Paged(Protocol):
+    """A list page's parameters: its filters, and where the page starts."""
+
+    offset: int
+    limit: int
+
+    def model_dump(self, *, mode: str) -> dict[str, Any]: ...
+
+
+def pager(params: Paged, total: int, shown: int) -> tuple[str | None, ...]:
     """The query strings of the older and the newer page, where there are such pages."""
     current = {k: v for k, v in params.model_dump(mode="json").items() if v is not None}
     older = newer = None

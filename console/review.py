@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import datetime as dt
 from typing import Annotated, Any, Literal
-from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request
 from fastapi import Path as PathParam
@@ -29,6 +28,7 @@ from console.context import (
     page_user,
     record,
 )
+from console.pages import pager
 from console.queries import Text64, aware
 from console.schemas import AlertOut, AlertPageOut, ProblemOut, ReviewIn
 from console.thumbnail import ThumbnailError, stored_thumbnail
@@ -197,12 +197,7 @@ def alerts_page(
     params = params.model_copy(update={"limit": min(params.limit, ctx.config.page_rows)})
     page = load_alerts(db, params)
     record(db, who, audit.QUERY, patient=params.patient, page="alerts", rows=len(page.items))
-    current = {k: v for k, v in params.model_dump(mode="json").items() if v is not None}
-    older = newer = None
-    if params.offset + len(page.items) < page.total:
-        older = urlencode({**current, "offset": params.offset + params.limit})
-    if params.offset > 0:
-        newer = urlencode({**current, "offset": max(params.offset - params.limit, 0)})
+    older, newer = pager(params, page.total, len(page.items))
     return html(
         request, "alerts.html", user=who, page=page, params=params, older=older, newer=newer
     )
