@@ -26,6 +26,7 @@ from pipeline.modelstore import Analyser, embedding_bytes
 from pipeline.ports import NoObserver, WorkerObserver
 from pipeline.runner import PipelineConfig, PipelineResult, run_pipeline
 from pipeline.series import ImageFinding, aggregate_series
+from pipeline.verdicts import IdentityVerdict
 from storage import audit
 from storage.alerts import FlaggedEmbedding
 from storage.audit_trail import append_audit
@@ -77,8 +78,15 @@ def job_outcome(
 
 
 def _embedding(analysis: Analysis | None) -> FlaggedEmbedding | None:
-    """The image's embedding under its routed model, kept with a patient mismatch's alert."""
-    if analysis is None or analysis.embedding is None or analysis.routed_to is None:
+    """The image's embedding under its routed model, kept with a patient mismatch's alert
+    (serialised only then: most jobs raise no alert)."""
+    if (
+        analysis is None
+        or analysis.identity is None
+        or analysis.identity.verdict != IdentityVerdict.MISMATCH
+        or analysis.embedding is None
+        or analysis.routed_to is None
+    ):
         return None
     version = analysis.versions.get(f"reid:{analysis.routed_to}")
     if version is None:
