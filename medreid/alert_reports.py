@@ -9,7 +9,6 @@ a message sent again is the same instance, which the PACS keeps once."""
 from __future__ import annotations
 
 import copy
-import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ import highdicom as hd
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.sr.coding import Code
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -61,9 +60,8 @@ MAX_REFERENCES = 64  # of a series' images
 
 
 def derived_uid(*parts: object) -> str:
-    """A UID under the 2.25 (UUID-derived) root, the same for the same parts."""
-    digest = hashlib.sha256("/".join(map(str, parts)).encode()).hexdigest()
-    return f"2.25.{int(digest[:30], 16)}"
+    """The same UID for the same parts (pydicom's, from its root and their hash)."""
+    return str(generate_uid(entropy_srcs=[str(part) for part in parts]))
 
 
 def flagged_headers(session: Session, spool_root: Path, alert: Alert) -> list[Dataset]:
