@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, Integer, cast, func, or_, select
 from sqlalchemy.orm import Session
 
+from storage.alerts import MISMATCH
 from storage.models import (
     ActiveModel,
     Alert,
@@ -22,7 +23,6 @@ from storage.models import (
     SeriesVerdictRow,
 )
 
-MISMATCH = "mismatch"
 # The dashboard's recent past: failed jobs and mismatch rates per sender.
 RECENT_WINDOW = dt.timedelta(days=7)
 
