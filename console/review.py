@@ -34,6 +34,8 @@ from console.schemas import AlertOut, AlertPageOut, ProblemOut, ReviewIn
 from console.thumbnail import ThumbnailError, stored_thumbnail
 from storage import audit
 from storage.alerts import (
+    AlertDecided,
+    AlertNotFound,
     AlertQuery,
     AlertReviewError,
     alert_counts,
@@ -120,8 +122,6 @@ def decide(
     """A reviewer's decision, audited; refusals as HTTP errors (403, 404, 409, 422)."""
     if not who.role.may_review():
         raise HTTPException(403, detail=f"{who.username} is a {who.role}: reviewers decide alerts")
-    if db.get(Alert, alert_id) is None:
-        raise HTTPException(404, detail="no such alert")
     try:
         alert = review_alert(
             db,
@@ -132,9 +132,12 @@ def decide(
             now=now,
             enroll=enroll,
         )
-    except AlertReviewError as exc:
-        status = 409 if " was " in str(exc) else 422
-        raise HTTPException(status, detail=str(exc)) from None
+    except AlertNotFound:
+        raise HTTPException(404, detail="no such alert") from None
+    except AlertDecided as exc:
+        raise HTTPException(409, detail=str(exc)) from None
+    except AlertReviewError as exc:  # what the decision itself lacks (a reason, an embedding)
+        raise HTTPException(422, detail=str(exc)) from None
     for event in review_audit(
         alert,
         actor_user=who.username,

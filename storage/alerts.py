@@ -32,6 +32,14 @@ class AlertReviewError(ValueError):
     """A review that cannot be recorded (no such alert, decided already, no reason)."""
 
 
+class AlertNotFound(AlertReviewError):
+    """No alert has this id."""
+
+
+class AlertDecided(AlertReviewError):
+    """The alert was confirmed or dismissed already."""
+
+
 @dataclass(frozen=True)
 class FlaggedEmbedding:
     """The flagged image's embedding, under the model that made it."""
@@ -232,6 +240,9 @@ def review_alert(
     ``enroll``: a dismissed patient mismatch of an image also enrolls that image under its
     header patient (the reviewer says it is theirs), so their next image is ``consistent``.
     A confirmed alert never enrolls its image."""
+    alert = session.get(Alert, alert_id, with_for_update=True)
+    if alert is None:
+        raise AlertNotFound(f"no alert {alert_id}")
     if decision == AlertState.OPEN:
         raise AlertReviewError("a review confirms or dismisses an alert")
     if enroll and decision != AlertState.DISMISSED:
@@ -239,11 +250,8 @@ def review_alert(
     reason = (reason or "").strip() or None
     if decision == AlertState.DISMISSED and reason is None:
         raise AlertReviewError("a dismissal needs a reason")
-    alert = session.get(Alert, alert_id, with_for_update=True)
-    if alert is None:
-        raise AlertReviewError(f"no alert {alert_id}")
     if alert.state != AlertState.OPEN:
-        raise AlertReviewError(
+        raise AlertDecided(
             f"alert {alert_id} was {alert.state} by {alert.reviewed_by} at "
             f"{alert.reviewed_at:%Y-%m-%d %H:%M}"
         )
