@@ -9,6 +9,7 @@ import os
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from medreid.priors import EmbedderSource, PriorsFetcher
 from medreid.settings import Settings
 from pipeline.clahe import ClaheParams
 from pipeline.decode import DecodeParams
@@ -38,3 +39,24 @@ def pipeline_config(settings: Settings) -> PipelineConfig:
 def build_database(settings: Settings) -> tuple[Engine, sessionmaker[Session]]:
     engine = make_engine(settings.database.url, busy_timeout_s=settings.database.busy_timeout_s)
     return engine, make_sessionmaker(engine)
+
+
+def build_priors(
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    models: EmbedderSource | None,
+    name: str,
+) -> PriorsFetcher | None:
+    """The PACS priors fetcher, where PACS nodes are configured and models serve."""
+    if not settings.priors.enabled or models is None:
+        return None
+    return PriorsFetcher(
+        settings.priors,
+        sessions,
+        models,
+        pipeline_config(settings),
+        settings.analysis.tag_mapping(),
+        # the lock files that bound this host's associations to the PACS
+        lock_folder=settings.spool.dir.resolve() / ".priors",
+        name=name,
+    )

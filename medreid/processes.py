@@ -17,7 +17,7 @@ from pathlib import Path
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from medreid.builders import build_database, pipeline_config
+from medreid.builders import build_database, build_priors, pipeline_config
 from medreid.logs import configure_logging
 from medreid.monitoring import (
     ServiceMetrics,
@@ -153,6 +153,7 @@ def run_worker(
             mismatch_margin=settings.analysis.mismatch_margin,
         ),
         observer=WorkerMetrics(ServiceMetrics()),
+        priors=build_priors(settings, sessions, analyser, name),
     )
     try:
         worker.run(should_stop)

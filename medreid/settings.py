@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from medreid.outbox_settings import OutboxSettings, WebhookSettings
+from medreid.priors_settings import PriorsSettings
 from pipeline.records import Modality
 from scp.settings import ScpSettings, check_range
 
@@ -290,6 +291,7 @@ class Settings:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     outbox: OutboxSettings = field(default_factory=OutboxSettings)
     webhooks: WebhookSettings = field(default_factory=WebhookSettings)
+    priors: PriorsSettings = field(default_factory=PriorsSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
 
 

@@ -3,6 +3,7 @@ stores one result per job."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import functools
 import logging
@@ -13,6 +14,7 @@ from pathlib import Path
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from medreid.priors import PriorsCheck, PriorsFetcher, PriorsWanted
 from medreid.series import (
     SeriesHeader,
     SeriesPolicy,
@@ -26,13 +28,20 @@ from pipeline.modelstore import Analyser, embedding_bytes
 from pipeline.ports import NoObserver, WorkerObserver
 from pipeline.runner import PipelineConfig, PipelineResult, run_pipeline
 from pipeline.series import ImageFinding, aggregate_series
-from pipeline.verdicts import IdentityVerdict
+from pipeline.verdicts import IdentityDecision, IdentityVerdict
 from storage import audit
 from storage.alerts import FlaggedEmbedding
 from storage.audit_trail import append_audit
 from storage.gallery import NewGalleryEntry, add_gallery_entries
-from storage.jobs import ClaimedJob, JobOutcome, claim_jobs, finish_job
-from storage.models import utcnow
+from storage.jobs import ClaimedJob, JobOutcome, claim_jobs, finish_job, judge_again
+from storage.models import PriorFetchState, utcnow
+from storage.priors import (
+    AwaitingResult,
+    PriorsKey,
+    awaiting_results,
+    priors_held,
+    waiting_pairs,
+)
 from storage.results import QuietSeries, quiet_series, save_series_verdict, series_results
 
 log = logging.getLogger(__name__)
@@ -43,10 +52,46 @@ def _text(value: str | None) -> str | None:
     return None if value is None else value.replace("\x00", "\\0")
 
 
+def with_priors(analysis: Analysis | None, check: PriorsCheck | None) -> Analysis | None:
+    """The analysis as the priors leave it.
+
+    - Where they could not be had, the identity is unverifiable, whatever the gallery
+      without them said.
+    - Where the header patient's own PACS priors are held and the image matches none of
+      them, it is a mismatch, even when it resembles nobody else: the patient's own earlier
+      images are the reference, not a gallery that may lack the image's true patient."""
+    if analysis is None or check is None or analysis.identity is None:
+        return analysis
+    identity = analysis.identity
+    if not check.available:
+        verdict = IdentityDecision(
+            IdentityVerdict.UNVERIFIABLE, None, identity.best_score, identity.header_score
+        )
+    elif (
+        check.studies
+        and identity.verdict == IdentityVerdict.UNVERIFIABLE
+        and identity.header_score is not None
+        and analysis.threshold is not None
+        and identity.header_score < analysis.threshold
+    ):
+        verdict = IdentityDecision(
+            IdentityVerdict.MISMATCH, None, identity.best_score, identity.header_score
+        )
+    else:
+        return analysis
+    return dataclasses.replace(analysis, identity=verdict)
+
+
 def job_outcome(
-    result: PipelineResult, config: PipelineConfig, analysis: Analysis | None = None
+    result: PipelineResult,
+    config: PipelineConfig,
+    analysis: Analysis | None = None,
+    priors: PriorsCheck | None = None,
 ) -> JobOutcome:
-    """The result row's content for a pipeline run (and the models' analysis, if any)."""
+    """The result row's content for a pipeline run (and the models' analysis, if any, as
+    the priors leave it)."""
+    analysis = with_priors(analysis, priors)
+    judged = analysis is not None and analysis.identity is not None and priors is not None
     before, after = result.stats()
     decoded = result.decoded
     identity = analysis.identity if analysis is not None else None
@@ -74,6 +119,9 @@ def job_outcome(
         photometric=_text(decoded.photometric) if decoded is not None else None,
         stats_decoded=before.__dict__ if before is not None else None,
         stats_clahe=after.__dict__ if after is not None else None,
+        identity_reason=priors.reason if judged and priors is not None else None,
+        priors=(priors.studies or None) if judged and priors is not None else None,
+        awaiting_priors=judged and priors is not None and priors.wait,
     )
 
 
@@ -148,6 +196,7 @@ class Worker:
         series: SeriesPolicy | None = None,
         max_chunk_values: int = 64_000_000,
         observer: WorkerObserver | None = None,
+        priors: PriorsFetcher | None = None,
     ) -> None:
         self.sessions = sessions
         self.observer: WorkerObserver = observer or NoObserver()
@@ -164,8 +213,10 @@ class Worker:
         # 64 M float32 values: about 256 MB of pixels in flight, over 100 CT images of
         # 512 x 512 or 8 radiographs of 2000 x 2000 at a time
         self.max_chunk_values = max_chunk_values
+        self.priors = priors
         self.processed = 0
         self.series_decided = 0
+        self.judged_again = 0
 
     def claim(self) -> list[ClaimedJob]:
         with self.sessions.begin() as session:
@@ -206,23 +257,64 @@ class Worker:
             result.timings_ms["models"] = per_image
         return {j.job_id: a for (j, _), a in zip(ready, analyses, strict=True)}
 
+    def check_priors(
+        self, jobs: list[ClaimedJob], results: list[PipelineResult]
+    ) -> dict[int, PriorsCheck]:
+        """Each decoded image's header patient's PACS priors, fetched where they are missing
+        (before the models judge the batch, so they judge against them)."""
+        fetcher = self.priors
+        if fetcher is None or self.analyser is None:
+            return {}
+        wanted: dict[int, PriorsWanted] = {}
+        for job, result in zip(jobs, results, strict=True):
+            modality = fetcher.tag_map.get((job.modality or "").strip().upper())
+            if result.enhanced is not None and job.patient_id and modality:
+                wanted[job.job_id] = PriorsWanted(job.patient_id, modality, job.study_instance_uid)
+        if not wanted:
+            return {}
+        started = time.perf_counter()
+        try:
+            self.analyser.refresh()
+            checks = fetcher.check(list(wanted.values()))
+        except SQLAlchemyError:
+            raise
+        except Exception as exc:  # the PACS's trouble is never the worker's end
+            log.exception("priors failed for a batch of %d images", len(wanted))
+            reason = f"priors unavailable: {type(exc).__name__}: {exc}"
+            checks = {w: PriorsCheck(False, reason=reason, wait=True) for w in wanted.values()}
+        per_image = round((time.perf_counter() - started) * 1000.0 / len(wanted), 3)
+        for job, result in zip(jobs, results, strict=True):
+            if job.job_id in wanted:
+                result.timings_ms["priors"] = per_image
+        return {job_id: checks[want] for job_id, want in wanted.items()}
+
     def process(
         self,
         job: ClaimedJob,
         result: PipelineResult | None = None,
         analysis: Analysis | None = None,
+        priors: PriorsCheck | None = None,
     ) -> bool:
         if result is None:
             result = run_pipeline(self.spool_root / job.spool_path, self.config)
         with self.sessions.begin() as session:
-            return self._store(session, job, result, analysis)
+            return self._store(session, job, result, analysis, priors)
 
     def _store(
-        self, session: Session, job: ClaimedJob, result: PipelineResult, analysis: Analysis | None
+        self,
+        session: Session,
+        job: ClaimedJob,
+        result: PipelineResult,
+        analysis: Analysis | None,
+        priors: PriorsCheck | None = None,
     ) -> bool:
-        outcome = job_outcome(result, self.config, analysis)
+        outcome = job_outcome(result, self.config, analysis, priors)
         stored = finish_job(
-            session, job=job, worker=self.name, outcome=outcome, embedding=_embedding(analysis)
+            session,
+            job=job,
+            worker=self.name,
+            outcome=outcome,
+            embedding=_embedding(with_priors(analysis, priors)),
         )
         if stored:
             if log.isEnabledFor(logging.DEBUG):  # no context dict per job unless it is logged
@@ -310,12 +402,15 @@ class Worker:
 
     def _finish(self, work: list[tuple[ClaimedJob, PipelineResult]]) -> None:
         """The models over the chunk at once, then its results in one transaction."""
+        priors = self.check_priors([j for j, _ in work], [r for _, r in work])
         analyses = self.analyse([j for j, _ in work], [r for _, r in work])
         try:
             # One transaction (one fsync) for the whole chunk's results...
             with self.sessions.begin() as session:
                 kept = [
-                    (j, r) for j, r in work if self._store(session, j, r, analyses.get(j.job_id))
+                    (j, r)
+                    for j, r in work
+                    if self._store(session, j, r, analyses.get(j.job_id), priors.get(j.job_id))
                 ]
             stored = len(kept)
             for job, result in kept:
@@ -331,7 +426,7 @@ class Worker:
             stored = 0
             for job, result in work:
                 try:
-                    if self.process(job, result, analyses.get(job.job_id)):
+                    if self.process(job, result, analyses.get(job.job_id), priors.get(job.job_id)):
                         stored += 1
                         self._observe(result, analyses.get(job.job_id))
                 except SQLAlchemyError:
@@ -408,9 +503,89 @@ class Worker:
                 append_audit(session, record=record)
             return 1
 
+    def retry_priors(self) -> int:
+        """Images that wait for priors: ask the PACS again where it is time, and judge them
+        again once their priors are had (or given up). The number judged again."""
+        fetcher = self.priors
+        if fetcher is None or self.analyser is None:
+            return 0
+        with self.sessions.begin() as session:
+            pairs = waiting_pairs(session)
+        if not pairs:
+            return 0
+        self.analyser.refresh()
+        judged = 0
+        for patient_id, modality in pairs:
+            key = fetcher.key(patient_id, modality)
+            if key is None:
+                continue
+            with self.sessions.begin() as session:
+                waiting = awaiting_results(session, patient_id=patient_id, modality=modality)
+                held = priors_held(session, key=key)
+            if held.state == PriorFetchState.FETCHING:
+                continue  # another worker is asking now
+            if held.state == PriorFetchState.UNAVAILABLE and (
+                held.next_attempt_at is not None and held.next_attempt_at > utcnow()
+            ):
+                continue
+            if held.state not in (PriorFetchState.FETCHED, PriorFetchState.GAVE_UP):
+                outcome = fetcher.fetch(
+                    key,
+                    exclude_studies={w.study_instance_uid for w in waiting if w.study_instance_uid},
+                    deadline=time.monotonic() + fetcher.settings.budget_s,
+                )
+                if outcome is None or (
+                    outcome.error is not None
+                    and priors_state(self.sessions, key) != PriorFetchState.GAVE_UP
+                ):
+                    continue
+            judged += self.judge_awaiting(waiting)
+        self.judged_again += judged
+        return judged
+
+    def judge_awaiting(self, waiting: list[AwaitingResult]) -> int:
+        """Judge again images that waited for priors, from their spooled files; each once."""
+        jobs = [
+            ClaimedJob(
+                w.job_id,
+                w.instance_id,
+                0,
+                w.spool_path,
+                w.sop_instance_uid,
+                w.patient_id,
+                w.study_instance_uid,
+                w.modality,
+            )
+            for w in waiting
+        ]
+        results = [run_pipeline(self.spool_root / j.spool_path, self.config) for j in jobs]
+        checks = self.check_priors(jobs, results)
+        analyses = self.analyse(jobs, results)
+        judged = 0
+        with self.sessions.begin() as session:
+            for job, result, wait in zip(jobs, results, waiting, strict=True):
+                analysis, check = analyses.get(job.job_id), checks.get(job.job_id)
+                if analysis is None or check is None or (not check.available and check.wait):
+                    continue  # still not to be had: it keeps waiting
+                outcome = job_outcome(result, self.config, analysis, check)
+                if judge_again(
+                    session,
+                    result_id=wait.result_id,
+                    job=job,
+                    outcome=outcome,
+                    worker=self.name,
+                    embedding=_embedding(with_priors(analysis, check)),
+                ):
+                    judged += 1
+                    for record in audit_records(job, outcome, self.name):
+                        if record.kind == audit.PATIENT_MISMATCH:
+                            append_audit(session, record=record)
+        return judged
+
     def run(self, should_stop: Callable[[], bool]) -> None:
         log.info("worker %s started", self.name)
         next_series_check = 0.0
+        next_priors_check = 0.0
         while not should_stop():
             try:
                 claimed = self.run_once()
@@ -427,6 +602,20 @@ class Worker:
                 except SQLAlchemyError as exc:
                     log.error("worker %s: series verdicts: database error: %s", self.name, exc)
                     self.observer.database_error()
+            if self.priors is not None and time.monotonic() >= next_priors_check:
+                next_priors_check = time.monotonic() + min(5.0, self.priors.settings.retry_s)
+                try:
+                    self.retry_priors()
+                except SQLAlchemyError as exc:
+                    log.error("worker %s: priors: database error: %s", self.name, exc)
+                    self.observer.database_error()
+                except Exception:  # never the worker's end
+                    log.exception("worker %s: judging images that wait for priors", self.name)
             if claimed == 0:
                 time.sleep(self.poll_interval_s)
         log.info("worker %s stopped after %d jobs", self.name, self.processed)
+
+
+def priors_state(sessions: sessionmaker[Session], key: PriorsKey) -> str | None:
+    with sessions.begin() as session:
+        return priors_held(session, key=key).state

@@ -128,6 +128,10 @@ class Analyser:
         index.add([patient for _, patient, _ in rows], vectors.astype(np.float32))
         self._last_id[modality] = rows[-1][0]
 
+    def embedder(self, modality: str) -> Embedder | None:
+        """The re-identification model serving ``modality`` (after ``refresh``)."""
+        return self.models.reid.get(modality)
+
     def analyse(self, images: list[FloatImage], headers: list[HeaderFacts]) -> list[Analysis]:
         return analyse(images, headers, self.models, self.galleries, self.settings)
 

@@ -112,11 +112,21 @@ class _Timer:
 
 def run_pipeline(path: Path, config: PipelineConfig) -> PipelineResult:
     """read -> decode -> CLAHE. Any stage's failure ends the run with its stage and reason."""
+    return _run(lambda: read_dataset(path, config.decode.max_bytes), config)
+
+
+def run_dataset(ds: Dataset, config: PipelineConfig) -> PipelineResult:
+    """decode -> CLAHE of a dataset already in memory (a prior fetched from the PACS),
+    exactly as a received image's."""
+    return _run(lambda: ds, config)
+
+
+def _run(read: Callable[[], Dataset], config: PipelineConfig) -> PipelineResult:
     timer = _Timer()
     decoded: DecodedImage | None = None
     stage = "read"
     try:
-        ds = timer.run("read", lambda: read_dataset(path, config.decode.max_bytes))
+        ds = timer.run("read", read)
         stage = "decode"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

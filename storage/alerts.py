@@ -62,13 +62,19 @@ class FlaggedImage:
 
 
 def raise_image_alerts(
-    session: Session, *, result: Result, image: FlaggedImage, by: str
+    session: Session,
+    *,
+    result: Result,
+    image: FlaggedImage,
+    by: str,
+    kinds: tuple[str, ...] = ("modality", "identity"),
 ) -> list[Alert]:
-    """One alert for each mismatch of an image's result (none where it agrees)."""
+    """One alert for each mismatch of an image's result (none where it agrees), of the
+    ``kinds`` checks asked for."""
     raised = []
     for kind, flagged in (
-        (AlertKind.MODALITY_MISMATCH, result.modality_verdict == MISMATCH),
-        (AlertKind.PATIENT_MISMATCH, result.identity_verdict == MISMATCH),
+        (AlertKind.MODALITY_MISMATCH, "modality" in kinds and result.modality_verdict == MISMATCH),
+        (AlertKind.PATIENT_MISMATCH, "identity" in kinds and result.identity_verdict == MISMATCH),
     ):
         if not flagged:
             continue
@@ -111,6 +117,9 @@ def _image_detail(result: Result) -> dict[str, Any]:
         "threshold": result.identity_threshold,
         "header_score": result.identity_header_score,
         "model_versions": result.model_versions,
+        # the header patient's PACS prior studies the image disagrees with, where it was
+        # judged against priors
+        "prior_studies": result.priors,
     }
 
 

@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 from storage.models import (
     ActiveModel,
     GalleryEntry,
+    GalleryOrigin,
     utcnow,
 )
 
@@ -23,6 +24,18 @@ class NewGalleryEntry:
     source_instance_id: int | None
     source_path: str | None
     enrolled_by: str
+    prior: PriorReference | None = None  # a PACS prior's reference, instead of a source
+
+
+@dataclass(frozen=True)
+class PriorReference:
+    """Where a PACS prior came from: enough to fetch it again."""
+
+    node: str  # AE@host:port
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    study_date: str | None  # DICOM DA
 
 
 def add_gallery_entries(session: Session, *, entries: list[NewGalleryEntry]) -> int:
@@ -35,6 +48,12 @@ def add_gallery_entries(session: Session, *, entries: list[NewGalleryEntry]) -> 
             source_instance_id=e.source_instance_id,
             source_path=e.source_path,
             enrolled_by=e.enrolled_by,
+            origin=GalleryOrigin.ENROLLED if e.prior is None else GalleryOrigin.PACS_PRIOR,
+            prior_node=e.prior.node if e.prior else None,
+            prior_study_uid=e.prior.study_instance_uid if e.prior else None,
+            prior_series_uid=e.prior.series_instance_uid if e.prior else None,
+            prior_sop_uid=e.prior.sop_instance_uid if e.prior else None,
+            prior_study_date=e.prior.study_date if e.prior else None,
         )
         for e in entries
     )

@@ -59,6 +59,9 @@ class JobOutcome:
     identity_verdict: str | None = None
     matched_patient_id: str | None = None
     model_versions: dict[str, str] | None = None
+    identity_reason: str | None = None
+    priors: list[dict[str, Any]] | None = None
+    awaiting_priors: bool = False
 
     def columns(self) -> dict[str, Any]:
         """The result row's columns this outcome holds."""
@@ -192,27 +195,81 @@ def finish_job(
     )
     session.add(result)
     if MISMATCH in (outcome.modality_verdict, outcome.identity_verdict):
-        session.flush()  # the result's id, for its alerts
-        series = session.scalar(
-            select(Instance.series_instance_uid).where(Instance.id == job.instance_id)
-        )
-        raise_image_alerts(
-            session,
-            result=result,
-            image=FlaggedImage(
-                patient_id=job.patient_id,
-                study_instance_uid=job.study_instance_uid,
-                series_instance_uid=series,
-                sop_instance_uid=job.sop_instance_uid,
-                header_modality=job.modality,
-                embedding=embedding,
-            ),
-            by=worker,
-        )
+        _raise_alerts(session, result, job, embedding, worker)
     session.execute(
         update(Instance)
         .where(Instance.id == job.instance_id)
         .values(state=InstanceState.PROCESSED if outcome.ok else InstanceState.FAILED)
     )
+    session.flush()
+    return True
+
+
+def _raise_alerts(
+    session: Session,
+    result: Result,
+    job: ClaimedJob,
+    embedding: FlaggedEmbedding | None,
+    worker: str,
+    kinds: tuple[str, ...] = ("modality", "identity"),
+) -> None:
+    session.flush()  # the result's id, for its alerts
+    series = session.scalar(
+        select(Instance.series_instance_uid).where(Instance.id == job.instance_id)
+    )
+    raise_image_alerts(
+        session,
+        result=result,
+        image=FlaggedImage(
+            patient_id=job.patient_id,
+            study_instance_uid=job.study_instance_uid,
+            series_instance_uid=series,
+            sop_instance_uid=job.sop_instance_uid,
+            header_modality=job.modality,
+            embedding=embedding,
+        ),
+        by=worker,
+        kinds=kinds,
+    )
+
+
+# What judging an image again (once its priors are had) may change of its result.
+IDENTITY_COLUMNS = (
+    "top_matches",
+    "identity_threshold",
+    "identity_header_score",
+    "identity_verdict",
+    "matched_patient_id",
+    "identity_reason",
+    "priors",
+    "awaiting_priors",
+)
+
+
+def judge_again(
+    session: Session,
+    *,
+    result_id: int,
+    job: ClaimedJob,
+    outcome: JobOutcome,
+    worker: str,
+    embedding: FlaggedEmbedding | None = None,
+) -> bool:
+    """Replace a result's identity verdict, given while it waited for priors, by the one its
+    priors give, raising a patient mismatch's alert. Only once: False (and nothing written)
+    where the result no longer waits (another worker judged it)."""
+    values = {name: getattr(outcome, name) for name in IDENTITY_COLUMNS}
+    changed = session.execute(
+        update(Result)
+        .where(Result.id == result_id, Result.awaiting_priors.is_(True))
+        .values(**values, judged_again_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    if changed.rowcount != 1:  # type: ignore[attr-defined]
+        return False
+    if outcome.identity_verdict == MISMATCH:
+        result = session.get_one(Result, result_id)
+        session.refresh(result)
+        _raise_alerts(session, result, job, embedding, worker, kinds=("identity",))
     session.flush()
     return True

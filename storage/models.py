@@ -183,6 +183,15 @@ class Result(Base):
     identity_verdict: Mapped[str | None] = mapped_column(String(16), index=True)
     matched_patient_id: Mapped[str | None] = mapped_column(String(64), index=True)
     model_versions: Mapped[dict[str, Any] | None]
+    # Why the identity verdict is what it is where the verdict alone does not say (priors
+    # that could not be had from the PACS, say).
+    identity_reason: Mapped[str | None] = mapped_column(Text)
+    # The header patient's PACS prior studies the image was judged against: [{study, date,
+    # node}], newest first; null where it was judged against enrolled images only.
+    priors: Mapped[list[Any] | None]
+    # Unverifiable for want of priors: judged again when the PACS gives them.
+    awaiting_priors: Mapped[bool] = mapped_column(default=False, index=True)
+    judged_again_at: Mapped[dt.datetime | None]
 
 
 class SeriesVerdictRow(Base):
@@ -318,11 +327,22 @@ class Delivery(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
 
 
+class GalleryOrigin(enum.StrEnum):
+    ENROLLED = "enrolled"  # by a person: `medreid enroll`, a review, the auto-enroll policy
+    PACS_PRIOR = "pacs_prior"  # the patient's earlier image, fetched from a PACS
+
+
 class GalleryEntry(Base):
-    """An enrolled embedding: this image shows this patient, for one model version."""
+    """An enrolled embedding: this image shows this patient, for one model version.
+
+    A PACS prior keeps where it came from (node, study, series, SOP Instance UIDs and the
+    study date) instead of its pixels, so it can be fetched again under a new model."""
 
     __tablename__ = "gallery"
-    __table_args__ = (Index("ix_gallery_model_version_id", "model_version", "id"),)
+    __table_args__ = (
+        Index("ix_gallery_model_version_id", "model_version", "id"),
+        Index("ix_gallery_model_version_prior_sop_instance_uid", "model_version", "prior_sop_uid"),
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     patient_id: Mapped[str] = mapped_column(String(64), index=True)
@@ -335,6 +355,44 @@ class GalleryEntry(Base):
     source_path: Mapped[str | None] = mapped_column(Text)
     enrolled_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     enrolled_by: Mapped[str] = mapped_column(String(255))
+    origin: Mapped[str] = mapped_column(String(16), default=GalleryOrigin.ENROLLED)
+    prior_node: Mapped[str | None] = mapped_column(String(255))
+    prior_study_uid: Mapped[str | None] = mapped_column(String(64))
+    prior_series_uid: Mapped[str | None] = mapped_column(String(64))
+    prior_sop_uid: Mapped[str | None] = mapped_column(String(64))
+    prior_study_date: Mapped[str | None] = mapped_column(String(8))  # DICOM DA, YYYYMMDD
+
+
+class PriorFetchState(enum.StrEnum):
+    FETCHING = "fetching"  # a worker is asking the PACS now (until lease_until)
+    FETCHED = "fetched"  # the PACS answered; what it had (perhaps nothing) is in the gallery
+    UNAVAILABLE = "unavailable"  # the PACS could not be asked: asked again at next_attempt_at
+    GAVE_UP = "gave_up"  # unavailable max_attempts times running
+
+
+class PriorFetch(Base):
+    """What was last asked of the PACS for one patient's priors of one modality, under one
+    model version: when, with what outcome, and when to ask again."""
+
+    __tablename__ = "prior_fetches"
+    __table_args__ = (
+        UniqueConstraint("patient_id", "modality", "model_version"),
+        Index("ix_prior_fetches_state_next_attempt_at", "state", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    patient_id: Mapped[str] = mapped_column(String(64))
+    modality: Mapped[str] = mapped_column(String(16))
+    model_version: Mapped[str] = mapped_column(String(128))
+    state: Mapped[str] = mapped_column(String(16))
+    studies: Mapped[int] = mapped_column(Integer, default=0)
+    images: Mapped[int] = mapped_column(Integer, default=0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # failures in a row
+    fetched_at: Mapped[dt.datetime | None]
+    next_attempt_at: Mapped[dt.datetime | None]
+    lease_until: Mapped[dt.datetime | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 
 class ActiveModel(Base):

@@ -146,14 +146,22 @@ def quiet_series(
 ) -> list[QuietSeries]:
     """Series of these header modalities that are complete and not yet judged as they stand.
 
-    Complete: the last image arrived before ``quiet_before`` and every job of the series is
-    finished. Not judged as they stand: no verdict yet, or one decided before the last image.
+    Complete: the last image arrived before ``quiet_before``, every job of the series is
+    finished and none of its images waits for priors. Not judged as they stand: no verdict
+    yet, or one decided before the last image.
     Only series with an image received within ``lookback`` before ``quiet_before`` are
     considered, so the query reads recent rows, not the whole archive."""
     unfinished = (
         select(Instance.series_instance_uid)
         .join(Job, Job.instance_id == Instance.id)
         .where(Job.state.in_([JobState.PENDING, JobState.RUNNING]))
+        .where(Instance.series_instance_uid.is_not(None))
+    )
+    # an image that waits for its patient's PACS priors holds its series' verdict back
+    waiting = (
+        select(Instance.series_instance_uid)
+        .join(Result, Result.instance_id == Instance.id)
+        .where(Result.awaiting_priors.is_(True))
         .where(Instance.series_instance_uid.is_not(None))
     )
     last = func.max(Instance.received_at)
@@ -163,6 +171,7 @@ def quiet_series(
         .where(Instance.received_at >= quiet_before - lookback)
         .where(Instance.series_instance_uid.is_not(None))
         .where(Instance.series_instance_uid.not_in(unfinished))
+        .where(Instance.series_instance_uid.not_in(waiting))
         .group_by(Instance.series_instance_uid)
         .having(last < quiet_before)
         .subquery()

@@ -26,8 +26,19 @@ end
 
 
 class Orthanc:
-    def __init__(self, workdir: Path, medreid_port: int, dicom_port: int | None = None) -> None:
-        self.http_port = free_port()
+    def __init__(
+        self,
+        workdir: Path,
+        medreid_port: int,
+        dicom_port: int | None = None,
+        *,
+        http_port: int | None = None,
+        modalities: dict[str, list[Any]] | None = None,
+    ) -> None:
+        """``modalities``: more AEs the PACS knows (name -> [AE, host, port]), such as a
+        C-MOVE destination; medreid itself is known as "medreid"."""
+        self.workdir = workdir
+        self.http_port = http_port or free_port()
         self.dicom_port = dicom_port or free_port()
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "forward.lua").write_text(FORWARD_RULE)
@@ -40,7 +51,10 @@ class Orthanc:
             "DicomAet": "ORTHANC",
             "RemoteAccessAllowed": False,
             "AuthenticationEnabled": False,
-            "DicomModalities": {"medreid": ["MEDREID", "127.0.0.1", medreid_port]},
+            "DicomModalities": {
+                "medreid": ["MEDREID", "127.0.0.1", medreid_port],
+                **(modalities or {}),
+            },
             "LuaScripts": [str(workdir / "forward.lua")],
             "Plugins": [],
             # close each forwarding association at once, so its audit is written at once

@@ -1,0 +1,350 @@
+"""PACS priors as the reference for "is this really patient P?": on demand for the worker,
+ahead of time for `medreid priors backfill`.
+
+For one patient and modality under the serving model: ask each PACS node for the patient's
+earlier studies (leaving out the study being checked), fetch a few images of each, decode,
+CLAHE and embed them exactly as received images are, and keep them as gallery entries
+marked as PACS priors (their references, not their pixels). What the PACS was asked, and
+with what outcome, is one row per patient, modality and model: a lease while a worker asks,
+a retry schedule while it cannot."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from pydicom import Dataset
+from sqlalchemy.orm import Session, sessionmaker
+
+from medreid.pacs import DimseClient, Exchange, PacsUnavailable, PriorImage
+from medreid.priors_settings import PriorsSettings
+from pipeline.analysis import Embedder
+from pipeline.modelstore import embedding_bytes
+from pipeline.runner import PipelineConfig, run_dataset
+from storage import audit
+from storage.audit_trail import append_audit
+from storage.gallery import NewGalleryEntry, PriorReference, add_gallery_entries
+from storage.models import PriorFetchState, utcnow
+from storage.priors import (
+    PriorsKey,
+    fetch_failed,
+    fetch_succeeded,
+    held_prior_uids,
+    prior_studies,
+    priors_held,
+    take_fetch_lease,
+)
+
+log = logging.getLogger(__name__)
+
+UNAVAILABLE = "priors unavailable"
+
+
+class EmbedderSource(Protocol):
+    """The serving re-identification models (the worker's Analyser)."""
+
+    def refresh(self) -> None: ...
+
+    def embedder(self, modality: str) -> Embedder | None: ...
+
+
+@dataclass(frozen=True)
+class PriorsWanted:
+    """One image's need: its header patient's priors of its modality, without its study."""
+
+    patient_id: str
+    modality: str
+    study_instance_uid: str | None
+
+
+@dataclass(frozen=True)
+class PriorsCheck:
+    """What the priors gave: held (perhaps none: the PACS has nothing earlier), or not to be
+    had now (``reason``); ``wait``: the image is judged again when they can be had."""
+
+    available: bool
+    studies: list[dict[str, object]] = field(default_factory=list)
+    reason: str | None = None
+    wait: bool = False
+
+
+@dataclass(frozen=True)
+class FetchOutcome:
+    studies: int
+    stored: int
+    error: str | None  # None: the PACS answered
+
+
+class PriorsFetcher:
+    """Fetches priors within the settings' limits and budget, for any caller."""
+
+    def __init__(
+        self,
+        settings: PriorsSettings,
+        sessions: sessionmaker[Session],
+        models: EmbedderSource,
+        config: PipelineConfig,
+        tag_map: Mapping[str, str],
+        *,
+        lock_folder: Path,
+        name: str,
+        clock: Callable[[], dt.datetime] = utcnow,
+    ) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.models = models
+        self.config = config
+        self.tag_map = tag_map
+        self.name = name
+        self.clock = clock
+        self.clients = [DimseClient(n, settings, lock_folder) for n in settings.pacs_nodes()]
+
+    def codes_of(self, modality: str) -> set[str]:
+        """The header Modality codes of a model modality, by the tag map."""
+        return {code for code, m in self.tag_map.items() if m == modality}
+
+    def key(self, patient_id: str, modality: str) -> PriorsKey | None:
+        embedder = self.models.embedder(modality)
+        if embedder is None:
+            return None
+        return PriorsKey(patient_id, modality, embedder.version)
+
+    # ------------------------------------------------------------------ on demand
+
+    def check(self, wanted: list[PriorsWanted]) -> dict[PriorsWanted, PriorsCheck]:
+        """Make sure each patient's priors are held (fetching what is missing, one fetch per
+        patient and modality, leaving out the studies being checked), within budget_s each."""
+        studies: dict[tuple[str, str], set[str]] = {}
+        for want in wanted:
+            pair = (want.patient_id, want.modality)
+            studies.setdefault(pair, set()).update(
+                [want.study_instance_uid] if want.study_instance_uid else []
+            )
+        done = {pair: self._check_one(*pair, exclude) for pair, exclude in studies.items()}
+        return {want: done[(want.patient_id, want.modality)] for want in wanted}
+
+    def _needs_fetch(self, key: PriorsKey) -> tuple[bool, PriorsCheck | None]:
+        """Whether to ask the PACS now; where not, what the priors held give."""
+        s = self.settings
+        now = self.clock()
+        with self.sessions.begin() as session:
+            held = priors_held(session, key=key)
+            studies = prior_studies(
+                session, patient_id=key.patient_id, model_version=key.model_version
+            )
+        if (
+            held.state == PriorFetchState.UNAVAILABLE
+            and held.next_attempt_at
+            and held.next_attempt_at > now
+        ):
+            # asked recently, in vain: not again for every image of the series
+            return False, PriorsCheck(False, reason=f"{UNAVAILABLE}: {held.last_error}", wait=True)
+        if held.state == PriorFetchState.GAVE_UP:
+            return False, PriorsCheck(
+                False, reason=f"{UNAVAILABLE} (given up): {held.last_error}", wait=False
+            )
+        fresh = (
+            held.state == PriorFetchState.FETCHED
+            and held.fetched_at is not None
+            and now - held.fetched_at < dt.timedelta(days=s.fresh_days)
+        )
+        if fresh or (held.state is None and held.entries >= s.min_entries):
+            return False, PriorsCheck(True, studies=studies)
+        return True, None  # never asked, or asked long ago: only what is new is fetched
+
+    def _check_one(self, patient_id: str, modality: str, exclude: set[str]) -> PriorsCheck:
+        key = self.key(patient_id, modality)
+        if key is None:
+            return PriorsCheck(True)  # no model serves the modality: nothing to judge with
+        fetch, answer = self._needs_fetch(key)
+        if not fetch:
+            assert answer is not None
+            return answer
+        deadline = time.monotonic() + self.settings.budget_s
+        outcome = self.fetch(key, exclude_studies=exclude, deadline=deadline)
+        if outcome is None:
+            # another worker is asking the PACS: wait for its answer within the budget
+            while time.monotonic() < deadline:
+                time.sleep(0.2)
+                with self.sessions.begin() as session:
+                    state = priors_held(session, key=key).state
+                if state != PriorFetchState.FETCHING:
+                    fetch, answer = self._needs_fetch(key)
+                    if answer is not None:
+                        return answer
+                    break
+            return PriorsCheck(
+                False, reason=f"{UNAVAILABLE}: another worker is still fetching them", wait=True
+            )
+        if outcome.error is not None:
+            return PriorsCheck(False, reason=f"{UNAVAILABLE}: {outcome.error}", wait=True)
+        with self.sessions.begin() as session:
+            studies = prior_studies(
+                session, patient_id=key.patient_id, model_version=key.model_version
+            )
+        return PriorsCheck(True, studies=studies)
+
+    # ------------------------------------------------------------------ fetching
+
+    def fetch(
+        self,
+        key: PriorsKey,
+        *,
+        exclude_studies: set[str],
+        deadline: float,
+        since: dt.date | None = None,
+        until: dt.date | None = None,
+    ) -> FetchOutcome | None:
+        """Ask every node for the patient's priors and keep what is not held. None where
+        another worker holds the lease (it is asking now)."""
+        s = self.settings
+        with self.sessions.begin() as session:
+            if not take_fetch_lease(session, key=key, lease_s=s.budget_s + s.timeout_s):
+                return None
+            held = held_prior_uids(
+                session, patient_id=key.patient_id, model_version=key.model_version
+            )
+        today = self.clock().date()
+        start = since or today - dt.timedelta(days=round(365.25 * s.years_back))
+        codes = self.codes_of(key.modality)
+        entries: list[NewGalleryEntry] = []
+        records: list[audit.AuditRecord] = []
+        errors: list[str] = []
+        studies: set[str] = set()
+        for client in self.clients:
+            exchange = Exchange(client.node.name)
+            try:
+                found = client.find_priors(
+                    patient_id=key.patient_id,
+                    modality_codes=codes,
+                    exclude_studies=exclude_studies,
+                    since=start.strftime("%Y%m%d"),
+                    held=held,
+                    deadline=deadline,
+                    exchange=exchange,
+                )
+                if until is not None:
+                    found = [f for f in found if (f.study_date or "") <= until.strftime("%Y%m%d")]
+                studies |= {f.study_instance_uid for f in found}
+                datasets = client.retrieve(found, deadline=deadline, exchange=exchange)
+                entries += self._embed(key, found, datasets)
+                held |= {f.sop_instance_uid for f in found}
+            except PacsUnavailable as exc:
+                errors.append(exc.reason)
+                log.warning("priors of a patient from %s: %s", client.node.name, exc.reason)
+            except Exception as exc:  # a bug or a PACS answer nothing foresaw: not a crash
+                log.exception("priors from %s failed", client.node.name)
+                errors.append(f"{client.node.name}: {type(exc).__name__}: {exc}")
+            records += self._audit(key, exchange, errors[-1] if errors else None)
+        answered = len(errors) < len(self.clients)
+        with self.sessions.begin() as session:
+            if entries:
+                add_gallery_entries(session, entries=entries)
+            for record in records:
+                append_audit(session, record=record)
+            if answered:
+                fetch_succeeded(session, key=key, studies=len(studies), images=len(entries))
+            else:
+                fetch_failed(
+                    session,
+                    key=key,
+                    error="; ".join(errors),
+                    retry_s=s.retry_s,
+                    retry_max_s=s.retry_max_s,
+                    max_attempts=s.max_attempts,
+                )
+        return FetchOutcome(len(studies), len(entries), None if answered else "; ".join(errors))
+
+    def _embed(
+        self, key: PriorsKey, found: list[PriorImage], datasets: list[Dataset]
+    ) -> list[NewGalleryEntry]:
+        """The fetched images decoded, CLAHE'd and embedded as received images are; those
+        that are not the patient's asked-for images, or cannot be decoded, are left out."""
+        embedder = self.models.embedder(key.modality)
+        if embedder is None or embedder.version != key.model_version:
+            return []  # the model changed meanwhile: these would not be comparable
+        asked = {f.sop_instance_uid: f for f in found}
+        images, refs = [], []
+        for ds in datasets:
+            ref = asked.get(str(getattr(ds, "SOPInstanceUID", "")))
+            if ref is None or str(getattr(ds, "PatientID", "")) != key.patient_id:
+                log.warning("priors: the PACS sent an image not asked for; left out")
+                continue
+            result = run_dataset(ds, self.config)
+            if result.enhanced is None:
+                log.warning("priors: a prior could not be decoded: %s", result.failure_reason)
+                continue
+            images.append(result.enhanced[0])
+            refs.append(ref)
+        if not images:
+            return []
+        vectors = embedder.embed(images)
+        return [
+            NewGalleryEntry(
+                patient_id=key.patient_id,
+                modality=key.modality,
+                model_version=key.model_version,
+                embedding=embedding_bytes(vector),
+                source_instance_id=None,
+                source_path=None,
+                enrolled_by=self.name,
+                prior=PriorReference(
+                    node=ref.node,
+                    study_instance_uid=ref.study_instance_uid,
+                    series_instance_uid=ref.series_instance_uid,
+                    sop_instance_uid=ref.sop_instance_uid,
+                    study_date=ref.study_date,
+                ),
+            )
+            for ref, vector in zip(refs, vectors, strict=True)
+        ]
+
+    def _audit(
+        self, key: PriorsKey, exchange: Exchange, error: str | None
+    ) -> list[audit.AuditRecord]:
+        """A Query per node asked; a DICOM Instances Transferred per retrieval."""
+        failed = error is not None and error.startswith(exchange.node)
+        outcome = audit.Outcome.SERIOUS_FAILURE if failed else audit.Outcome.SUCCESS
+        records = [
+            audit.AuditRecord(
+                kind=audit.QUERY,
+                outcome=outcome,
+                actor_user=self.name,
+                actor_ae=self.settings.calling_ae,
+                patient_id=key.patient_id,
+                detail={
+                    "purpose": "priors",
+                    "node": exchange.node,
+                    "model": "Study Root C-FIND",
+                    "modality": key.modality,
+                    "queries": [{"level": lvl, "matches": n} for lvl, n in exchange.queries],
+                    **({"reason": error} if failed else {}),
+                },
+            )
+        ]
+        if exchange.requested:
+            records.append(
+                audit.AuditRecord(
+                    kind=audit.INSTANCES_TRANSFERRED,
+                    outcome=audit.Outcome.SUCCESS
+                    if exchange.received == exchange.requested
+                    else audit.Outcome.MINOR_FAILURE,
+                    actor_user=self.name,
+                    actor_ae=self.settings.calling_ae,
+                    patient_id=key.patient_id,
+                    detail={
+                        "purpose": "priors",
+                        "node": exchange.node,
+                        "method": exchange.method,
+                        "requested": exchange.requested,
+                        "received": exchange.received,
+                        "failed": exchange.failed,
+                    },
+                )
+            )
+        return records
