@@ -206,6 +206,29 @@ class DimseClient:
                 raise PacsUnavailable(f"{self.node.name}: C-FIND {level} status 0x{code:04X}")
         return matches
 
+    def find_patients(
+        self, *, since: str, until: str, modality_codes: set[str], deadline: float
+    ) -> set[str]:
+        """The patients with a study of these modalities between the dates (DICOM DA)."""
+        with self._association(deadline, retrieve=False) as assoc:
+            query = Dataset()
+            query.QueryRetrieveLevel = "STUDY"
+            query.PatientID = ""
+            query.StudyInstanceUID = ""
+            query.StudyDate = f"{since}-{until}"
+            query.ModalitiesInStudy = ""
+            studies = self._find(assoc, query, deadline, "STUDY")
+        return {
+            str(study.PatientID)
+            for study in studies
+            if study.get("PatientID")
+            and (
+                not _values(study.get("ModalitiesInStudy"))
+                or {str(m).upper() for m in _values(study.get("ModalitiesInStudy"))}
+                & modality_codes
+            )
+        }
+
     def find_priors(
         self,
         *,

@@ -348,3 +348,62 @@ class PriorsFetcher:
                 )
             )
         return records
+
+
+@dataclass
+class BackfillReport:
+    patients: int = 0
+    images: int = 0  # gallery entries added
+    unavailable: list[str] = field(default_factory=list)  # "patient/modality: why"
+
+
+def backfill_patients(
+    fetcher: PriorsFetcher, *, since: dt.date, until: dt.date, modalities: list[str]
+) -> set[str]:
+    """The patients the PACS nodes hold a study of these modalities for, in the window."""
+    codes = set().union(*(fetcher.codes_of(m) for m in modalities))
+    patients: set[str] = set()
+    for client in fetcher.clients:
+        patients |= client.find_patients(
+            since=since.strftime("%Y%m%d"),
+            until=until.strftime("%Y%m%d"),
+            modality_codes=codes,
+            deadline=time.monotonic() + max(fetcher.settings.budget_s, 60.0),
+        )
+    return patients
+
+
+def backfill(
+    fetcher: PriorsFetcher,
+    *,
+    patients: list[str],
+    modalities: list[str],
+    since: dt.date,
+    until: dt.date,
+    progress: Callable[[int, int], None] | None = None,
+) -> BackfillReport:
+    """Fill the gallery with each patient's studies of the window, ahead of the images that
+    will need them. What is held already is not fetched again, so an interrupted backfill
+    is resumed by running it again."""
+    report = BackfillReport()
+    work = [(p, m) for p in patients for m in modalities]
+    for done, (patient_id, modality) in enumerate(work, start=1):
+        key = fetcher.key(patient_id, modality)
+        if key is not None:
+            outcome = fetcher.fetch(
+                key,
+                exclude_studies=set(),
+                deadline=time.monotonic() + fetcher.settings.budget_s,
+                since=since,
+                until=until,
+            )
+            if outcome is None:
+                report.unavailable.append(f"{patient_id}/{modality}: being fetched by a worker")
+            elif outcome.error is not None:
+                report.unavailable.append(f"{patient_id}/{modality}: {outcome.error}")
+            else:
+                report.images += outcome.stored
+        if progress is not None:
+            progress(done, len(work))
+    report.patients = len(patients)
+    return report

@@ -5,6 +5,7 @@ Orthanc stopped in the middle of a run."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 import shutil
 import subprocess
 import time
@@ -391,3 +392,36 @@ def test_orthanc_stopped_in_the_middle_leaves_images_unverifiable_then_judged_on
             )
         )
         assert failed_queries and failed_queries > 0
+
+
+@with_orthanc_and_models
+def test_backfill_fills_the_gallery_ahead_of_time_and_fetches_nothing_twice(
+    first_visits_in_pacs: tuple[Orthanc, Path, list[dict[str, str]]],
+    sqlite_database: Database,
+    tmp_path: Path,
+) -> None:
+    pacs, _hospital, rows = first_visits_in_pacs
+    service = medreid_with_priors(tmp_path, sqlite_database.url, pacs)
+    one = tmp_path / "patients.txt"
+    one.write_text(f"{rows[0]['true_patient']}\n")
+    first = json.loads(
+        service.cli("priors", "backfill", "--since", "2000-01-01", "--patients", str(one)).stdout
+    )
+    assert first["patients"] == 1 and first["entries_added"] > 0
+    everyone = json.loads(service.cli("priors", "backfill", "--since", "2000-01-01").stdout)
+    patients = {r["true_patient"] for r in rows}
+    assert everyone["patients"] == len(patients) and everyone["unavailable"] == []
+    again = json.loads(service.cli("priors", "backfill", "--since", "2000-01-01").stdout)
+    assert again["entries_added"] == 0  # resumed or repeated: nothing held is fetched again
+    with sqlite_database.sessions.begin() as session:
+        entries = session.execute(
+            select(GalleryEntry.patient_id, GalleryEntry.modality, GalleryEntry.prior_sop_uid)
+        ).all()
+    assert len(entries) == first["entries_added"] + everyone["entries_added"]
+    assert {(p, m) for p, m, _ in entries} == {(p, m) for p in patients for m in ("xray", "ct")}
+    assert len({sop for _, _, sop in entries}) == len(entries)
+    # a window with no study in it finds no patient
+    empty = json.loads(
+        service.cli("priors", "backfill", "--since", "1990-01-01", "--until", "1990-12-31").stdout
+    )
+    assert empty["patients"] == 0 and empty["entries_added"] == 0

@@ -11,13 +11,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from medreid import __version__
-from medreid.cli import alerts, data, database, models, records, service, users
+from medreid.cli import alerts, data, database, models, priors, records, service, users
 from medreid.settings import SettingsError, load_settings, mask_secrets
 
 if TYPE_CHECKING:
     from storage.models import Clock
 
-GROUP_MODULES = (service, database, records, alerts, data, models, users)
+GROUP_MODULES = (service, database, records, alerts, data, models, priors, users)
 COMMANDS = {name: run for group in GROUP_MODULES for name, run in group.COMMANDS.items()}
 
 
