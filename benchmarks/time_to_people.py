@@ -28,9 +28,9 @@ import numpy as np
 from pydicom import dcmread
 from sqlalchemy import select
 
+from medreid.orthanc import ORTHANC, Orthanc
 from storage.db import make_engine, make_sessionmaker, upgrade
 from storage.models import Alert, AlertEvent, Delivery
-from support.orthanc import ORTHANC, Orthanc
 from support.service import (
     RunningService,
     first_visit_gallery,

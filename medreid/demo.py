@@ -1,8 +1,10 @@
 """`medreid demo`: the newcomer's five minutes in one command.
 
-Generate a small hospital with deliberate errors, enroll its first visits, send the second
-visits by C-STORE to the service (started here if nothing listens on the configured port), and
-show what the service caught beside the generator's ground truth.
+Generate a small hospital with deliberate errors. Where Orthanc is installed, store its first
+visits in a local Orthanc as the hospital's PACS, from which the service fetches each
+patient's priors itself; otherwise enroll them. Send the second visits by C-STORE to the
+service (started here if nothing listens on the configured port), and show what the service
+caught beside the generator's ground truth.
 """
 
 from __future__ import annotations
@@ -17,14 +19,15 @@ from collections import Counter
 from pathlib import Path
 
 from pydicom import dcmread
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from medreid.enrollment import enroll_folder
+from medreid.orthanc import ORTHANC, Orthanc
 from medreid.settings import Settings
 from pipeline.verdicts import IdentityVerdict, ModalityVerdict
 from storage.db import upgrade
-from storage.models import Instance, Result, SeriesVerdictRow
+from storage.models import GalleryEntry, GalleryOrigin, Instance, Result, SeriesVerdictRow
 from synthetic.hospital import SynthOptions, generate, read_manifest
 
 DEMO_CALLING_AE = "MEDREID-DEMO"
@@ -39,13 +42,15 @@ def _listening(host: str, port: int) -> bool:
 
 
 def _start_service(
-    config: str | None, host: str, port: int, log_path: Path
+    config: str | None, host: str, port: int, log_path: Path, env: dict[str, str]
 ) -> subprocess.Popen[bytes]:
     command = [sys.executable, "-m", "medreid.cli"]
     if config:
         command += ["--config", config]
     log = log_path.open("wb")
-    process = subprocess.Popen([*command, "serve"], stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        [*command, "serve"], stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env}
+    )
     deadline = time.monotonic() + 120
     while not _listening(host, port):
         if process.poll() is not None or time.monotonic() > deadline:
@@ -116,6 +121,7 @@ def run_demo(
     patients: int = 12,
     seed: int = 2026,
     timeout_s: float = 300.0,
+    pacs: bool = True,
 ) -> int:
     from medreid.app import build_database
 
@@ -128,6 +134,7 @@ def run_demo(
         "127.0.0.1" if settings.scp.bind_address in ("0.0.0.0", "::") else settings.scp.bind_address
     )
     service: subprocess.Popen[bytes] | None = None
+    orthanc: Orthanc | None = None
     try:
         if not (out / "manifest.csv").is_file():
             print(f"1/4 generating {patients} patients x 2 visits under {out} (seed {seed}) ...")
@@ -145,12 +152,29 @@ def run_demo(
         else:
             print(f"1/4 using the hospital already generated under {out}")
         rows = list(read_manifest(out / "manifest.csv"))
-        print("2/4 enrolling the first visits under their true identities (the folders) ...")
-        counts = enroll_folder(settings, sessions, out, "medreid-demo", files="v1_*")
-        print("    " + ", ".join(f"{model}: {n}" for model, n in sorted(counts.items())))
-        if not _listening(host, settings.scp.port):
+        running = _listening(host, settings.scp.port)
+        env: dict[str, str] = {}
+        if pacs and ORTHANC is not None and not running:
+            orthanc = Orthanc(out / "orthanc", medreid_port=settings.scp.port)
+            first = [r for r in rows if r["visit"] == "1" and r["swapped"] != "True"]
+            print(
+                f"2/4 storing {len(first)} first-visit images in Orthanc, the hospital's PACS "
+                f"(ORTHANC@127.0.0.1:{orthanc.dicom_port}, web: http://127.0.0.1:"
+                f"{orthanc.http_port}); nothing is enrolled: medreid fetches each patient's "
+                "priors from it (C-FIND, C-GET) as images arrive ..."
+            )
+            for row in first:
+                orthanc.post("/instances", (out / row["path"]).read_bytes())
+            env["MEDREID_PRIORS_NODES"] = f"ORTHANC@127.0.0.1:{orthanc.dicom_port}"
+        else:
+            if pacs and ORTHANC is None:
+                print("    (Orthanc is not installed: the first visits are enrolled instead)")
+            print("2/4 enrolling the first visits under their true identities (the folders) ...")
+            counts = enroll_folder(settings, sessions, out, "medreid-demo", files="v1_*")
+            print("    " + ", ".join(f"{model}: {n}" for model, n in sorted(counts.items())))
+        if not running:
             print(f"    starting medreid serve on port {settings.scp.port} for the demo ...")
-            service = _start_service(config, host, settings.scp.port, out / "serve.log")
+            service = _start_service(config, host, settings.scp.port, out / "serve.log", env)
         second = [r for r in rows if r["visit"] == "2"]
         print(
             f"3/4 sending {len(second)} images of the second visits to "
@@ -218,6 +242,14 @@ def run_demo(
             tally["series false alarms"] += (
                 row["swapped"] != "True" and identity == IdentityVerdict.MISMATCH
             ) + (row["mislabelled"] != "True" and modality == ModalityVerdict.MISMATCH)
+        if orthanc is not None:
+            with sessions.begin() as session:
+                priors = session.scalar(
+                    select(func.count(GalleryEntry.id)).where(
+                        GalleryEntry.origin == GalleryOrigin.PACS_PRIOR
+                    )
+                )
+            print(f"    references fetched from the PACS: {priors} images")
         print(
             f"    wrong Modality tags caught: {tally['wrong tags caught']} of "
             f"{tally['wrong tags']} (false alarms: {tally['right tags flagged']})\n"
@@ -239,4 +271,6 @@ def run_demo(
         if service is not None:
             service.terminate()
             service.wait(timeout=60)
+        if orthanc is not None:
+            orthanc.stop()
         engine.dispose()

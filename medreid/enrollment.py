@@ -11,7 +11,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from medreid.app import pipeline_config
+from medreid.pacs import PriorImage
 from medreid.settings import Settings
+from pipeline.analysis import Embedder
 from pipeline.models.artifacts import model_name, read_model
 from pipeline.modelstore import embedding_bytes, load_model, resolve
 from pipeline.records import StageError
@@ -184,8 +186,13 @@ def enroll_again(
         if model_name(read_model(Path(str(serving[modality])))) == from_model:
             raise ValueError(f"{from_model} is the model enrolling {modality}: nothing to move")
     work: dict[str, list[tuple[DatasetItem, int | None]]] = {}
+    priors: dict[tuple[str, str], list[PriorImage]] = {}
     gone = 0
     for entry, spool_path in rows:
+        if entry.prior_sop_uid and entry.prior_node:
+            # a PACS prior keeps its reference, not its pixels: fetched again below
+            priors.setdefault((entry.patient_id, entry.modality), []).append(_prior_image(entry))
+            continue
         source = spool / spool_path if spool_path else None
         if source is None and entry.source_path:
             source = Path(entry.source_path)
@@ -194,4 +201,68 @@ def enroll_again(
             continue
         item = DatasetItem(source, entry.modality, entry.patient_id)
         work.setdefault(entry.modality, []).append((item, entry.source_instance_id))
-    return _enroll(settings, sessions, work, enrolled_by, progress, serving), gone
+    counts = _enroll(settings, sessions, work, enrolled_by, progress, serving)
+    if priors:
+        fetched, missing = _fetch_priors_again(settings, sessions, priors, serving, enrolled_by)
+        for version, n in fetched.items():
+            counts[version] = counts.get(version, 0) + n
+        gone += missing
+    return counts, gone
+
+
+def _prior_image(entry: GalleryEntry) -> PriorImage:
+    return PriorImage(
+        node=str(entry.prior_node),
+        patient_id=entry.patient_id,
+        study_instance_uid=str(entry.prior_study_uid),
+        study_date=entry.prior_study_date,
+        series_instance_uid=str(entry.prior_series_uid),
+        sop_instance_uid=str(entry.prior_sop_uid),
+        modality="",
+    )
+
+
+class _TargetModels:
+    """The models enrolled into, as the priors fetcher's embedders."""
+
+    def __init__(self, folders: Mapping[str, object]) -> None:
+        self.folders = folders
+        self.loaded: dict[str, Embedder] = {}
+
+    def refresh(self) -> None:
+        pass
+
+    def embedder(self, modality: str) -> Embedder | None:
+        if modality not in self.loaded and modality in self.folders:
+            folder = Path(str(self.folders[modality]))
+            self.loaded[modality] = load_model(f"reid:{modality}", folder)
+        return self.loaded.get(modality)
+
+
+def _fetch_priors_again(
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    priors: dict[tuple[str, str], list[PriorImage]],
+    folders: Mapping[str, object],
+    enrolled_by: str,
+) -> tuple[dict[str, int], int]:
+    """PACS priors fetched again from their nodes by reference and embedded under the new
+    models. Where no node is configured, they are not to be had (the service fetches a
+    patient's priors again on demand)."""
+    from medreid.builders import build_priors
+
+    models = _TargetModels(folders)
+    fetcher = build_priors(settings, sessions, models, enrolled_by)
+    if fetcher is None:
+        return {}, sum(len(images) for images in priors.values())
+    counts: dict[str, int] = {}
+    missing = 0
+    for (patient_id, modality), images in priors.items():
+        key = fetcher.key(patient_id, modality)
+        if key is None:
+            missing += len(images)
+            continue
+        kept, lost = fetcher.fetch_again(key, images)
+        counts[key.model_version] = counts.get(key.model_version, 0) + kept
+        missing += lost
+    return counts, missing

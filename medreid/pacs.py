@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from pydicom import Dataset
 from pydicom.uid import UID
@@ -87,7 +87,7 @@ class Exchange:
     method: str = ""
 
 
-def _remaining(deadline: float, node: str) -> float:
+def remaining(deadline: float, node: str) -> float:
     left = deadline - time.monotonic()
     if left <= 0:
         raise PacsUnavailable(f"{node}: no answer within the priors budget")
@@ -111,7 +111,7 @@ def spread(items: list[Any], count: int) -> list[Any]:
     return [items[round(i * step)] for i in range(count)]
 
 
-class _Slots:
+class Slots:
     """At most ``settings.max_concurrent`` associations to the PACS at once from this host:
     lock files in a folder, shared by the worker processes."""
 
@@ -135,7 +135,7 @@ class _Slots:
                 finally:
                     fcntl.flock(handle, fcntl.LOCK_UN)
                     handle.close()
-            _remaining(deadline, node)
+            remaining(deadline, node)
             time.sleep(0.05)
 
 
@@ -145,7 +145,7 @@ class DimseClient:
     def __init__(self, node: PacsNode, settings: PriorsSettings, lock_folder: Path) -> None:
         self.node = node
         self.settings = settings
-        self.slots = _Slots(lock_folder, settings.max_concurrent)
+        self.slots = Slots(lock_folder, settings.max_concurrent)
         self._move_lock = lock_folder / "move.lock"
 
     def _ae(self, timeout: float) -> Any:
@@ -164,7 +164,7 @@ class DimseClient:
 
         node = self.node
         with self.slots.one(deadline, node.name):
-            ae = self._ae(min(self.settings.timeout_s, _remaining(deadline, node.name)))
+            ae = self._ae(min(self.settings.timeout_s, remaining(deadline, node.name)))
             ae.add_requested_context(FIND_MODEL)
             roles = []
             if retrieve and node.retrieval == Retrieval.GET:
@@ -194,14 +194,14 @@ class DimseClient:
                     assoc.release()
 
     def _find(self, assoc: Any, query: Dataset, deadline: float, level: str) -> list[Dataset]:
-        _remaining(deadline, self.node.name)
+        remaining(deadline, self.node.name)
         matches = []
         for status, identifier in assoc.send_c_find(query, FIND_MODEL):
             code = _status(status, self.node.name, f"C-FIND {level}")
             if code in PENDING:
                 if identifier is not None:
                     matches.append(identifier)
-                _remaining(deadline, self.node.name)
+                remaining(deadline, self.node.name)
             elif code != SUCCESS:
                 raise PacsUnavailable(f"{self.node.name}: C-FIND {level} status 0x{code:04X}")
         return matches
@@ -211,23 +211,8 @@ class DimseClient:
     ) -> set[str]:
         """The patients with a study of these modalities between the dates (DICOM DA)."""
         with self._association(deadline, retrieve=False) as assoc:
-            query = Dataset()
-            query.QueryRetrieveLevel = "STUDY"
-            query.PatientID = ""
-            query.StudyInstanceUID = ""
-            query.StudyDate = f"{since}-{until}"
-            query.ModalitiesInStudy = ""
-            studies = self._find(assoc, query, deadline, "STUDY")
-        return {
-            str(study.PatientID)
-            for study in studies
-            if study.get("PatientID")
-            and (
-                not _values(study.get("ModalitiesInStudy"))
-                or {str(m).upper() for m in _values(study.get("ModalitiesInStudy"))}
-                & modality_codes
-            )
-        }
+            search = _DimseSearch(self, assoc, deadline)
+            return patients_of(search.studies("", f"{since}-{until}"), modality_codes)
 
     def find_priors(
         self,
@@ -242,75 +227,17 @@ class DimseClient:
     ) -> list[PriorImage]:
         """The images to fetch of the patient's newest earlier studies of the modality, by
         the settings' limits: those not held already."""
-        s = self.settings
         with self._association(deadline, retrieve=False) as assoc:
-            query = Dataset()
-            query.QueryRetrieveLevel = "STUDY"
-            query.PatientID = patient_id
-            query.StudyInstanceUID = ""
-            query.StudyDate = f"{since}-"
-            query.ModalitiesInStudy = ""
-            studies = self._find(assoc, query, deadline, "STUDY")
-            exchange.queries.append(("STUDY", len(studies)))
-            wanted = []
-            for study in studies:
-                uid = str(study.get("StudyInstanceUID", ""))
-                in_study = {str(m).upper() for m in _values(study.get("ModalitiesInStudy"))}
-                if not uid or uid in exclude_studies:
-                    continue
-                if in_study and not in_study & modality_codes:
-                    continue
-                wanted.append((str(study.get("StudyDate", "") or ""), uid))
-            wanted.sort(reverse=True)
-            images: list[PriorImage] = []
-            for date, study_uid in wanted[: s.max_studies]:
-                query = Dataset()
-                query.QueryRetrieveLevel = "SERIES"
-                query.PatientID = patient_id
-                query.StudyInstanceUID = study_uid
-                query.SeriesInstanceUID = ""
-                query.Modality = ""
-                query.SeriesNumber = ""
-                found = self._find(assoc, query, deadline, "SERIES")
-                exchange.queries.append(("SERIES", len(found)))
-                series = sorted(
-                    (
-                        (_number(x.get("SeriesNumber")), str(x.SeriesInstanceUID), str(x.Modality))
-                        for x in found
-                        if str(x.get("Modality", "")).upper() in modality_codes
-                        and x.get("SeriesInstanceUID")
-                    ),
-                )
-                for _, series_uid, modality in series[: s.series_per_study]:
-                    query = Dataset()
-                    query.QueryRetrieveLevel = "IMAGE"
-                    query.PatientID = patient_id
-                    query.StudyInstanceUID = study_uid
-                    query.SeriesInstanceUID = series_uid
-                    query.SOPInstanceUID = ""
-                    query.InstanceNumber = ""
-                    found = self._find(assoc, query, deadline, "IMAGE")
-                    exchange.queries.append(("IMAGE", len(found)))
-                    ordered = sorted(
-                        (_number(x.get("InstanceNumber")), str(x.SOPInstanceUID))
-                        for x in found
-                        if x.get("SOPInstanceUID")
-                    )
-                    for _, sop_uid in spread(ordered, s.images_per_series):
-                        if sop_uid in held:
-                            continue
-                        images.append(
-                            PriorImage(
-                                self.node.name,
-                                patient_id,
-                                study_uid,
-                                date or None,
-                                series_uid,
-                                sop_uid,
-                                modality,
-                            )
-                        )
-            return images
+            return choose_priors(
+                _DimseSearch(self, assoc, deadline),
+                self.settings,
+                patient_id=patient_id,
+                modality_codes=modality_codes,
+                exclude_studies=exclude_studies,
+                since=since,
+                held=held,
+                exchange=exchange,
+            )
 
     def retrieve(
         self, images: list[PriorImage], *, deadline: float, exchange: Exchange
@@ -361,7 +288,7 @@ class DimseClient:
                     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     break
                 except BlockingIOError:
-                    _remaining(deadline, self.node.name)
+                    remaining(deadline, self.node.name)
                     time.sleep(0.05)
             listener = AE(ae_title=s.move_ae)
             listener.network_timeout = listener.acse_timeout = s.timeout_s
@@ -400,12 +327,134 @@ class DimseClient:
         for status, _identifier in responses:
             code = _status(status, self.node.name, what)
             if code in PENDING:
-                _remaining(deadline, self.node.name)
+                remaining(deadline, self.node.name)
                 continue
             failed = int(getattr(status, "NumberOfFailedSuboperations", 0) or 0)
             exchange.failed += failed
             if code not in (SUCCESS, *WARNING):
                 raise PacsUnavailable(f"{self.node.name}: {what} status 0x{code:04X}")
+
+
+class Search(Protocol):
+    """Study Root queries of one node, at each level: C-FIND or QIDO-RS."""
+
+    node_name: str
+
+    def studies(self, patient_id: str, dates: str) -> list[Dataset]: ...
+
+    def series(self, patient_id: str, study_uid: str) -> list[Dataset]: ...
+
+    def images(self, patient_id: str, study_uid: str, series_uid: str) -> list[Dataset]: ...
+
+
+class _DimseSearch:
+    def __init__(self, client: DimseClient, assoc: Any, deadline: float) -> None:
+        self.node_name = client.node.name
+        self.client, self.assoc, self.deadline = client, assoc, deadline
+
+    def _find(self, level: str, **keys: str) -> list[Dataset]:
+        query = Dataset()
+        query.QueryRetrieveLevel = level
+        for keyword, value in keys.items():
+            setattr(query, keyword, value)
+        return self.client._find(self.assoc, query, self.deadline, level)
+
+    def studies(self, patient_id: str, dates: str) -> list[Dataset]:
+        return self._find(
+            "STUDY",
+            PatientID=patient_id,
+            StudyInstanceUID="",
+            StudyDate=dates,
+            ModalitiesInStudy="",
+        )
+
+    def series(self, patient_id: str, study_uid: str) -> list[Dataset]:
+        return self._find(
+            "SERIES",
+            PatientID=patient_id,
+            StudyInstanceUID=study_uid,
+            SeriesInstanceUID="",
+            Modality="",
+            SeriesNumber="",
+        )
+
+    def images(self, patient_id: str, study_uid: str, series_uid: str) -> list[Dataset]:
+        return self._find(
+            "IMAGE",
+            PatientID=patient_id,
+            StudyInstanceUID=study_uid,
+            SeriesInstanceUID=series_uid,
+            SOPInstanceUID="",
+            InstanceNumber="",
+        )
+
+
+def patients_of(studies: list[Dataset], modality_codes: set[str]) -> set[str]:
+    """The patients of studies that hold one of the modalities (or do not say)."""
+    patients = set()
+    for study in studies:
+        in_study = {str(m).upper() for m in _values(study.get("ModalitiesInStudy"))}
+        if study.get("PatientID") and (not in_study or in_study & modality_codes):
+            patients.add(str(study.PatientID))
+    return patients
+
+
+def choose_priors(
+    search: Search,
+    settings: PriorsSettings,
+    *,
+    patient_id: str,
+    modality_codes: set[str],
+    exclude_studies: set[str],
+    since: str,
+    held: set[str],
+    exchange: Exchange,
+) -> list[PriorImage]:
+    """Down from the patient's studies to the images to fetch: the newest max_studies
+    studies of the modality since ``since`` (not those excluded), series_per_study series
+    of each by series number, images_per_series images of each spread over the series by
+    instance number; those not held already."""
+    studies = search.studies(patient_id, f"{since}-")
+    exchange.queries.append(("STUDY", len(studies)))
+    wanted = []
+    for study in studies:
+        uid = str(study.get("StudyInstanceUID", ""))
+        in_study = {str(m).upper() for m in _values(study.get("ModalitiesInStudy"))}
+        if not uid or uid in exclude_studies or (in_study and not in_study & modality_codes):
+            continue
+        wanted.append((str(study.get("StudyDate", "") or ""), uid))
+    wanted.sort(reverse=True)
+    images: list[PriorImage] = []
+    for date, study_uid in wanted[: settings.max_studies]:
+        found = search.series(patient_id, study_uid)
+        exchange.queries.append(("SERIES", len(found)))
+        series = sorted(
+            (_number(x.get("SeriesNumber")), str(x.SeriesInstanceUID), str(x.Modality))
+            for x in found
+            if str(x.get("Modality", "")).upper() in modality_codes and x.get("SeriesInstanceUID")
+        )
+        for _, series_uid, modality in series[: settings.series_per_study]:
+            found = search.images(patient_id, study_uid, series_uid)
+            exchange.queries.append(("IMAGE", len(found)))
+            ordered = sorted(
+                (_number(x.get("InstanceNumber")), str(x.SOPInstanceUID))
+                for x in found
+                if x.get("SOPInstanceUID")
+            )
+            images += [
+                PriorImage(
+                    search.node_name,
+                    patient_id,
+                    study_uid,
+                    date or None,
+                    series_uid,
+                    sop_uid,
+                    modality,
+                )
+                for _, sop_uid in spread(ordered, settings.images_per_series)
+                if sop_uid not in held
+            ]
+    return images
 
 
 def _image_query(image: PriorImage) -> Dataset:

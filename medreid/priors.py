@@ -10,6 +10,7 @@ a retry schedule while it cannot."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import time
@@ -21,8 +22,9 @@ from typing import Protocol
 from pydicom import Dataset
 from sqlalchemy.orm import Session, sessionmaker
 
+from medreid.dicomweb import DicomWebClient
 from medreid.pacs import DimseClient, Exchange, PacsUnavailable, PriorImage
-from medreid.priors_settings import PriorsSettings
+from medreid.priors_settings import PriorsSettings, Retrieval
 from pipeline.analysis import Embedder
 from pipeline.modelstore import embedding_bytes
 from pipeline.runner import PipelineConfig, run_dataset
@@ -71,6 +73,12 @@ class PriorsCheck:
     studies: list[dict[str, object]] = field(default_factory=list)
     reason: str | None = None
     wait: bool = False
+    modality: str = ""  # the modality whose priors these are
+
+    def applies_to(self, routed_to: str | None) -> bool:
+        """Whether an image routed to ``routed_to`` is judged by these priors (not where the
+        pixels sent it to another modality's model than its header's)."""
+        return not self.modality or routed_to == self.modality
 
 
 @dataclass(frozen=True)
@@ -102,7 +110,15 @@ class PriorsFetcher:
         self.tag_map = tag_map
         self.name = name
         self.clock = clock
-        self.clients = [DimseClient(n, settings, lock_folder) for n in settings.pacs_nodes()]
+        # a node that failed is not asked again for retry_s (monotonic time, why), so a PACS
+        # that is down costs one timeout, not one per patient
+        self._down: dict[str, tuple[float, str]] = {}
+        self.clients: list[DimseClient | DicomWebClient] = [
+            DicomWebClient(n, settings, lock_folder)
+            if n.retrieval == Retrieval.WADO
+            else DimseClient(n, settings, lock_folder)
+            for n in settings.pacs_nodes()
+        ]
 
     def codes_of(self, modality: str) -> set[str]:
         """The header Modality codes of a model modality, by the tag map."""
@@ -125,7 +141,10 @@ class PriorsFetcher:
             studies.setdefault(pair, set()).update(
                 [want.study_instance_uid] if want.study_instance_uid else []
             )
-        done = {pair: self._check_one(*pair, exclude) for pair, exclude in studies.items()}
+        done = {
+            pair: dataclasses.replace(self._check_one(*pair, exclude), modality=pair[1])
+            for pair, exclude in studies.items()
+        }
         return {want: done[(want.patient_id, want.modality)] for want in wanted}
 
     def _needs_fetch(self, key: PriorsKey) -> tuple[bool, PriorsCheck | None]:
@@ -218,6 +237,10 @@ class PriorsFetcher:
         studies: set[str] = set()
         for client in self.clients:
             exchange = Exchange(client.node.name)
+            down = self._down.get(client.node.name)
+            if down is not None and time.monotonic() < down[0]:
+                errors.append(down[1])
+                continue
             try:
                 found = client.find_priors(
                     patient_id=key.patient_id,
@@ -234,9 +257,11 @@ class PriorsFetcher:
                 datasets = client.retrieve(found, deadline=deadline, exchange=exchange)
                 entries += self._embed(key, found, datasets)
                 held |= {f.sop_instance_uid for f in found}
+                self._down.pop(client.node.name, None)
             except PacsUnavailable as exc:
                 errors.append(exc.reason)
                 log.warning("priors of a patient from %s: %s", client.node.name, exc.reason)
+                self._down[client.node.name] = (time.monotonic() + s.retry_s, exc.reason)
             except Exception as exc:  # a bug or a PACS answer nothing foresaw: not a crash
                 log.exception("priors from %s failed", client.node.name)
                 errors.append(f"{client.node.name}: {type(exc).__name__}: {exc}")
@@ -259,6 +284,38 @@ class PriorsFetcher:
                     max_attempts=s.max_attempts,
                 )
         return FetchOutcome(len(studies), len(entries), None if answered else "; ".join(errors))
+
+    def fetch_again(self, key: PriorsKey, images: list[PriorImage]) -> tuple[int, int]:
+        """Known priors (their references) fetched again, without a query, and kept under
+        ``key``'s model: for a new model version. Returns (kept, not to be had)."""
+        entries: list[NewGalleryEntry] = []
+        records: list[audit.AuditRecord] = []
+        missing = 0
+        for client in self.clients:
+            mine = [i for i in images if i.node == client.node.name]
+            if not mine:
+                continue
+            exchange = Exchange(client.node.name)
+            try:
+                datasets = client.retrieve(
+                    mine, deadline=time.monotonic() + self.settings.budget_s, exchange=exchange
+                )
+                kept = self._embed(key, mine, datasets)
+                entries += kept
+                missing += len(mine) - len(kept)
+                error = None
+            except PacsUnavailable as exc:
+                missing += len(mine)
+                error = exc.reason
+            records += self._audit(key, exchange, error)[1:]  # a retrieval, not a query
+        nodes = {c.node.name for c in self.clients}
+        missing += sum(i.node not in nodes for i in images)  # a node no longer configured
+        with self.sessions.begin() as session:
+            if entries:
+                add_gallery_entries(session, entries=entries)
+            for record in records:
+                append_audit(session, record=record)
+        return len(entries), missing
 
     def _embed(
         self, key: PriorsKey, found: list[PriorImage], datasets: list[Dataset]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from urllib.parse import urlsplit
 
 from medreid.outbox_settings import parse_destination
 from scp.settings import check_range
@@ -14,6 +15,7 @@ from scp.settings import check_range
 class Retrieval(StrEnum):
     GET = "get"  # C-GET: the images come back on our own association; the PACS needs no route
     MOVE = "move"  # C-MOVE to move_ae, which the PACS must know as host:move_port
+    WADO = "wado-rs"  # DICOMweb: QIDO-RS to search, WADO-RS to fetch (a node given as a URL)
 
 
 @dataclass(frozen=True)
@@ -22,19 +24,28 @@ class PacsNode:
     host: str
     port: int
     retrieval: Retrieval
+    url: str = ""  # a DICOMweb node's base URL (its QIDO-RS and WADO-RS root)
 
     @property
     def name(self) -> str:
-        return f"{self.ae_title}@{self.host}:{self.port}"
+        return self.url or f"{self.ae_title}@{self.host}:{self.port}"
 
 
 def parse_node(text: str, default: Retrieval) -> PacsNode:
-    """``AE@host:port``, optionally followed by ``get`` or ``move``."""
-    address, _, method = text.strip().partition(" ")
+    """``AE@host:port``, optionally followed by ``get`` or ``move``; or a DICOMweb base URL,
+    ``http(s)://host:port/dicom-web``."""
+    text = text.strip()
+    if text.startswith(("http://", "https://")):
+        url = urlsplit(text)
+        if not url.hostname or " " in text:
+            raise ValueError(f"{text!r} is not a DICOMweb base URL")
+        port = url.port or (443 if url.scheme == "https" else 80)
+        return PacsNode("", url.hostname, port, Retrieval.WADO, url=text.rstrip("/"))
+    address, _, method = text.partition(" ")
     ae, host, port = parse_destination(address)
     method = method.strip().lower() or default
-    if method not in set(Retrieval):
-        raise ValueError(f"{text!r}: retrieval {method!r} is not one of {', '.join(Retrieval)}")
+    if method not in (Retrieval.GET, Retrieval.MOVE):
+        raise ValueError(f"{text!r}: retrieval {method!r} is not get or move")
     return PacsNode(ae, host, port, Retrieval(method))
 
 
@@ -46,7 +57,8 @@ class PriorsSettings:
     embeds them as received images are and keeps them as the patient's references. Off while
     ``nodes`` is empty."""
 
-    nodes: tuple[str, ...] = ()  # "AE@host:port", optionally "AE@host:port move"
+    # "AE@host:port", optionally "AE@host:port move"; or "https://host/dicom-web" (DICOMweb)
+    nodes: tuple[str, ...] = ()
     calling_ae: str = "MEDREID"
     retrieval: str = Retrieval.GET  # for nodes that do not name theirs
     # C-MOVE's destination: this AE title, listening on move_port while a move runs (the
@@ -83,10 +95,8 @@ class PriorsSettings:
         return [parse_node(node, Retrieval(self.retrieval)) for node in self.nodes]
 
     def validate(self) -> None:
-        if self.retrieval not in set(Retrieval):
-            raise ValueError(
-                f"priors.retrieval: {self.retrieval!r} is not one of {', '.join(Retrieval)}"
-            )
+        if self.retrieval not in (Retrieval.GET, Retrieval.MOVE):
+            raise ValueError(f"priors.retrieval: {self.retrieval!r} is not get or move")
         for node in self.nodes:
             try:
                 parse_node(node, Retrieval(self.retrieval))

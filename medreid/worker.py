@@ -40,6 +40,7 @@ from storage.priors import (
     PriorsKey,
     awaiting_results,
     priors_held,
+    stop_waiting,
     waiting_pairs,
 )
 from storage.results import QuietSeries, quiet_series, save_series_verdict, series_results
@@ -60,7 +61,12 @@ def with_priors(analysis: Analysis | None, check: PriorsCheck | None) -> Analysi
     - Where the header patient's own PACS priors are held and the image matches none of
       them, it is a mismatch, even when it resembles nobody else: the patient's own earlier
       images are the reference, not a gallery that may lack the image's true patient."""
-    if analysis is None or check is None or analysis.identity is None:
+    if (
+        analysis is None
+        or check is None
+        or analysis.identity is None
+        or not check.applies_to(analysis.routed_to)
+    ):
         return analysis
     identity = analysis.identity
     if not check.available:
@@ -91,7 +97,12 @@ def job_outcome(
     """The result row's content for a pipeline run (and the models' analysis, if any, as
     the priors leave it)."""
     analysis = with_priors(analysis, priors)
-    judged = analysis is not None and analysis.identity is not None and priors is not None
+    judged = (
+        analysis is not None
+        and analysis.identity is not None
+        and priors is not None
+        and priors.applies_to(analysis.routed_to)
+    )
     before, after = result.stats()
     decoded = result.decoded
     identity = analysis.identity if analysis is not None else None
@@ -544,7 +555,14 @@ class Worker:
         return judged
 
     def judge_awaiting(self, waiting: list[AwaitingResult]) -> int:
-        """Judge again images that waited for priors, from their spooled files; each once."""
+        """Judge again images that waited for priors, from their spooled files, a batch at a
+        time (a long series is not decoded at once); each once."""
+        judged = 0
+        for start in range(0, len(waiting), self.batch_size):
+            judged += self._judge_awaiting(waiting[start : start + self.batch_size])
+        return judged
+
+    def _judge_awaiting(self, waiting: list[AwaitingResult]) -> int:
         jobs = [
             ClaimedJob(
                 w.job_id,
@@ -565,6 +583,14 @@ class Worker:
         with self.sessions.begin() as session:
             for job, result, wait in zip(jobs, results, waiting, strict=True):
                 analysis, check = analyses.get(job.job_id), checks.get(job.job_id)
+                if not result.ok:
+                    # its spooled file cannot be read again: it keeps its verdict, with why
+                    judged += stop_waiting(
+                        session,
+                        result_id=wait.result_id,
+                        reason=f"not judged again: {result.failed_stage}: {result.failure_reason}",
+                    )
+                    continue
                 if analysis is None or check is None or (not check.available and check.wait):
                     continue  # still not to be had: it keeps waiting
                 outcome = job_outcome(result, self.config, analysis, check)

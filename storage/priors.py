@@ -255,17 +255,12 @@ def awaiting_results(
     return [AwaitingResult(*row) for row in rows]
 
 
-def stop_waiting(session: Session, *, patient_id: str, modality: str, reason: str) -> int:
-    """The results waiting for these priors keep their unverifiable verdict, with ``reason``."""
-    waiting = select(Instance.id).where(Instance.patient_id == patient_id)
+def stop_waiting(session: Session, *, result_id: int, reason: str) -> int:
+    """A waiting result keeps its unverifiable verdict, with ``reason``, and waits no more."""
     done = session.execute(
         update(Result)
-        .where(
-            Result.awaiting_priors.is_(True),
-            Result.routed_to == modality,
-            Result.instance_id.in_(waiting),
-        )
-        .values(awaiting_priors=False, identity_reason=reason)
+        .where(Result.id == result_id, Result.awaiting_priors.is_(True))
+        .values(awaiting_priors=False, identity_reason=reason, judged_again_at=utcnow())
         .execution_options(synchronize_session=False)
     )
     return int(done.rowcount or 0)  # type: ignore[attr-defined]

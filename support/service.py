@@ -21,6 +21,7 @@ from pynetdicom import _config as pynetdicom_config
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from medreid.orthanc import free_port
 from storage.models import Job, JobState
 
 DCMTK_PROPOSALS = {
@@ -37,12 +38,6 @@ DCMTK_PROPOSALS = {
     "1.2.840.10008.1.2.4.91": ["-xw"],
     "1.2.840.10008.1.2.5": ["-xr"],
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

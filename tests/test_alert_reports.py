@@ -16,6 +16,7 @@ from pydicom import dcmread
 from sqlalchemy import select
 
 from medreid.alert_reports import RejectionChannel, ReportChannel, alert_report, rejection_note
+from medreid.orthanc import ORTHANC, Orthanc
 from medreid.outbox import OutboxDispatcher
 from medreid.outbox_settings import OutboxSettings
 from storage.alerts import review_alert
@@ -24,7 +25,6 @@ from storage.jobs import claim_jobs, finish_job
 from storage.models import Alert, AlertState, AuditEvent, Delivery
 from storage.outbox import ClaimedDelivery, event_with_alert
 from support.dicom_factory import encode, make_dataset
-from support.orthanc import ORTHANC, Orthanc
 from support.service import free_port
 from tests.conftest import Database
 from tests.test_alerts import SWAPPED

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
+from medreid.orthanc import ORTHANC, Orthanc
 from storage.models import Association, AuditEvent, Instance, Result
-from support.orthanc import ORTHANC, Orthanc
 from support.service import RunningService, free_port, service_env, wait_for_queue
 from synthetic.hospital import SynthOptions, generate, read_manifest
 from tests.conftest import Database

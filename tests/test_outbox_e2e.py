@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
+from medreid.orthanc import ORTHANC, Orthanc
 from storage.models import Alert, AlertEvent, Delivery, Result, SeriesVerdictRow
-from support.orthanc import ORTHANC, Orthanc
 from support.service import (
     RunningService,
     first_visit_gallery,

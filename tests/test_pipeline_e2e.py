@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
+from medreid.orthanc import ORTHANC
 from storage.models import Instance, Result, SeriesVerdictRow
 from support.service import (
     RunningService,
@@ -168,7 +169,10 @@ def test_swaps_and_wrong_tags_are_caught(
     assert {s["series_instance_uid"] for s in listed_series} == set(series)
 
 
-def test_demo_walks_a_newcomer_through_in_one_command(tmp_path: Path) -> None:
+@pytest.mark.parametrize("pacs", [True, False], ids=["orthanc-as-pacs", "enrolled"])
+def test_demo_walks_a_newcomer_through_in_one_command(tmp_path: Path, pacs: bool) -> None:
+    if pacs and ORTHANC is None:
+        pytest.skip("Orthanc is not installed (apt-get install orthanc)")
     port = free_port()
     env = service_env(
         tmp_path,
@@ -187,6 +191,7 @@ def test_demo_walks_a_newcomer_through_in_one_command(tmp_path: Path) -> None:
             str(tmp_path / "demo"),
             "--patients",
             "4",
+            *([] if pacs else ["--no-pacs"]),
         ],
         cwd=tmp_path,
         env=env,
@@ -196,6 +201,11 @@ def test_demo_walks_a_newcomer_through_in_one_command(tmp_path: Path) -> None:
     )
     assert demo.returncode == 0, demo.stdout + demo.stderr
     assert "starting medreid serve" in demo.stdout
+    fetched = re.search(r"references fetched from the PACS: (\d+) images", demo.stdout)
+    if pacs:  # nothing enrolled: each patient's references came from Orthanc
+        assert "nothing is enrolled" in demo.stdout and fetched and int(fetched.group(1)) > 0
+    else:
+        assert "enrolling the first visits" in demo.stdout and fetched is None
     analysed = re.search(r"4/4 (\d+) of (\d+) images analysed", demo.stdout)
     assert analysed and analysed.group(1) == analysed.group(2)
     judged = re.search(r"series judged: (\d+) of (\d+)", demo.stdout)

@@ -11,11 +11,12 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
-import pydicom
 import pytest
 from sqlalchemy import func, select
 
+from medreid.orthanc import DICOMWEB_PLUGIN, ORTHANC, Orthanc
 from medreid.settings import DEFAULT_CONFIG, SettingsError, load_settings
 from storage.models import (
     Alert,
@@ -29,7 +30,7 @@ from storage.models import (
     SeriesVerdictRow,
 )
 from storage.priors import PriorsKey, fetch_failed, priors_held, take_fetch_lease
-from support.orthanc import ORTHANC, Orthanc
+from support.misfile import misfile_series
 from support.service import RunningService, free_port, service_env, wait_for_queue
 from synthetic.hospital import SynthOptions, generate, read_manifest
 from tests.conftest import Database
@@ -123,30 +124,6 @@ def with_orthanc_and_models(test: Callable[..., None]) -> Callable[..., None]:
     return test
 
 
-def swap_some(hospital: Path, rows: list[dict[str, str]], series: int) -> set[str]:
-    """File ``series`` second-visit series under another patient (PatientID and name), as a
-    misfiling would; the swapped series' UIDs."""
-    second = [r for r in rows if r["visit"] == "2"]
-    by_series: dict[str, list[dict[str, str]]] = {}
-    for row in second:
-        by_series.setdefault(row["series_instance_uid"], []).append(row)
-    patients = sorted({r["true_patient"] for r in second})
-    swapped = set()
-    for i, (uid, members) in enumerate(sorted(by_series.items())[: series * 3 : 3]):
-        other = patients[(patients.index(members[0]["true_patient"]) + 1 + i) % len(patients)]
-        donor = pydicom.dcmread(
-            hospital / next(r["path"] for r in second if r["true_patient"] == other),
-            stop_before_pixels=True,
-        )
-        for row in members:
-            ds = pydicom.dcmread(hospital / row["path"])
-            ds.PatientID, ds.PatientName = donor.PatientID, donor.PatientName
-            ds.save_as(hospital / row["path"])
-            row["header_patient"] = str(donor.PatientID)
-        swapped.add(uid)
-    return swapped
-
-
 @pytest.fixture
 def first_visits_in_pacs(tmp_path: Path) -> Iterator[tuple[Orthanc, Path, list[dict[str, str]]]]:
     hospital = tmp_path / "hospital"
@@ -166,18 +143,14 @@ def first_visits_in_pacs(tmp_path: Path) -> Iterator[tuple[Orthanc, Path, list[d
 
 def medreid_with_priors(tmp_path: Path, url: str, pacs: Orthanc, **more: str) -> RunningService:
     port = free_port()
+    settings = {
+        "MEDREID_MODELS_DIR": str(MODELS),
+        "MEDREID_ANALYSIS_SERIES_QUIET_S": "1",
+        "MEDREID_PRIORS_NODES": f"ORTHANC@127.0.0.1:{pacs.dicom_port}",
+        **more,
+    }
     return RunningService(
-        workdir=tmp_path,
-        port=port,
-        env=service_env(
-            tmp_path,
-            url,
-            port,
-            MEDREID_MODELS_DIR=str(MODELS),
-            MEDREID_ANALYSIS_SERIES_QUIET_S="1",
-            MEDREID_PRIORS_NODES=f"ORTHANC@127.0.0.1:{pacs.dicom_port}",
-            **more,
-        ),
+        workdir=tmp_path, port=port, env=service_env(tmp_path, url, port, **settings)
     )
 
 
@@ -193,7 +166,7 @@ def send(service: RunningService, hospital: Path, rows: list[dict[str, str]]) ->
     assert sent.returncode == 0, sent.stderr
 
 
-@pytest.mark.parametrize("retrieval", ["get", "move"])
+@pytest.mark.parametrize("retrieval", ["get", "move", "dicomweb"])
 @with_orthanc_and_models
 def test_swaps_are_caught_against_the_patients_own_priors_with_no_enrollment(
     first_visits_in_pacs: tuple[Orthanc, Path, list[dict[str, str]]],
@@ -202,8 +175,11 @@ def test_swaps_are_caught_against_the_patients_own_priors_with_no_enrollment(
     retrieval: str,
 ) -> None:
     pacs, hospital, rows = first_visits_in_pacs
-    if retrieval == "move":
-        # the PACS must know our C-MOVE destination: restart it with one
+    extra: dict[str, str] = {}
+    if retrieval == "dicomweb" and not DICOMWEB_PLUGIN.is_file():
+        pytest.skip("Orthanc's DICOMweb plugin is not installed (apt-get install orthanc-dicomweb)")
+    if retrieval != "get":
+        # the PACS must know our C-MOVE destination, or serve DICOMweb: restart it so
         pacs.stop()
         move_port = free_port()
         pacs = Orthanc(
@@ -212,14 +188,15 @@ def test_swaps_are_caught_against_the_patients_own_priors_with_no_enrollment(
             dicom_port=pacs.dicom_port,
             http_port=pacs.http_port,
             modalities={"medreid-priors": ["MEDREID_PRIORS", "127.0.0.1", move_port]},
+            dicomweb=retrieval == "dicomweb",
         )
-    swapped = swap_some(hospital, rows, series=4)
+        extra = (
+            {"MEDREID_PRIORS_RETRIEVAL": "move", "MEDREID_PRIORS_MOVE_PORT": str(move_port)}
+            if retrieval == "move"
+            else {"MEDREID_PRIORS_NODES": pacs.dicomweb_url}
+        )
+    swapped = misfile_series(hospital, rows, series=4)
     second = [r for r in rows if r["visit"] == "2"]
-    extra = (
-        {"MEDREID_PRIORS_RETRIEVAL": "move", "MEDREID_PRIORS_MOVE_PORT": str(move_port)}
-        if retrieval == "move"
-        else {}
-    )
     service = medreid_with_priors(tmp_path, sqlite_database.url, pacs, **extra)
     service.start(timeout=180)
     try:
@@ -234,7 +211,7 @@ def test_swaps_are_caught_against_the_patients_own_priors_with_no_enrollment(
                 break
             time.sleep(0.5)
     finally:
-        if retrieval == "move":
+        if retrieval != "get":
             pacs.stop()
         service.stop()
     first_study = {r["true_patient"]: r["study_instance_uid"] for r in rows if r["visit"] == "1"}
@@ -301,9 +278,11 @@ def test_swaps_are_caught_against_the_patients_own_priors_with_no_enrollment(
         assert alert.suspected_patient_id != alert.patient_id  # None: it resembles nobody
     pairs = {(r["header_patient"], r["true_modality"]) for r in second}
     assert len(queries) >= len(pairs)
-    assert all(q.detail["node"].startswith("ORTHANC@127.0.0.1:") and q.patient_id for q in queries)
+    node = pacs.dicomweb_url if retrieval == "dicomweb" else f"ORTHANC@127.0.0.1:{pacs.dicom_port}"
+    assert all(q.detail["node"] == node and q.patient_id for q in queries)
     assert transfers and all(t.detail["received"] == t.detail["requested"] for t in transfers)
-    assert {t.detail["method"] for t in transfers} == {"C-GET" if retrieval == "get" else "C-MOVE"}
+    method = {"get": "C-GET", "move": "C-MOVE", "dicomweb": "WADO-RS"}[retrieval]
+    assert {t.detail["method"] for t in transfers} == {method}
 
 
 @with_orthanc_and_models
@@ -313,7 +292,7 @@ def test_orthanc_stopped_in_the_middle_leaves_images_unverifiable_then_judged_on
     tmp_path: Path,
 ) -> None:
     pacs, hospital, rows = first_visits_in_pacs
-    swapped = swap_some(hospital, rows, series=2)
+    swapped = misfile_series(hospital, rows, series=2)
     second = [r for r in rows if r["visit"] == "2"]
     patients = sorted({r["header_patient"] for r in second})
     before = [r for r in second if r["header_patient"] in patients[:3]]
@@ -425,3 +404,83 @@ def test_backfill_fills_the_gallery_ahead_of_time_and_fetches_nothing_twice(
         service.cli("priors", "backfill", "--since", "1990-01-01", "--until", "1990-12-31").stdout
     )
     assert empty["patients"] == 0 and empty["entries_added"] == 0
+
+
+@with_orthanc_and_models
+def test_priors_are_fetched_again_by_reference_for_a_new_model_version(
+    first_visits_in_pacs: tuple[Orthanc, Path, list[dict[str, str]]],
+    sqlite_database: Database,
+    tmp_path: Path,
+) -> None:
+    from medreid.enrollment import enroll_again
+    from tests.test_enrollment import NEW, old_copy
+
+    pacs, _hospital, _rows = first_visits_in_pacs
+    models = tmp_path / "models"
+    models.mkdir()
+    old_copy(MODELS / NEW, models)  # reid-xray-v0 serves
+    service = medreid_with_priors(
+        tmp_path, sqlite_database.url, pacs, MEDREID_MODELS_DIR=str(models)
+    )
+    filled = json.loads(
+        service.cli("priors", "backfill", "--since", "2000-01-01", "--modality", "xray").stdout
+    )
+    assert filled["entries_added"] > 0
+    settings = load_settings(DEFAULT_CONFIG, env=service.env)
+    counts, gone = enroll_again(
+        settings, sqlite_database.sessions, "tester", from_model="reid-xray-v0", into=MODELS / NEW
+    )
+    assert counts == {NEW: filled["entries_added"]} and gone == 0
+    with sqlite_database.sessions.begin() as session:
+        by_version: dict[str, set[str | None]] = {}
+        for version, sop, origin in session.execute(
+            select(GalleryEntry.model_version, GalleryEntry.prior_sop_uid, GalleryEntry.origin)
+        ):
+            assert origin == "pacs_prior"
+            by_version.setdefault(version, set()).add(sop)
+    # the same priors, fetched again from the PACS (no pixels were kept), under the new model
+    assert by_version[NEW] == by_version["reid-xray-v0"] and None not in by_version[NEW]
+    pacs.stop()
+    pacs.process.wait()
+    counts, gone = enroll_again(
+        settings, sqlite_database.sessions, "tester", from_model="reid-xray-v0", into=MODELS / NEW
+    )
+    assert counts.get(NEW, 0) == 0 and gone == filled["entries_added"]  # counted, no crash
+
+
+def _analysis(verdict: str, header_score: float | None, routed_to: str = "ct") -> Any:
+    from pipeline.analysis import Analysis
+    from pipeline.verdicts import IdentityDecision, IdentityVerdict, ModalityVerdict
+
+    return Analysis(
+        predicted_modality=routed_to,
+        modality_scores={routed_to: 1.0},
+        modality_verdict=ModalityVerdict.AGREE,
+        routed_to=routed_to,
+        top_matches=[],
+        identity=IdentityDecision(IdentityVerdict(verdict), None, header_score, header_score),
+        threshold=0.5,
+        versions={"reid:ct": "reid-ct-x"},
+    )
+
+
+def test_the_priors_decide_what_the_gallery_alone_cannot() -> None:
+    from medreid.priors import PriorsCheck
+    from medreid.worker import with_priors
+
+    held = PriorsCheck(True, studies=[{"study_instance_uid": "1.2"}], modality="ct")
+    away = PriorsCheck(False, reason="priors unavailable: PACS@h:104: refused", wait=True)
+    nothing = PriorsCheck(True, studies=[], modality="ct")
+
+    def verdict(analysis: Any, check: PriorsCheck) -> str:
+        return str(with_priors(analysis, check).identity.verdict)  # type: ignore[union-attr]
+
+    # the header patient's own priors disagree, and nobody else matches: a mismatch
+    assert verdict(_analysis("unverifiable", 0.1), held) == "mismatch"
+    assert verdict(_analysis("consistent", 0.9), held) == "consistent"
+    # no prior study in the PACS: the gallery's verdict stands
+    assert verdict(_analysis("new_patient", None), nothing) == "new_patient"
+    # not to be had: unverifiable, whatever the gallery said
+    assert verdict(_analysis("mismatch", 0.1), away) == "unverifiable"
+    # routed by its pixels to another modality's model than its header's: not these priors
+    assert verdict(_analysis("unverifiable", 0.1, routed_to="xray"), held) == "unverifiable"

@@ -25,11 +25,17 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     commands.add_parser("config", help="print the effective configuration")
     demo = commands.add_parser(
         "demo",
-        help="generate a hospital, enroll its first visits, send the second ones, show the catch",
+        help="generate a hospital, put its first visits in a local Orthanc as the PACS (or "
+        "enroll them), send the second ones, show the catch",
     )
     demo.add_argument("--out", type=Path, default=Path("var/demo"), help="the demo hospital")
     demo.add_argument("--patients", type=int, default=12)
     demo.add_argument("--seed", type=int, default=2026)
+    demo.add_argument(
+        "--no-pacs",
+        action="store_true",
+        help="enroll the first visits instead of fetching them from a local Orthanc",
+    )
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace, clock: Clock) -> int:
@@ -62,7 +68,9 @@ def cmd_demo(settings: Settings, args: argparse.Namespace, clock: Clock) -> int:
     from medreid.demo import run_demo
 
     config = str(args.config) if args.config else os.environ.get("MEDREID_CONFIG")
-    return run_demo(settings, config, args.out, patients=args.patients, seed=args.seed)
+    return run_demo(
+        settings, config, args.out, patients=args.patients, seed=args.seed, pacs=not args.no_pacs
+    )
 
 
 def cmd_config(settings: Settings, args: argparse.Namespace, clock: Clock) -> int:

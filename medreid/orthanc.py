@@ -1,19 +1,29 @@
-"""Orthanc as a PACS for tests and benchmarks: started on free ports with its own storage,
-forwarding what arrives by C-STORE to medreid, reached through its REST API."""
+"""A local Orthanc as the hospital's PACS, for `medreid demo`, the tests and the benchmarks:
+started on free ports with its own storage, knowing medreid as a modality, forwarding to
+medreid what arrives by C-STORE, reached through its REST API."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-from support.service import free_port
-
 ORTHANC = shutil.which("Orthanc")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# Debian's orthanc-dicomweb: QIDO-RS, WADO-RS and STOW-RS under /dicom-web
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 
 FORWARD_RULE = """
 function OnStoredInstance(instanceId, tags, metadata, origin)
@@ -34,9 +44,11 @@ class Orthanc:
         *,
         http_port: int | None = None,
         modalities: dict[str, list[Any]] | None = None,
+        dicomweb: bool = False,
     ) -> None:
         """``modalities``: more AEs the PACS knows (name -> [AE, host, port]), such as a
-        C-MOVE destination; medreid itself is known as "medreid"."""
+        C-MOVE destination; medreid itself is known as "medreid". ``dicomweb``: with the
+        DICOMweb plugin, at ``dicomweb_url``."""
         self.workdir = workdir
         self.http_port = http_port or free_port()
         self.dicom_port = dicom_port or free_port()
@@ -56,7 +68,8 @@ class Orthanc:
                 **(modalities or {}),
             },
             "LuaScripts": [str(workdir / "forward.lua")],
-            "Plugins": [],
+            "Plugins": [str(DICOMWEB_PLUGIN)] if dicomweb else [],
+            "DicomWeb": {"Enable": dicomweb, "Root": "/dicom-web/"},
             # close each forwarding association at once, so its audit is written at once
             "DicomAssociationCloseDelay": 0,
         }
@@ -74,6 +87,10 @@ class Orthanc:
                 if self.process.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError("Orthanc did not start") from None
                 time.sleep(0.2)
+
+    @property
+    def dicomweb_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}/dicom-web"
 
     def request(self, method: str, path: str, body: bytes | None = None) -> Any:
         request = urllib.request.Request(
