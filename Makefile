@@ -53,6 +53,7 @@ bench: install
 	$(BIN)/python -m benchmarks.console_pages
 	$(BIN)/python -m benchmarks.hostile_peers
 	$(BIN)/python -m benchmarks.time_to_people
+	$(BIN)/python -m benchmarks.priors
 
 # The default models: COMPA and one re-identification model per modality, trained on generated
 # hospitals never used for evaluation: COMPA on seeds 21 and 22 plus the real images beside the

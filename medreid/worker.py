@@ -528,18 +528,22 @@ class Worker:
         judged = 0
         for patient_id, modality in pairs:
             key = fetcher.key(patient_id, modality)
-            if key is None:
-                continue
             with self.sessions.begin() as session:
                 waiting = awaiting_results(session, patient_id=patient_id, modality=modality)
+                if key is None:  # no model serves the modality any more: nothing to judge with
+                    for wait in waiting:
+                        stop_waiting(
+                            session, result_id=wait.result_id, reason=f"no {modality} model serves"
+                        )
+                    continue
                 held = priors_held(session, key=key)
-            if held.state == PriorFetchState.FETCHING:
-                continue  # another worker is asking now
             if held.state == PriorFetchState.UNAVAILABLE and (
                 held.next_attempt_at is not None and held.next_attempt_at > utcnow()
             ):
                 continue
             if held.state not in (PriorFetchState.FETCHED, PriorFetchState.GAVE_UP):
+                # never asked under this model, due again, or being fetched (None: by another
+                # worker whose lease holds; a dead worker's lease runs out)
                 outcome = fetcher.fetch(
                     key,
                     exclude_studies={w.study_instance_uid for w in waiting if w.study_instance_uid},
