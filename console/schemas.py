@@ -115,6 +115,15 @@ class SeriesPageOut(BaseModel):
     items: list[SeriesVerdictOut]
 
 
+class PriorStudyOut(BaseModel):
+    """A PACS prior study an image was judged against."""
+
+    study_instance_uid: str | None
+    study_date: str | None
+    node: str | None
+    images: int
+
+
 class ResultDetailOut(ResultSummaryOut):
     version: int
     sop_class_uid: str
@@ -133,6 +142,10 @@ class ResultDetailOut(ResultSummaryOut):
     top_matches: list[MatchOut]
     identity_threshold: float | None
     identity_header_score: float | None
+    identity_reason: str | None
+    prior_studies: list[PriorStudyOut]
+    awaiting_priors: bool
+    judged_again_at: dt.datetime | None
     model_versions: dict[str, str] | None
     timings_ms: dict[str, float]
     series_verdict: SeriesVerdictOut | None

@@ -11,15 +11,7 @@ from typing import Any
 
 from pydicom import Dataset
 
-from medreid.pacs import (
-    Exchange,
-    PacsUnavailable,
-    PriorImage,
-    Slots,
-    choose_priors,
-    patients_of,
-    remaining,
-)
+from medreid.pacs import Exchange, PacsUnavailable, PriorImage, Slots, remaining
 from medreid.priors_settings import PacsNode, PriorsSettings
 
 
@@ -32,7 +24,7 @@ class DicomWebClient:
         self.slots = Slots(lock_folder, settings.max_concurrent)
 
     @contextlib.contextmanager
-    def _session(self, deadline: float) -> Iterator[_WebSearch]:
+    def search(self, deadline: float) -> Iterator[_WebSearch]:
         """A client whose every request ends within timeout_s and the deadline, without
         dicomweb-client's own retries (the worker has its schedule); any HTTP failure is a
         PacsUnavailable naming the node."""
@@ -55,44 +47,14 @@ class DicomWebClient:
             finally:
                 client._session.close()
 
-    def find_patients(
-        self, *, since: str, until: str, modality_codes: set[str], deadline: float
-    ) -> set[str]:
-        with self._session(deadline) as search:
-            return patients_of(search.studies("", f"{since}-{until}"), modality_codes)
-
-    def find_priors(
-        self,
-        *,
-        patient_id: str,
-        modality_codes: set[str],
-        exclude_studies: set[str],
-        since: str,
-        held: set[str],
-        deadline: float,
-        exchange: Exchange,
-    ) -> list[PriorImage]:
-        with self._session(deadline) as search:
-            return choose_priors(
-                search,
-                self.settings,
-                patient_id=patient_id,
-                modality_codes=modality_codes,
-                exclude_studies=exclude_studies,
-                since=since,
-                held=held,
-                exchange=exchange,
-            )
-
     def retrieve(
         self, images: list[PriorImage], *, deadline: float, exchange: Exchange
     ) -> list[Dataset]:
         if not images:
             return []
-        exchange.method = "WADO-RS"
         exchange.requested += len(images)
         received = []
-        with self._session(deadline) as search:
+        with self.search(deadline) as search:
             for image in images:
                 remaining(deadline, self.node.name)
                 received.append(

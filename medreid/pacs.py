@@ -139,6 +139,18 @@ class Slots:
             time.sleep(0.05)
 
 
+class PacsClient(Protocol):
+    """One PACS node, over DIMSE or DICOMweb: searched at each level, and asked for images."""
+
+    node: PacsNode
+
+    def search(self, deadline: float) -> contextlib.AbstractContextManager[Search]: ...
+
+    def retrieve(
+        self, images: list[PriorImage], *, deadline: float, exchange: Exchange
+    ) -> list[Dataset]: ...
+
+
 class DimseClient:
     """Priors from one PACS node over DIMSE."""
 
@@ -206,38 +218,11 @@ class DimseClient:
                 raise PacsUnavailable(f"{self.node.name}: C-FIND {level} status 0x{code:04X}")
         return matches
 
-    def find_patients(
-        self, *, since: str, until: str, modality_codes: set[str], deadline: float
-    ) -> set[str]:
-        """The patients with a study of these modalities between the dates (DICOM DA)."""
+    @contextlib.contextmanager
+    def search(self, deadline: float) -> Iterator[Search]:
+        """Study Root C-FIND at each level, on one association."""
         with self._association(deadline, retrieve=False) as assoc:
-            search = _DimseSearch(self, assoc, deadline)
-            return patients_of(search.studies("", f"{since}-{until}"), modality_codes)
-
-    def find_priors(
-        self,
-        *,
-        patient_id: str,
-        modality_codes: set[str],
-        exclude_studies: set[str],
-        since: str,
-        held: set[str],
-        deadline: float,
-        exchange: Exchange,
-    ) -> list[PriorImage]:
-        """The images to fetch of the patient's newest earlier studies of the modality, by
-        the settings' limits: those not held already."""
-        with self._association(deadline, retrieve=False) as assoc:
-            return choose_priors(
-                _DimseSearch(self, assoc, deadline),
-                self.settings,
-                patient_id=patient_id,
-                modality_codes=modality_codes,
-                exclude_studies=exclude_studies,
-                since=since,
-                held=held,
-                exchange=exchange,
-            )
+            yield _DimseSearch(self, assoc, deadline)
 
     def retrieve(
         self, images: list[PriorImage], *, deadline: float, exchange: Exchange
@@ -245,7 +230,6 @@ class DimseClient:
         """The images' datasets, by the node's retrieval method."""
         if not images:
             return []
-        exchange.method = "C-GET" if self.node.retrieval == Retrieval.GET else "C-MOVE"
         exchange.requested += len(images)
         if self.node.retrieval == Retrieval.GET:
             return self._get(images, deadline, exchange)

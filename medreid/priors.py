@@ -23,7 +23,15 @@ from pydicom import Dataset
 from sqlalchemy.orm import Session, sessionmaker
 
 from medreid.dicomweb import DicomWebClient
-from medreid.pacs import DimseClient, Exchange, PacsUnavailable, PriorImage
+from medreid.pacs import (
+    DimseClient,
+    Exchange,
+    PacsClient,
+    PacsUnavailable,
+    PriorImage,
+    choose_priors,
+    patients_of,
+)
 from medreid.priors_settings import PriorsSettings, Retrieval
 from pipeline.analysis import Embedder
 from pipeline.modelstore import embedding_bytes
@@ -113,7 +121,7 @@ class PriorsFetcher:
         # a node that failed is not asked again for retry_s (monotonic time, why), so a PACS
         # that is down costs one timeout, not one per patient
         self._down: dict[str, tuple[float, str]] = {}
-        self.clients: list[DimseClient | DicomWebClient] = [
+        self.clients: list[PacsClient] = [
             DicomWebClient(n, settings, lock_folder)
             if n.retrieval == Retrieval.WADO
             else DimseClient(n, settings, lock_folder)
@@ -236,21 +244,23 @@ class PriorsFetcher:
         errors: list[str] = []
         studies: set[str] = set()
         for client in self.clients:
-            exchange = Exchange(client.node.name)
+            exchange = Exchange(client.node.name, method=_method(client.node.retrieval))
             down = self._down.get(client.node.name)
             if down is not None and time.monotonic() < down[0]:
                 errors.append(down[1])
                 continue
             try:
-                found = client.find_priors(
-                    patient_id=key.patient_id,
-                    modality_codes=codes,
-                    exclude_studies=exclude_studies,
-                    since=start.strftime("%Y%m%d"),
-                    held=held,
-                    deadline=deadline,
-                    exchange=exchange,
-                )
+                with client.search(deadline) as search:
+                    found = choose_priors(
+                        search,
+                        s,
+                        patient_id=key.patient_id,
+                        modality_codes=codes,
+                        exclude_studies=exclude_studies,
+                        since=start.strftime("%Y%m%d"),
+                        held=held,
+                        exchange=exchange,
+                    )
                 if until is not None:
                     found = [f for f in found if (f.study_date or "") <= until.strftime("%Y%m%d")]
                 studies |= {f.study_instance_uid for f in found}
@@ -295,7 +305,7 @@ class PriorsFetcher:
             mine = [i for i in images if i.node == client.node.name]
             if not mine:
                 continue
-            exchange = Exchange(client.node.name)
+            exchange = Exchange(client.node.name, method=_method(client.node.retrieval))
             try:
                 datasets = client.retrieve(
                     mine, deadline=time.monotonic() + self.settings.budget_s, exchange=exchange
@@ -377,7 +387,7 @@ class PriorsFetcher:
                 detail={
                     "purpose": "priors",
                     "node": exchange.node,
-                    "model": "Study Root C-FIND",
+                    "query": "QIDO-RS" if exchange.method == "WADO-RS" else "Study Root C-FIND",
                     "modality": key.modality,
                     "queries": [{"level": lvl, "matches": n} for lvl, n in exchange.queries],
                     **({"reason": error} if failed else {}),
@@ -407,6 +417,10 @@ class PriorsFetcher:
         return records
 
 
+def _method(retrieval: Retrieval) -> str:
+    return {Retrieval.GET: "C-GET", Retrieval.MOVE: "C-MOVE", Retrieval.WADO: "WADO-RS"}[retrieval]
+
+
 @dataclass
 class BackfillReport:
     patients: int = 0
@@ -420,13 +434,10 @@ def backfill_patients(
     """The patients the PACS nodes hold a study of these modalities for, in the window."""
     codes = set().union(*(fetcher.codes_of(m) for m in modalities))
     patients: set[str] = set()
+    window = f"{since.strftime('%Y%m%d')}-{until.strftime('%Y%m%d')}"
     for client in fetcher.clients:
-        patients |= client.find_patients(
-            since=since.strftime("%Y%m%d"),
-            until=until.strftime("%Y%m%d"),
-            modality_codes=codes,
-            deadline=time.monotonic() + max(fetcher.settings.budget_s, 60.0),
-        )
+        with client.search(time.monotonic() + max(fetcher.settings.budget_s, 60.0)) as search:
+            patients |= patients_of(search.studies("", window), codes)
     return patients
 
 

@@ -14,7 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from storage.models import Instance, Result
+from storage.models import Alert, Instance, Result
 from tests.conftest import Database
 from tests.console_fixtures import (
     Hospital,
@@ -230,3 +230,44 @@ def test_no_filesystem_path_in_any_response(
     roots = {str(spool), str(spool.resolve()), str(spool.parent)}
     for answer in answers:
         assert not any(root in answer.text for root in roots), answer.text
+
+
+def test_the_detail_page_names_the_pacs_priors_and_why_an_image_waits(
+    client: TestClient, hospital: Hospital, database: Database
+) -> None:
+    from sqlalchemy import update
+
+    prior = {"study_instance_uid": "1.2.826.77", "study_date": "20240105", "node": "PACS@h:104"}
+    with database.sessions.begin() as session:
+        session.execute(
+            update(Result)
+            .where(Result.id == hospital.results["swap"])
+            .values(priors=[{**prior, "images": 3}])
+        )
+        session.execute(
+            update(Result)
+            .where(Result.id == hospital.results["ok"])
+            .values(
+                identity_verdict="unverifiable",
+                identity_reason="priors unavailable: PACS@h:104: association refused",
+                awaiting_priors=True,
+            )
+        )
+    assert login(client) == 303
+    judged = client.get(f"/results/{hospital.results['swap']}").text
+    assert 'id="prior-studies"' in judged and "1.2.826.77" in judged and "20240105" in judged
+    waiting = client.get(f"/results/{hospital.results['ok']}").text
+    assert "priors unavailable: PACS@h:104: association refused" in waiting
+    assert "judged again when they can be had" in waiting
+    detail = client.get(f"/api/v1/results/{hospital.results['swap']}").json()
+    assert detail["prior_studies"] == [{**prior, "images": 3}]
+    assert detail["awaiting_priors"] is False and detail["identity_reason"] is None
+    # the alert names the prior study the image disagrees with
+    with database.sessions.begin() as session:
+        alert = session.scalars(
+            select(Alert).where(Alert.result_id == hospital.results["swap"])
+        ).one()
+        alert.detail = {**alert.detail, "prior_studies": [prior]}
+        alert_id = alert.id
+    page = client.get(f"/alerts/{alert_id}").text
+    assert 'id="prior-studies"' in page and "1.2.826.77" in page and "PACS@h:104" in page
