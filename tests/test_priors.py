@@ -348,6 +348,8 @@ def test_orthanc_stopped_in_the_middle_leaves_images_unverifiable_then_judged_on
             time.sleep(0.5)
     finally:
         service.stop()
+        if pacs is not first_visits_in_pacs[0]:
+            pacs.stop()  # the one started again (the fixture stops the first)
     print(f"\nthe second half drained in {drained_s:.1f} s with the PACS down")
     for row in during:
         result = judged[row["sop_instance_uid"]]
