@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pydicom import Dataset
-from pydicom.uid import UID
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian
 
 from medreid.priors_settings import PacsNode, PriorsSettings, Retrieval
 from scp.contexts import TRANSFER_SYNTAXES
@@ -44,14 +44,15 @@ PRIOR_STORAGE_CLASSES = (
     "1.2.840.10008.5.1.4.1.1.77.1.4",  # VL Photographic
     "1.2.840.10008.5.1.4.1.1.77.1.2",  # VL Microscopic
 )
-# The syntaxes the worker decodes, uncompressed first (a PACS picks the first it has).
-RETRIEVE_SYNTAXES = tuple(TRANSFER_SYNTAXES[:2]) + tuple(
-    s for s in TRANSFER_SYNTAXES[4:] if s != "1.2.840.10008.1.2.1.99"
+# The syntaxes the worker decodes, little-endian uncompressed first (a PACS picks the first
+# it has), leaving out Big Endian and Deflated, which a PACS need not send
+RETRIEVE_SYNTAXES = tuple(
+    s for s in TRANSFER_SYNTAXES if s not in (ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian)
 )
 
 PENDING = (0xFF00, 0xFF01)
 SUCCESS = 0x0000
-WARNING = (0xB000, 0x0001)
+WARNING = 0xB000  # retrieval: sub-operations complete, one or more failed
 
 
 class PacsUnavailable(Exception):
@@ -315,7 +316,7 @@ class DimseClient:
                 continue
             failed = int(getattr(status, "NumberOfFailedSuboperations", 0) or 0)
             exchange.failed += failed
-            if code not in (SUCCESS, *WARNING):
+            if code not in (SUCCESS, WARNING):
                 raise PacsUnavailable(f"{self.node.name}: {what} status 0x{code:04X}")
 
 
@@ -390,15 +391,15 @@ def choose_priors(
     patient_id: str,
     modality_codes: set[str],
     exclude_studies: set[str],
-    since: str,
+    dates: str,
     held: set[str],
     exchange: Exchange,
 ) -> list[PriorImage]:
     """Down from the patient's studies to the images to fetch: the newest max_studies
-    studies of the modality since ``since`` (not those excluded), series_per_study series
-    of each by series number, images_per_series images of each spread over the series by
-    instance number; those not held already."""
-    studies = search.studies(patient_id, f"{since}-")
+    studies of the modality in ``dates`` (a DICOM DA range, "20160101-"; not those
+    excluded), series_per_study series of each by series number, images_per_series images
+    of each spread over the series by instance number; those not held already."""
+    studies = search.studies(patient_id, dates)
     exchange.queries.append(("STUDY", len(studies)))
     wanted = []
     for study in studies:

@@ -238,6 +238,7 @@ class PriorsFetcher:
             )
         today = self.clock().date()
         start = since or today - dt.timedelta(days=round(365.25 * s.years_back))
+        dates = f"{start:%Y%m%d}-{until:%Y%m%d}" if until else f"{start:%Y%m%d}-"
         codes = self.codes_of(key.modality)
         entries: list[NewGalleryEntry] = []
         records: list[audit.AuditRecord] = []
@@ -257,12 +258,10 @@ class PriorsFetcher:
                         patient_id=key.patient_id,
                         modality_codes=codes,
                         exclude_studies=exclude_studies,
-                        since=start.strftime("%Y%m%d"),
+                        dates=dates,
                         held=held,
                         exchange=exchange,
                     )
-                if until is not None:
-                    found = [f for f in found if (f.study_date or "") <= until.strftime("%Y%m%d")]
                 studies |= {f.study_instance_uid for f in found}
                 datasets = client.retrieve(found, deadline=deadline, exchange=exchange)
                 entries += self._embed(key, found, datasets)
