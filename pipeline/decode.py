@@ -164,9 +164,37 @@ def _grey_frame(stored: np.ndarray, ds: Dataset, index: int, params: DecodeParam
     return grey
 
 
+def _palette_luts(ds: Dataset) -> Dataset:
+    """The palette's LUTs in the byte order pydicom reads them in.
+
+    pydicom reads non-segmented Palette Color LUT Data as little-endian words, whatever the
+    dataset's byte order: a Big Endian dataset's 16-bit entries come out byte-swapped, and
+    its colours wrong. Those are swapped here first."""
+    if (
+        ds.original_encoding[1] is not False  # little endian, as pydicom assumes
+        or "SegmentedRedPaletteColorLookupTableData" in ds  # read by the byte order
+    ):
+        return ds
+    luts = Dataset()
+    if "PixelRepresentation" in ds:
+        luts.PixelRepresentation = ds.PixelRepresentation
+    for colour in ("Red", "Green", "Blue", "Alpha"):
+        descriptor = f"{colour}PaletteColorLookupTableDescriptor"
+        data = f"{colour}PaletteColorLookupTableData"
+        if descriptor in ds:
+            luts[descriptor] = ds[descriptor]
+        if data in ds:
+            raw = bytes(ds[data].value)
+            entries = int(ds[descriptor].value[0] or 2**16) if descriptor in ds else 0
+            if entries and len(raw) == 2 * entries:  # 16-bit entries
+                raw = np.frombuffer(raw, dtype=">u2").astype("<u2").tobytes()
+            setattr(luts, data, raw)
+    return luts
+
+
 def _colour_frame(decoded: np.ndarray, ds: Dataset, photometric: str) -> FloatImage:
     if photometric == "PALETTE COLOR":
-        rgb = apply_color_lut(decoded, ds)
+        rgb = apply_color_lut(decoded, _palette_luts(ds))
         full_scale = 65535.0 if rgb.dtype.itemsize > 1 else 255.0
         return (rgb.astype(np.float32) / np.float32(full_scale)).astype(np.float32)
     bits = int(ds.get("BitsStored", 8) or 8)

@@ -114,6 +114,16 @@ def test_palette_colour_goes_through_its_lookup_tables() -> None:
     np.testing.assert_allclose(image.frames[0], expected, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["OBXXXX1A_expb.dcm", "OBXXXX1A_expb_2frame.dcm"])
+def test_a_big_endian_palette_has_the_colours_of_its_little_endian_twin(name: str) -> None:
+    # pydicom reads Palette Color LUT Data as little-endian words whatever the syntax
+    big = decode_dataset(pydicom.dcmread(corpus_file(name)), MIDDLE)
+    little = decode_dataset(pydicom.dcmread(corpus_file(name.replace("_expb", ""))), MIDDLE)
+    assert big.photometric == little.photometric == "PALETTE COLOR"
+    np.testing.assert_array_equal(big.frames, little.frames)
+    assert float(big.frames.std()) > 0.05  # colours, not a blank
+
+
 def test_multiframe_middle_frame_is_chosen() -> None:
     frames = np.stack([np.full((2, 2), 1000 * i, dtype=np.uint16) for i in range(5)])
     ds = make_dataset(frames, WindowCenter=5000, WindowWidth=10001)
