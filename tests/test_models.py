@@ -233,3 +233,18 @@ def test_plots_without_matplotlib_name_the_extra_that_brings_it(
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(PlotsUnavailable, match=r"medreid\[training\]"):
         pyplot()
+
+
+def test_a_model_card_names_its_data_and_a_non_commercial_licence_first() -> None:
+    from training.cards import data_section
+
+    restricted = data_section({"": 6300, "ham": 5129, "kermany": 2925})
+    assert restricted.startswith("**Licence: non-commercial use only.**")
+    assert "HAM10000" in restricted and "CC BY-NC 4.0" in restricted and "| 2925 |" in restricted
+    free = data_section({"": 6300, "nih": 450})
+    assert "non-commercial" not in free and "NIH ChestX-ray14" in free
+    # the serving COMPA model was trained with HAM10000, and says so
+    card = (
+        Path(__file__).resolve().parents[1] / "models" / "compa-v2" / "MODEL_CARD.md"
+    ).read_text()
+    assert "non-commercial use only" in card and "HAM10000" in card

@@ -39,8 +39,11 @@ class CompaConfig:
     size: int = 128
     prototypes: int = 4
     validation_fraction: float = 0.25
-    other_quantile: float = 0.002  # share of known images the `other` reference may reject
+    # share of known images the `other` reference may reject (chosen by identity-disjoint
+    # cross-validation on the real images: benchmarks/compa_cv.py)
+    other_quantile: float = 0.005
     seed: int = 0
+    refit: bool = True  # the references again from every training patient, once calibrated
 
 
 def kmeans(
@@ -106,6 +109,113 @@ def _split(items: list[DatasetItem], fraction: float, seed: int) -> tuple[list[i
     return train, val
 
 
+def collection(patient_id: str) -> str:
+    """The collection a patient folder names before its first underscore ("" for none)."""
+    return patient_id.split("_", 1)[0] if "_" in patient_id else ""
+
+
+@dataclass
+class CompaFeatures:
+    """The training images' backbone features, extracted once: a fit on any subset of them
+    (a cross-validation fold, say) costs no second pass through the network."""
+
+    items: list[DatasetItem]
+    features: npt.NDArray[np.float32]
+    modality: npt.NDArray[np.str_]
+    source: npt.NDArray[np.int64]  # which of the datasets each image came from
+    skipped: list[tuple[Path, str]]
+    extractor: FeatureExtractor
+    backbone: Any
+
+
+def compa_features(
+    config: CompaConfig,
+    datasets: list[Path],
+    *,
+    pipeline: PipelineConfig | None = None,
+    progress: Progress | None = None,
+) -> CompaFeatures:
+    """The modality folders of ``datasets`` (and their `other` folders) through the service's
+    decode and CLAHE, and the ImageNet backbone."""
+    quiet_tensorflow()
+    items: list[DatasetItem] = []
+    source_of: dict[Path, int] = {}
+    sources: dict[tuple[int, str], int] = {}
+    for number, root in enumerate(datasets):
+        for item in scan(root):
+            if item.modality in (*KNOWN, OTHER):
+                items.append(item)
+                # one source a dataset and, within it, a collection ("kermany_person12" and
+                # "nih_00012" are two): each gets references of its own
+                key = (number, collection(item.patient_id))
+                source_of[item.path] = sources.setdefault(key, len(sources))
+    missing = [m for m in KNOWN if not any(i.modality == m for i in items)]
+    if missing:
+        raise ValueError(f"no images for {', '.join(missing)} in {', '.join(map(str, datasets))}")
+    data = load_set(items, config.size, pipeline or PipelineConfig())
+    backbone = build_backbone("mobilenet_v2", 1.0, config.size, config.backbone_weights)
+    extractor = FeatureExtractor(backbone, config.size)
+    features = []
+    for start in range(0, len(data.images), 64):
+        features.append(extractor(data.images[start : start + 64]))
+        if progress:
+            progress("features", min(start + 64, len(data.images)), len(data.images))
+    return CompaFeatures(
+        items=data.items,
+        features=np.concatenate(features),
+        modality=np.array([i.modality for i in data.items]),
+        source=np.array([source_of[i.path] for i in data.items], dtype=np.int64),
+        skipped=data.skipped,
+        extractor=extractor,
+        backbone=backbone,
+    )
+
+
+def fit_compa(
+    found: CompaFeatures, train_idx: list[int], val_idx: list[int], config: CompaConfig
+) -> tuple[CompaModel, float]:
+    """References from ``train_idx`` (k-means per modality and source), the temperature and
+    `other` logit fitted on ``val_idx``; the model and its accuracy on ``val_idx``."""
+    feats, modality = found.features, found.modality
+    known_train = [n for n in train_idx if modality[n] != OTHER]
+    mean = feats[known_train].mean(axis=0)
+    scale = feats[known_train].std(axis=0) + 1e-3
+    model = CompaModel(found.extractor, mean, scale, {}, 0.05, 0.0)
+    model.prototypes = _references(found, model.embed(feats), known_train, config)
+    label_index = {m: i for i, m in enumerate((*KNOWN, OTHER))}
+    val_labels = np.array([label_index[modality[n]] for n in val_idx])
+    similarity = model.similarities(feats[val_idx])
+    model.temperature, model.other_logit = fit_calibration(
+        similarity, val_labels, config.other_quantile
+    )
+    predictions = np.argmax(model.probabilities(similarity), axis=1)
+    accuracy = float((predictions == val_labels).mean())
+    if config.refit:
+        # the calibration's patients join the references once they have served it: where
+        # a modality has a handful of real patients (CT here), each one's views count
+        every = known_train + [n for n in val_idx if modality[n] != OTHER]
+        model.prototypes = _references(found, model.embed(feats), every, config)
+    return model, accuracy
+
+
+def _references(
+    found: CompaFeatures,
+    unit: npt.NDArray[np.float32],
+    members_of: list[int],
+    config: CompaConfig,
+) -> dict[str, npt.NDArray[np.float32]]:
+    """k-means references per modality and source."""
+    modality, source = found.modality, found.source
+    references = {}
+    for m in KNOWN:
+        per_source = []
+        for s in sorted(set(source[[n for n in members_of if modality[n] == m]])):
+            members = [n for n in members_of if modality[n] == m and source[n] == s]
+            per_source.append(kmeans(unit[members], config.prototypes, config.seed))
+        references[m] = np.concatenate(per_source)
+    return references
+
+
 def train_compa(
     config: CompaConfig,
     datasets: list[Path],
@@ -117,50 +227,12 @@ def train_compa(
 ) -> TrainedCompa:
     """References from the modality folders of ``datasets`` (their `other` folders, if any,
     only calibrate the `other` logit)."""
-    quiet_tensorflow()
     started = time.monotonic()
     pipeline = pipeline or PipelineConfig()
-    items: list[DatasetItem] = []
-    source_of: dict[Path, int] = {}
-    for number, root in enumerate(datasets):
-        for item in scan(root):
-            if item.modality in (*KNOWN, OTHER):
-                items.append(item)
-                source_of[item.path] = number
-    missing = [m for m in KNOWN if not any(i.modality == m for i in items)]
-    if missing:
-        raise ValueError(f"no images for {', '.join(missing)} in {', '.join(map(str, datasets))}")
-    data = load_set(items, config.size, pipeline)
-    backbone = build_backbone("mobilenet_v2", 1.0, config.size, config.backbone_weights)
-    extractor = FeatureExtractor(backbone, config.size)
-    features = []
-    for start in range(0, len(data.images), 64):
-        features.append(extractor(data.images[start : start + 64]))
-        if progress:
-            progress("features", min(start + 64, len(data.images)), len(data.images))
-    feats = np.concatenate(features)
-    modality = np.array([i.modality for i in data.items])
-    train_idx, val_idx = _split(data.items, config.validation_fraction, config.seed)
-    known_train = [n for n in train_idx if modality[n] != OTHER]
-    mean = feats[known_train].mean(axis=0)
-    scale = feats[known_train].std(axis=0) + 1e-3
-    model = CompaModel(extractor, mean, scale, {}, 0.05, 0.0)
-    unit = model.embed(feats)
-    source = np.array([source_of[i.path] for i in data.items])
-    for m in KNOWN:
-        per_source = []
-        for s in sorted(set(source[[n for n in known_train if modality[n] == m]])):
-            members = [n for n in known_train if modality[n] == m and source[n] == s]
-            per_source.append(kmeans(unit[members], config.prototypes, config.seed))
-        model.prototypes[m] = np.concatenate(per_source)
-    label_index = {m: i for i, m in enumerate((*KNOWN, OTHER))}
-    val_labels = np.array([label_index[modality[n]] for n in val_idx])
-    similarity = model.similarities(feats[val_idx])
-    model.temperature, model.other_logit = fit_calibration(
-        similarity, val_labels, config.other_quantile
-    )
-    predictions = np.argmax(model.probabilities(similarity), axis=1)
-    accuracy = float((predictions == val_labels).mean())
+    found = compa_features(config, datasets, pipeline=pipeline, progress=progress)
+    train_idx, val_idx = _split(found.items, config.validation_fraction, config.seed)
+    model, accuracy = fit_compa(found, train_idx, val_idx, config)
+    backbone, modality, mean, scale = found.backbone, found.modality, model.mean, model.scale
     backbone.set_weights(artifacts.quantise(backbone.get_weights()))
 
     version = version or artifacts.new_version()
@@ -182,7 +254,11 @@ def train_compa(
         "data": {
             "datasets": [str(d) for d in datasets],
             "images": {m: int((modality == m).sum()) for m in (*KNOWN, OTHER)},
-            "skipped": [f"{p.name}: {r}" for p, r in data.skipped[:20]],
+            "collections": {
+                c: sum(collection(i.patient_id) == c for i in found.items)
+                for c in sorted({collection(i.patient_id) for i in found.items})
+            },
+            "skipped": [f"{p.name}: {r}" for p, r in found.skipped[:20]],
         },
         "training_seconds": round(time.monotonic() - started, 1),
         "environment": artifacts.environment(),
