@@ -94,6 +94,7 @@ class FetchOutcome:
     studies: int
     stored: int
     error: str | None  # None: the PACS answered
+    state: PriorFetchState  # what the fetch row says now: fetched, unavailable or gave_up
 
 
 class PriorsFetcher:
@@ -250,6 +251,7 @@ class PriorsFetcher:
             if down is not None and time.monotonic() < down[0]:
                 errors.append(down[1])
                 continue
+            error: str | None = None
             try:
                 with client.search(deadline) as search:
                     found = choose_priors(
@@ -268,13 +270,17 @@ class PriorsFetcher:
                 held |= {f.sop_instance_uid for f in found}
                 self._down.pop(client.node.name, None)
             except PacsUnavailable as exc:
-                errors.append(exc.reason)
+                error = exc.reason
                 log.warning("priors of a patient from %s: %s", client.node.name, exc.reason)
                 self._down[client.node.name] = (time.monotonic() + s.retry_s, exc.reason)
             except Exception as exc:  # a bug or a PACS answer nothing foresaw: not a crash
                 log.exception("priors from %s failed", client.node.name)
-                errors.append(f"{client.node.name}: {type(exc).__name__}: {exc}")
-            records += self._audit(key, exchange, errors[-1] if errors else None)
+                error = f"{client.node.name}: {type(exc).__name__}: {exc}"
+            if error is not None:
+                errors.append(error)
+            records.append(self._query_record(key, exchange, error))
+            if exchange.requested:
+                records.append(self._transfer_record(key, exchange))
         answered = len(errors) < len(self.clients)
         with self.sessions.begin() as session:
             if entries:
@@ -283,8 +289,9 @@ class PriorsFetcher:
                 append_audit(session, record=record)
             if answered:
                 fetch_succeeded(session, key=key, studies=len(studies), images=len(entries))
+                state = PriorFetchState.FETCHED
             else:
-                fetch_failed(
+                state = fetch_failed(
                     session,
                     key=key,
                     error="; ".join(errors),
@@ -292,7 +299,8 @@ class PriorsFetcher:
                     retry_max_s=s.retry_max_s,
                     max_attempts=s.max_attempts,
                 )
-        return FetchOutcome(len(studies), len(entries), None if answered else "; ".join(errors))
+        error = None if answered else "; ".join(errors)
+        return FetchOutcome(len(studies), len(entries), error, state)
 
     def fetch_again(self, key: PriorsKey, images: list[PriorImage]) -> tuple[int, int]:
         """Known priors (their references) fetched again, without a query, and kept under
@@ -312,11 +320,10 @@ class PriorsFetcher:
                 kept = self._embed(key, mine, datasets)
                 entries += kept
                 missing += len(mine) - len(kept)
-                error = None
-            except PacsUnavailable as exc:
+            except PacsUnavailable:
                 missing += len(mine)
-                error = exc.reason
-            records += self._audit(key, exchange, error)[1:]  # a retrieval, not a query
+            if exchange.requested:
+                records.append(self._transfer_record(key, exchange))
         nodes = {c.node.name for c in self.clients}
         missing += sum(i.node not in nodes for i in images)  # a node no longer configured
         with self.sessions.begin() as session:
@@ -370,50 +377,45 @@ class PriorsFetcher:
             for ref, vector in zip(refs, vectors, strict=True)
         ]
 
-    def _audit(
+    def _query_record(
         self, key: PriorsKey, exchange: Exchange, error: str | None
-    ) -> list[audit.AuditRecord]:
-        """A Query per node asked; a DICOM Instances Transferred per retrieval."""
-        failed = error is not None and error.startswith(exchange.node)
-        outcome = audit.Outcome.SERIOUS_FAILURE if failed else audit.Outcome.SUCCESS
-        records = [
-            audit.AuditRecord(
-                kind=audit.QUERY,
-                outcome=outcome,
-                actor_user=self.name,
-                actor_ae=self.settings.calling_ae,
-                patient_id=key.patient_id,
-                detail={
-                    "purpose": "priors",
-                    "node": exchange.node,
-                    "query": "QIDO-RS" if exchange.method == "WADO-RS" else "Study Root C-FIND",
-                    "modality": key.modality,
-                    "queries": [{"level": lvl, "matches": n} for lvl, n in exchange.queries],
-                    **({"reason": error} if failed else {}),
-                },
-            )
-        ]
-        if exchange.requested:
-            records.append(
-                audit.AuditRecord(
-                    kind=audit.INSTANCES_TRANSFERRED,
-                    outcome=audit.Outcome.SUCCESS
-                    if exchange.received == exchange.requested
-                    else audit.Outcome.MINOR_FAILURE,
-                    actor_user=self.name,
-                    actor_ae=self.settings.calling_ae,
-                    patient_id=key.patient_id,
-                    detail={
-                        "purpose": "priors",
-                        "node": exchange.node,
-                        "method": exchange.method,
-                        "requested": exchange.requested,
-                        "received": exchange.received,
-                        "failed": exchange.failed,
-                    },
-                )
-            )
-        return records
+    ) -> audit.AuditRecord:
+        """A node asked for a patient's priors (Query), with why it failed where it did."""
+        return audit.AuditRecord(
+            kind=audit.QUERY,
+            outcome=audit.Outcome.SUCCESS if error is None else audit.Outcome.SERIOUS_FAILURE,
+            actor_user=self.name,
+            actor_ae=self.settings.calling_ae,
+            patient_id=key.patient_id,
+            detail={
+                "purpose": "priors",
+                "node": exchange.node,
+                "query": "QIDO-RS" if exchange.method == "WADO-RS" else "Study Root C-FIND",
+                "modality": key.modality,
+                "queries": [{"level": lvl, "matches": n} for lvl, n in exchange.queries],
+                **({"reason": error} if error is not None else {}),
+            },
+        )
+
+    def _transfer_record(self, key: PriorsKey, exchange: Exchange) -> audit.AuditRecord:
+        """Images retrieved from a node (DICOM Instances Transferred), with the counts."""
+        return audit.AuditRecord(
+            kind=audit.INSTANCES_TRANSFERRED,
+            outcome=audit.Outcome.SUCCESS
+            if exchange.received == exchange.requested
+            else audit.Outcome.MINOR_FAILURE,
+            actor_user=self.name,
+            actor_ae=self.settings.calling_ae,
+            patient_id=key.patient_id,
+            detail={
+                "purpose": "priors",
+                "node": exchange.node,
+                "method": exchange.method,
+                "requested": exchange.requested,
+                "received": exchange.received,
+                "failed": exchange.failed,
+            },
+        )
 
 
 def _method(retrieval: Retrieval) -> str:

@@ -37,7 +37,6 @@ from storage.jobs import ClaimedJob, JobOutcome, claim_jobs, finish_job, judge_a
 from storage.models import PriorFetchState, utcnow
 from storage.priors import (
     AwaitingResult,
-    PriorsKey,
     awaiting_results,
     priors_held,
     stop_waiting,
@@ -61,12 +60,8 @@ def with_priors(analysis: Analysis | None, check: PriorsCheck | None) -> Analysi
     - Where the header patient's own PACS priors are held and the image matches none of
       them, it is a mismatch, even when it resembles nobody else: the patient's own earlier
       images are the reference, not a gallery that may lack the image's true patient."""
-    if (
-        analysis is None
-        or check is None
-        or analysis.identity is None
-        or not check.applies_to(analysis.routed_to)
-    ):
+    check = _applied(analysis, check)
+    if analysis is None or analysis.identity is None or check is None:
         return analysis
     identity = analysis.identity
     if not check.available:
@@ -88,6 +83,19 @@ def with_priors(analysis: Analysis | None, check: PriorsCheck | None) -> Analysi
     return dataclasses.replace(analysis, identity=verdict)
 
 
+def _applied(analysis: Analysis | None, check: PriorsCheck | None) -> PriorsCheck | None:
+    """The priors where they judge the image's identity: not where there is no identity
+    verdict, nor where the pixels sent it to another modality's model than its header's."""
+    if (
+        analysis is None
+        or analysis.identity is None
+        or check is None
+        or not check.applies_to(analysis.routed_to)
+    ):
+        return None
+    return check
+
+
 def job_outcome(
     result: PipelineResult,
     config: PipelineConfig,
@@ -96,13 +104,8 @@ def job_outcome(
 ) -> JobOutcome:
     """The result row's content for a pipeline run (and the models' analysis, if any, as
     the priors leave it)."""
+    priors = _applied(analysis, priors)
     analysis = with_priors(analysis, priors)
-    judged = (
-        analysis is not None
-        and analysis.identity is not None
-        and priors is not None
-        and priors.applies_to(analysis.routed_to)
-    )
     before, after = result.stats()
     decoded = result.decoded
     identity = analysis.identity if analysis is not None else None
@@ -130,9 +133,9 @@ def job_outcome(
         photometric=_text(decoded.photometric) if decoded is not None else None,
         stats_decoded=before.__dict__ if before is not None else None,
         stats_clahe=after.__dict__ if after is not None else None,
-        identity_reason=priors.reason if judged and priors is not None else None,
-        priors=(priors.studies or None) if judged and priors is not None else None,
-        awaiting_priors=judged and priors is not None and priors.wait,
+        identity_reason=priors.reason if priors is not None else None,
+        priors=(priors.studies or None) if priors is not None else None,
+        awaiting_priors=priors is not None and priors.wait,
     )
 
 
@@ -285,7 +288,7 @@ class Worker:
             return {}
         started = time.perf_counter()
         try:
-            self.analyser.refresh()
+            # the serving models as the last batch left them (analyse refreshes them after)
             checks = fetcher.check(list(wanted.values()))
         except SQLAlchemyError:
             raise
@@ -550,8 +553,7 @@ class Worker:
                     deadline=time.monotonic() + fetcher.settings.budget_s,
                 )
                 if outcome is None or (
-                    outcome.error is not None
-                    and priors_state(self.sessions, key) != PriorFetchState.GAVE_UP
+                    outcome.error is not None and outcome.state != PriorFetchState.GAVE_UP
                 ):
                     continue
             judged += self.judge_awaiting(waiting)
@@ -644,8 +646,3 @@ class Worker:
             if claimed == 0:
                 time.sleep(self.poll_interval_s)
         log.info("worker %s stopped after %d jobs", self.name, self.processed)
-
-
-def priors_state(sessions: sessionmaker[Session], key: PriorsKey) -> str | None:
-    with sessions.begin() as session:
-        return priors_held(session, key=key).state
