@@ -28,7 +28,13 @@ import numpy as np
 from benchmarks.evaluate_models import corpus_other
 from pipeline.models.compa import KNOWN, OTHER, load_compa
 from pipeline.modelstore import discover
-from training.compa import CompaConfig, _split, collection, compa_features, fit_compa
+from training.compa import (
+    CompaConfig,
+    collection,
+    compa_features,
+    fit_compa,
+    split_patients_per_modality,
+)
 
 IMAGENET = (
     Path("..") / "shared" / "weights" / "mobilenet_v2_1.0_224_torchvision_imagenet.weights.h5"
@@ -101,7 +107,9 @@ def main() -> None:
             and not (is_real[n] and fold[(found.items[n].modality, found.items[n].patient_id)] == k)
         ]
         # the temperature and `other` logit on held-out training patients, as train_compa
-        fit, val = _split([found.items[n] for n in train], config.validation_fraction, k)
+        fit, val = split_patients_per_modality(
+            [found.items[n] for n in train], config.validation_fraction, k
+        )
         fit_idx, val_idx = [train[i] for i in fit], [train[i] for i in val]
         model, _ = fit_compa(found, fit_idx, val_idx, config)
         labels = (*KNOWN, OTHER)
@@ -120,8 +128,8 @@ def main() -> None:
                     groups[f"{truth}/{collection(item.patient_id)}"].append(guess == truth)
             for group, hits in groups.items():
                 sink[group].append(float(np.mean(hits)))
-                if name == "cv":
-                    counts[group] += len(hits) if group != OTHER or k == 0 else 0
+                if name == "cv":  # each real image is held out once; `other` is in every fold
+                    counts[group] = counts[group] + len(hits) if group != OTHER else len(hits)
     report: dict[str, Any] = {"folds": args.folds, "other_images": others, "images": {}}
     for group in sorted(per_fold):
         cv, old = per_fold[group], served_fold[group]

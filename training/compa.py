@@ -96,7 +96,9 @@ class TrainedCompa:
     description: dict[str, Any]
 
 
-def _split(items: list[DatasetItem], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+def split_patients_per_modality(
+    items: list[DatasetItem], fraction: float, seed: int
+) -> tuple[list[int], list[int]]:
     """Patient-disjoint within each modality."""
     rng = np.random.default_rng(seed)
     held: set[tuple[str, str]] = set()
@@ -230,7 +232,9 @@ def train_compa(
     started = time.monotonic()
     pipeline = pipeline or PipelineConfig()
     found = compa_features(config, datasets, pipeline=pipeline, progress=progress)
-    train_idx, val_idx = _split(found.items, config.validation_fraction, config.seed)
+    train_idx, val_idx = split_patients_per_modality(
+        found.items, config.validation_fraction, config.seed
+    )
     model, accuracy = fit_compa(found, train_idx, val_idx, config)
     backbone, modality, mean, scale = found.backbone, found.modality, model.mean, model.scale
     backbone.set_weights(artifacts.quantise(backbone.get_weights()))
