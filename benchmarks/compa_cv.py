@@ -28,9 +28,9 @@ import numpy as np
 from benchmarks.evaluate_models import corpus_other
 from pipeline.models.compa import KNOWN, OTHER, load_compa
 from pipeline.modelstore import discover
+from training.cards import collection
 from training.compa import (
     CompaConfig,
-    collection,
     compa_features,
     fit_compa,
     split_patients_per_modality,

@@ -101,3 +101,22 @@ def test_cosine_similarity_is_scale_free() -> None:
     vectors = np.array([[1.0, 0.0], [10.0, 0.0], [0.0, 3.0]])
     sim = cosine_similarity(vectors)
     np.testing.assert_allclose(sim, [[1, 1, 0], [1, 1, 0], [0, 0, 1]], atol=1e-6)
+
+
+def test_the_margin_flags_at_most_the_asked_share_of_correctly_filed_images() -> None:
+    from training.metrics import margin_for_false_alarm_rate
+
+    # Other identity's best minus the own identity's best: 0.1, -0.1, 0.3, 0.1.
+    labels = ["a", "a", "b", "b"]
+    gaps = np.array([0.9 - 0.8, 0.7 - 0.8, 0.9 - 0.6, 0.7 - 0.6])
+
+    def flagged(rate: float) -> int:
+        return int((gaps >= margin_for_false_alarm_rate(SIM, labels, rate)).sum())
+
+    assert margin_for_false_alarm_rate(SIM, labels, 0.25) == pytest.approx(0.1)
+    assert flagged(0.25) == 1  # item 2 alone
+    assert flagged(0.0) == 0
+    # Ties stay on the safe side: flagging both 0.1 gaps would be 3 in 4.
+    assert flagged(0.5) == 1
+    with pytest.raises(ValueError, match="two images"):
+        margin_for_false_alarm_rate(np.eye(2), ["a", "b"], 0.01)

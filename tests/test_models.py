@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -152,6 +153,90 @@ def test_the_frozen_recipe_round_trips_with_its_fitted_projection(
     # The stored layer is the centring and the whitening: not an identity, not zero.
     weights = np.load(frozen / "weights.npz")
     assert any(np.abs(weights[k]).sum() > 0 for k in weights.files if weights[k].ndim == 1)
+
+
+@pytest.fixture(scope="module")
+def pooled(xray_sets: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    config = ReidConfig(
+        modality="xray",
+        recipe="frozen",
+        size=128,
+        backbone_weights=str(WEIGHTS) if WEIGHTS.is_file() else "none",
+        feature_layers=("block_10_expand_relu", "block_13_expand_relu"),
+        grid=2,
+        seed=1,
+    )
+    result = train_reid(config, xray_sets[0], tmp_path_factory.mktemp("pooled"), version="p1")
+    return result.folder
+
+
+@needs_weights
+def test_inner_layers_pooled_on_a_grid_round_trip_and_beat_raw_pixels(
+    pooled: Path, xray_sets: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from training.evaluate import evaluate_reid
+
+    description = read_model(pooled)
+    assert description["config"]["feature_layers"] == [
+        "block_10_expand_relu",
+        "block_13_expand_relu",
+    ]
+    assert description["config"]["grid"] == 2
+    # A margin calibrated with the threshold, on the validation patients.
+    assert description["margin"] is not None and -1.0 < description["margin"] < 2.0
+    data = load_set(scan_modality(xray_sets[1] / "xray", "xray")[:8], 128)
+    first = ReidModel(pooled).embed(data.images)
+    np.testing.assert_array_equal(first, ReidModel(pooled).embed(data.images))
+    assert first.shape[1] == description["config"]["embedding_dim"]
+    # No --imagenet-weights: the card's weights are found, here by their absolute path.
+    monkeypatch.chdir(tmp_path)
+    report = evaluate_reid(pooled, xray_sets[1]).report
+    baselines = report["baselines"]
+    assert isinstance(baselines["imagenet_features"], dict), baselines
+    assert report["p_at_1"] > baselines["raw_pixel_cosine"]["p_at_1"] + 0.3, report
+
+
+def test_a_card_names_weights_relative_to_the_checkout_it_was_trained_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from training.evaluate import card_backbone_weights
+
+    checkout, shared = tmp_path / "checkout", tmp_path / "shared"
+    (checkout / "models" / "reid-xray-v9").mkdir(parents=True)
+    shared.mkdir()
+    (shared / "w.weights.h5").write_bytes(b"weights")
+    description = {"config": {"backbone_weights": "../shared/w.weights.h5"}}
+    monkeypatch.chdir(tmp_path)  # not the checkout: the path as written does not resolve
+    found = card_backbone_weights(checkout / "models" / "reid-xray-v9", description)
+    assert Path(found).resolve() == (shared / "w.weights.h5").resolve()
+    (shared / "w.weights.h5").unlink()
+    assert card_backbone_weights(checkout / "models" / "reid-xray-v9", description) == "none"
+    assert card_backbone_weights(checkout, {"config": {"backbone_weights": "none"}}) == "none"
+
+
+def test_pooled_features_need_the_frozen_recipe_and_a_grid_that_divides_the_map() -> None:
+    from pipeline.models.reid import EmbedderShape, build_features
+
+    with pytest.raises(ValueError, match="frozen"):
+        ReidConfig(modality="xray", feature_layers=("block_13_expand_relu",))
+    shape = EmbedderShape(
+        "xray",
+        alpha=0.35,
+        size=64,
+        recipe="frozen",
+        feature_layers=("block_6_expand_relu", "block_13_expand_relu"),
+        grid=2,
+    )
+    model = build_features(shape, "none")
+    out = np.asarray(model(np.zeros((1, 64, 64, 3), np.float32)))
+    channels = [int(model.get_layer("taps").output[i].shape[-1]) for i in range(2)]
+    assert out.shape == (1, sum(c * 4 for c in channels))
+    one = build_features(replace(shape, feature_layers=("block_13_expand_relu",)), "none")
+    assert np.asarray(one(np.zeros((2, 64, 64, 3), np.float32))).shape == (2, channels[1] * 4)
+    with pytest.raises(ValueError, match="block_6_expand_relu is 8x8 at 64 px: not divisible"):
+        build_features(replace(shape, grid=3), "none")
+    with pytest.raises(ValueError, match="no layer"):
+        build_features(replace(shape, feature_layers=("block_99",)), "none")
 
 
 def test_a_model_records_the_command_that_made_it(monkeypatch: pytest.MonkeyPatch) -> None:

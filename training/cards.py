@@ -7,18 +7,37 @@ from typing import Any
 
 def reid_card(d: dict[str, Any]) -> str:
     m, data, cfg = d["metrics"], d["data"], d["config"]
+    collections = data.get("collections", {})
+    real = any(c for c in collections)
+    licence = data_section(collections) if collections else ""
+    margin = (
+        f" Another patient's best score beat an image's own by **{d['margin']:.4f}** or more "
+        f"for {cfg['false_match_rate']:.0%} of the calibration images: the margin for that "
+        "false-alarm rate against a gallery of their size (recorded and measured by "
+        "`benchmarks.verdict_rates`; the service's rule uses `analysis.mismatch_margin`)."
+        if d.get("margin") is not None
+        else ""
+    )
+    kind = "real images" if real else "generated images"
+    reproduce = (
+        "`make models` with the real images beside the checkout (`../shared/data/real`), or "
+        "the command above"
+        if real
+        else "`make models` (generated hospital) or the command above"
+    )
     return f"""# Re-identification model: {d["modality"]} ({d["version"]})
 
 **What it does.** Embeds a CLAHE-enhanced {d["modality"]} image into a
 {cfg["embedding_dim"]}-dimensional unit vector; two images of one patient should have a cosine
 similarity above the threshold **{d["threshold"]:.4f}** (calibrated for a false-match rate of
-{cfg["false_match_rate"]:.0%} on {d["calibrated_on"]} pairs).
+{cfg["false_match_rate"]:.0%} on {d["calibrated_on"]} pairs).{margin}
 
-**Trained on** `{data["dataset"]}`: {data["patients"]} patients, {data["images"]} images;
+**Trained on** {kind}, `{data["dataset"]}`: {data["patients"]} patients, {data["images"]} images;
 {data["train_patients"]} patients ({data["train_images"]} images) for training,
 {data["validation_patients"]} other patients ({data["validation_images"]} images) for
 validation. Created {d["created"]} by `{d["command"]}` in {d["training_seconds"]} s.
 
+{licence}
 **Network.** {_network_text(d)}
 
 **Validation** (patients unseen in training, each image against all others): P@1
@@ -26,11 +45,12 @@ validation. Created {d["created"]} by `{d["command"]}` in {d["training_seconds"]
 at the threshold, true-match rate {m["true_match_rate_at_threshold"]:.3f} and false-match rate
 {m["false_match_rate_at_threshold"]:.4f}.
 
-**Reproduce** with `make models` (generated hospital, seed 21) or the command above.
+**Reproduce** with {reproduce}.
 
 **Limits.** A model is only as good as the images it was trained on. A hospital must train and
 evaluate on its own images (`medreid train reid`, `medreid evaluate reid`) before relying on
-it; figures on generated data say nothing about real patients.
+it; figures on generated data say nothing about real patients, and figures on public
+collections little about another hospital's.
 """
 
 
@@ -42,9 +62,15 @@ def _network_text(d: dict[str, Any]) -> str:
     )
     if cfg.get("recipe", "finetune") == "frozen":
         chosen: dict[str, float] = next((row for row in d["history"] if row.get("chosen")), {})
+        features = (
+            f"the maps of {', '.join(f'`{n}`' for n in cfg['feature_layers'])} average-pooled "
+            f"on a {cfg['grid']}x{cfg['grid']} grid, square-rooted and L2-normalised each"
+            if cfg.get("feature_layers")
+            else "its global average pool"
+        )
         return (
             f"{network}. Recipe `frozen`: the backbone is kept as initialised; the projection "
-            f"is a within-class whitening of its features fitted on the training patients "
+            f"is a within-class whitening of {features}, fitted on the training patients "
             f"({cfg['embedding_dim']} dimensions, shrinkage {chosen.get('shrinkage')}, chosen "
             f"by 4-fold cross-validation over patients: mAP@R {chosen.get('cv_map_at_r', 0):.3f})."
         )
@@ -81,6 +107,19 @@ COLLECTIONS = {
     "ham": ("HAM10000 dermoscopy (Tschandl et al., Sci Data 2018)", "CC BY-NC 4.0"),
 }
 NON_COMMERCIAL = "CC BY-NC 4.0"
+
+
+def collection(patient_id: str) -> str:
+    """The collection a patient folder names before its first underscore ("" for none)."""
+    return patient_id.split("_", 1)[0] if "_" in patient_id else ""
+
+
+def collections_of(patient_ids: list[str]) -> dict[str, int]:
+    """Images per collection, one patient ID per image."""
+    found: dict[str, int] = {}
+    for patient_id in patient_ids:
+        found[collection(patient_id)] = found.get(collection(patient_id), 0) + 1
+    return dict(sorted(found.items()))
 
 
 def data_section(collections: dict[str, int]) -> str:

@@ -26,7 +26,7 @@ from pipeline.models.compa import (
 )
 from pipeline.runner import PipelineConfig
 from pipeline.vectors import l2_normalise
-from training.cards import compa_card
+from training.cards import collection, compa_card
 from training.datasets.reader import DatasetItem, scan
 from training.reid import load_set
 
@@ -109,11 +109,6 @@ def split_patients_per_modality(
     train = [n for n, i in enumerate(items) if (i.modality, i.patient_id) not in held]
     val = [n for n, i in enumerate(items) if (i.modality, i.patient_id) in held]
     return train, val
-
-
-def collection(patient_id: str) -> str:
-    """The collection a patient folder names before its first underscore ("" for none)."""
-    return patient_id.split("_", 1)[0] if "_" in patient_id else ""
 
 
 @dataclass

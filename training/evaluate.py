@@ -63,6 +63,17 @@ class ReidEvaluation:
     curves: dict[str, tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], list[float]]]
 
 
+def card_backbone_weights(model_dir: Path, description: dict[str, Any]) -> str:
+    """The ImageNet weights a model's card names, found on this machine: as written, else
+    relative to the checkout the model was trained in (a model folder lies in ``models/``, and
+    the Makefile names the weights relative to the checkout), else ``none``."""
+    named = str(description.get("config", {}).get("backbone_weights", "none"))
+    if named in ("none", "", "imagenet") or Path(named).is_file():
+        return named
+    beside = model_dir.resolve().parent.parent / named
+    return str(beside) if not Path(named).is_absolute() and beside.is_file() else "none"
+
+
 def evaluate_reid(
     model_dir: Path,
     dataset: Path,
@@ -90,7 +101,7 @@ def evaluate_reid(
     embeddings = model.embed(data.images)
     raw = raw_pixel_vectors(data.images, 64)
     candidates = {"model": embeddings, "raw_pixel_cosine": raw}
-    weights = imagenet_weights or model.description["config"].get("backbone_weights", "none")
+    weights = imagenet_weights or card_backbone_weights(model_dir, model.description)
     if weights not in ("none", "") and (weights == "imagenet" or Path(weights).is_file()):
         size = max(model.config.size, 224)
         backbone = build_backbone(model.config.backbone, model.config.alpha, size, weights)
@@ -118,8 +129,12 @@ def evaluate_reid(
         else:
             report.setdefault("baselines", {})[name] = scores
     if "imagenet_features" not in candidates:
+        named = model.description["config"].get("backbone_weights", "none")
         report.setdefault("baselines", {})["imagenet_features"] = (
             "not computed: give --imagenet-weights PATH"
+            if named in ("none", "")
+            else f"not computed: the model's backbone weights {named} are not on this machine; "
+            "give --imagenet-weights PATH"
         )
     return ReidEvaluation(report, curves)
 

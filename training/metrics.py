@@ -133,6 +133,27 @@ def threshold_for_false_match_rate(
     return float(np.nextafter(impostors[allowed], np.inf))
 
 
+def margin_for_false_alarm_rate(similarity: Matrix, labels: Sequence[str], rate: float) -> float:
+    """The margin by which another identity must beat an image's own to call it misfiled,
+    so that at most ``rate`` of correctly filed images are called so: each image with another
+    of its identity is a query against all the others, its own identity's best score against
+    the best of any other identity."""
+    sim = np.asarray(similarity, np.float64).copy()
+    np.fill_diagonal(sim, -np.inf)
+    names = np.asarray(labels)
+    same = names[:, None] == names[None, :]
+    own = np.where(same, sim, -np.inf).max(axis=1)
+    other = np.where(same, -np.inf, sim).max(axis=1)
+    usable = np.isfinite(own) & np.isfinite(other)
+    if not usable.any():
+        raise ValueError("a margin needs identities with two images and at least two identities")
+    gaps = np.sort(other[usable] - own[usable])[::-1]
+    allowed = int(np.floor(rate * len(gaps)))
+    if allowed >= len(gaps):
+        return float(gaps[-1])
+    return float(np.nextafter(gaps[allowed], np.inf))
+
+
 def verification_scores(similarity: Matrix, labels: Sequence[str]) -> VerificationScores:
     scores, genuine = pair_scores(similarity, labels)
     eer, threshold = equal_error_rate(scores, genuine)

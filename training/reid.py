@@ -32,15 +32,22 @@ import numpy.typing as npt
 
 from pipeline.models import artifacts
 from pipeline.models.backbone import Preprocessing, build_backbone, quiet_tensorflow, resize
-from pipeline.models.reid import EmbedderShape, ReidModel, build_embedder, embed_images
+from pipeline.models.reid import (
+    EmbedderShape,
+    ReidModel,
+    build_embedder,
+    build_features,
+    embed_images,
+)
 from pipeline.records import FloatImage
 from pipeline.runner import PipelineConfig
-from training.cards import reid_card
+from training.cards import collections_of, reid_card
 from training.datasets.augment import AugmentParams, augment
 from training.datasets.reader import DatasetItem, iter_images, scan_modality
 from training.metrics import (
     cosine_similarity,
     equal_error_rate,
+    margin_for_false_alarm_rate,
     pair_scores,
     retrieval_scores,
     roc_auc,
@@ -88,10 +95,17 @@ class ReidConfig:
     recipe: str = "finetune"
     # > 0: a within-class whitening of the unit embeddings follows (medreid train whitening).
     whitening_dim: int = 0
+    # The frozen recipe only: inner layers pooled on a grid (pipeline.models.reid).
+    feature_layers: tuple[str, ...] = ()
+    grid: int = 1
 
     def __post_init__(self) -> None:
         if self.recipe not in RECIPES:
             raise ValueError(f"unknown recipe {self.recipe!r}; choose from {', '.join(RECIPES)}")
+        if self.feature_layers and self.recipe != "frozen":
+            raise ValueError("feature layers pooled on a grid need --recipe frozen")
+        if self.grid < 1:
+            raise ValueError(f"grid must be 1 or more, not {self.grid}")
 
     def augmentation(self) -> AugmentParams:
         flip = DEFAULT_FLIP.get(self.modality, False)
@@ -112,6 +126,7 @@ class ReidConfig:
         fields.pop("augmentation", None)
         if fields.get("brightness") is not None:
             fields["brightness"] = tuple(fields["brightness"])
+        fields["feature_layers"] = tuple(fields.get("feature_layers") or ())
         return cls(**fields)
 
 
@@ -296,15 +311,17 @@ def _rates_at(
 def _fit_frozen(
     config: ReidConfig, train: LoadedSet, prep: Preprocessing, progress: Progress | None
 ) -> tuple[Any, list[dict[str, float]], ReidConfig]:
-    """The ImageNet backbone as it is, and a within-class whitening of its features fitted on
-    the training patients, its dimension and shrinkage chosen by cross-validation over them."""
+    """The ImageNet backbone as it is, and a within-class whitening of its features (its global
+    pool, or inner layers pooled on a grid) fitted on the training patients, its dimension and
+    shrinkage chosen by cross-validation over them."""
     if config.backbone_weights in ("none", ""):
         log.warning(
             "the frozen recipe keeps the backbone's weights as they are: with "
             "--backbone-weights none they are random and so are its features"
         )
     backbone = build_backbone(config.backbone, config.alpha, config.size, config.backbone_weights)
-    features = embed_images(backbone, train.images, prep, progress=_feature_progress(progress))
+    extractor = build_features(config.shape(), "none", backbone=backbone)
+    features = embed_images(extractor, train.images, prep, progress=_feature_progress(progress))
     choice = _choose_projection(features, train.labels, config.seed, progress)
     projection = fit_within_class_whitening(features, train.labels, choice.dims, choice.shrinkage)
     fitted = replace(config, embedding_dim=projection.matrix.shape[1])
@@ -359,12 +376,19 @@ def train_reid(
     # Calibrate on validation patients: the threshold for the configured false-match rate.
     calibration = val if len(set(val.labels)) >= 2 else train
     cal_embeddings = embed_images(embedder, calibration.images, prep)
-    pairs, genuine = pair_scores(cosine_similarity(cal_embeddings), calibration.labels)
+    cal_similarity = cosine_similarity(cal_embeddings)
+    pairs, genuine = pair_scores(cal_similarity, calibration.labels)
     threshold = threshold_for_false_match_rate(pairs, genuine, config.false_match_rate)
     metrics = {
         **_scores(cal_embeddings, calibration.labels),
         **_rates_at(pairs, genuine, threshold),
     }
+    try:
+        margin: float | None = margin_for_false_alarm_rate(
+            cal_similarity, calibration.labels, config.false_match_rate
+        )
+    except ValueError:
+        margin = None
 
     version = version or artifacts.new_version()
     description = {
@@ -380,6 +404,9 @@ def train_reid(
             "decode": asdict(pipeline.decode),
         },
         "threshold": threshold,
+        # Another identity beating an image's own by this much flagged 1% of the calibration
+        # images; a larger gallery needs more (docs/models.md).
+        "margin": margin,
         "calibrated_on": "validation" if calibration is val else "training (too few patients)",
         "metrics": metrics,
         "history": history,
@@ -387,6 +414,7 @@ def train_reid(
             "dataset": str(dataset),
             "patients": len(set(data.labels)),
             "images": len(data.images),
+            "collections": collections_of(data.labels),
             "train_patients": len(set(train.labels)),
             "train_images": len(train.images),
             "validation_patients": len(set(val.labels)),

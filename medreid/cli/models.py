@@ -43,6 +43,13 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         help="finetune: train the whole network (default); frozen: keep the ImageNet backbone "
         "and fit a linear projection on the training patients (for a few dozen patients)",
     )
+    reid.add_argument(
+        "--feature-layers",
+        default="",
+        help="frozen recipe: comma-separated inner backbone layers whose maps are pooled on "
+        "--grid (default: the backbone's global pool)",
+    )
+    reid.add_argument("--grid", type=int, default=1, help="cells per side for --feature-layers")
     reid.add_argument("--alpha", type=float, default=1.0)
     reid.add_argument("--size", type=int, help="input px (default: 128; 256 for --recipe frozen)")
     reid.add_argument("--backbone-weights", default="none", help="PATH, imagenet or none")
@@ -205,6 +212,8 @@ def cmd_train(settings: Settings, args: argparse.Namespace, clock: Clock) -> int
             horizontal_flip=None if args.flip is None else args.flip == "yes",
             brightness=_brightness(args.brightness),
             seed=args.seed,
+            feature_layers=tuple(n for n in args.feature_layers.split(",") if n),
+            grid=args.grid,
         )
         with _TrainProgress() as train_progress:
             result = train_reid(

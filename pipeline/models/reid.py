@@ -3,6 +3,12 @@
 The network is a MobileNet backbone, a linear projection and L2 normalisation, optionally
 followed by a within-class whitening and L2 normalisation again; images of one patient land
 close together, compared by cosine. How it is trained is ``training.reid``.
+
+The backbone's features are its global average pool, or, where ``feature_layers`` names
+inner layers, those layers' maps average-pooled on a ``grid`` x ``grid`` layout, each
+square-rooted and L2-normalised, side by side. Mid-level maps pooled by region keep where in
+the image a shape lies (the outline of a child's ribs, a lesion's border), which the global
+pool of the last layer, made to name ImageNet's objects, averages away.
 """
 
 from __future__ import annotations
@@ -34,14 +40,55 @@ class EmbedderShape:
     recipe: str = "finetune"
     # > 0: a within-class whitening of the unit embeddings follows the projection.
     whitening_dim: int = 0
+    # Inner layers whose maps are pooled on a grid; empty: the backbone's global pool.
+    feature_layers: tuple[str, ...] = ()
+    grid: int = 1
 
     @classmethod
     def of(cls, config: Mapping[str, Any]) -> EmbedderShape:
         """The shape named by a model description's ``config`` (unknown keys left out)."""
-        return cls(**{f.name: config[f.name] for f in fields(cls) if f.name in config})
+        known = {f.name: config[f.name] for f in fields(cls) if f.name in config}
+        if "feature_layers" in known:
+            known["feature_layers"] = tuple(known["feature_layers"] or ())
+        return cls(**known)
 
     def preprocessing(self) -> Preprocessing:
         return Preprocessing.for_backbone(self.backbone, self.size)
+
+
+def build_features(shape: EmbedderShape, weights: str, backbone: Any = None) -> Any:
+    """Image -> the features the projection reads (see the module's note), on ``backbone``
+    if one is given."""
+    quiet_tensorflow()
+    import keras
+
+    if backbone is None:
+        backbone = build_backbone(shape.backbone, shape.alpha, shape.size, weights)
+    inputs = keras.Input((shape.size, shape.size, 3), name="image")
+    if not shape.feature_layers:
+        return keras.Model(inputs, backbone(inputs), name="features")
+    try:
+        maps = [backbone.get_layer(name).output for name in shape.feature_layers]
+    except ValueError as exc:
+        raise ValueError(f"{shape.backbone} has no layer {exc}") from None
+    taps = keras.Model(backbone.input, maps, name="taps")(inputs)
+    pooled = []
+    for name, fmap in zip(
+        shape.feature_layers, taps if isinstance(taps, list) else [taps], strict=True
+    ):
+        height, width = int(fmap.shape[1]), int(fmap.shape[2])
+        if height % shape.grid or width % shape.grid:
+            raise ValueError(
+                f"layer {name} is {height}x{width} at {shape.size} px: not divisible into a "
+                f"{shape.grid}x{shape.grid} grid"
+            )
+        cells = keras.layers.AveragePooling2D((height // shape.grid, width // shape.grid))(fmap)
+        flat = keras.layers.Flatten()(cells)
+        # The square root tempers the few channels that fire strongly everywhere.
+        rooted = keras.layers.Lambda(lambda x: keras.ops.sqrt(keras.ops.relu(x)))(flat)
+        pooled.append(keras.layers.UnitNormalization()(rooted))
+    joined = pooled[0] if len(pooled) == 1 else keras.layers.Concatenate()(pooled)
+    return keras.Model(inputs, joined, name="features")
 
 
 def build_embedder(shape: EmbedderShape, weights: str, backbone: Any = None) -> Any:
@@ -49,10 +96,8 @@ def build_embedder(shape: EmbedderShape, weights: str, backbone: Any = None) -> 
     quiet_tensorflow()
     import keras
 
-    if backbone is None:
-        backbone = build_backbone(shape.backbone, shape.alpha, shape.size, weights)
     inputs = keras.Input((shape.size, shape.size, 3), name="image")
-    features = backbone(inputs)
+    features = build_features(shape, weights, backbone)(inputs)
     projected = keras.layers.Dense(
         shape.embedding_dim, use_bias=shape.recipe == "frozen", name="projection"
     )(features)
