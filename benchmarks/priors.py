@@ -39,12 +39,14 @@ from support.service import (
     RunningService,
     first_visit_gallery,
     free_port,
+    generated_image_model_set,
     service_env,
     wait_for_queue,
 )
 from synthetic.hospital import SynthOptions, generate, read_manifest
 
-MODELS = Path(__file__).resolve().parents[1] / "models"
+# Generated hospitals are judged by the models trained on generated images.
+MODELS = generated_image_model_set()
 
 
 def judged(

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 from pydicom import dcmread
@@ -25,6 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from medreid.enrollment import enroll_folder
 from medreid.orthanc import ORTHANC, Orthanc
 from medreid.settings import Settings
+from pipeline.modelstore import generated_image_models
 from pipeline.verdicts import IdentityVerdict, ModalityVerdict
 from storage.db import upgrade
 from storage.models import GalleryEntry, GalleryOrigin, Instance, Result, SeriesVerdictRow
@@ -154,6 +156,12 @@ def run_demo(
         rows = list(read_manifest(out / "manifest.csv"))
         running = _listening(host, settings.scp.port)
         env: dict[str, str] = {}
+        if not running:
+            # The default X-ray and dermoscopy models are fitted on real patients; generated
+            # ones are judged by the models trained on generated images.
+            generated = generated_image_models(settings.models.dir, out / "models")
+            settings = replace(settings, models=replace(settings.models, dir=generated))
+            env["MEDREID_MODELS_DIR"] = str(generated.resolve())
         if pacs and ORTHANC is not None and not running:
             orthanc = Orthanc(out / "orthanc", medreid_port=settings.scp.port)
             first = [r for r in rows if r["visit"] == "1" and r["swapped"] != "True"]

@@ -48,6 +48,28 @@ def discover(models_dir: Path) -> dict[str, Path]:
     return {slot: folder for slot, (_, folder) in newest.items()}
 
 
+def fitted_on_real_images(description: dict[str, Any]) -> bool:
+    """A re-identification model fitted on a public collection of real images (its card's
+    collections name one), not on generated patients alone."""
+    collections = description.get("data", {}).get("collections") or {}
+    return description.get("kind") == "reid" and any(name for name in collections)
+
+
+def generated_image_models(models_dir: Path, out: Path) -> Path:
+    """``out`` filled with links to the models of ``models_dir`` save the re-identification
+    models fitted on real images: the set that judges a generated hospital (the demo, the
+    end-to-end tests), since a model fitted on real patients is not made for generated ones."""
+    out.mkdir(parents=True, exist_ok=True)
+    for folder in sorted(models_dir.iterdir()):
+        described = folder / "model.json"
+        if not described.is_file() or fitted_on_real_images(json.loads(described.read_text())):
+            continue
+        link = out / folder.name
+        if not link.exists():
+            link.symlink_to(folder.resolve())
+    return out
+
+
 def resolve(
     models_dir: Path,
     active: dict[str, tuple[str, str]],

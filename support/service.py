@@ -9,8 +9,10 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from medreid.orthanc import free_port
+from pipeline.modelstore import generated_image_models
 from storage.models import Job, JobState
 
 DCMTK_PROPOSALS = {
@@ -116,6 +119,18 @@ class RunningService:
 
     def cli_json(self, *args: str) -> Any:
         return json.loads(self.cli(*args, "--format", "json").stdout)
+
+
+DEFAULT_MODELS = Path(__file__).resolve().parents[1] / "models"
+
+
+@cache
+def generated_image_model_set() -> Path:
+    """The default models save those fitted on real images, once per process: what judges
+    the generated hospitals of the end-to-end tests and benchmarks."""
+    return generated_image_models(
+        DEFAULT_MODELS, Path(tempfile.mkdtemp(prefix="medreid-generated-models-"))
+    )
 
 
 def service_env(workdir: Path, database_url: str, port: int, **overrides: str) -> dict[str, str]:

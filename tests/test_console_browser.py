@@ -28,6 +28,7 @@ from support.service import (
     RunningService,
     first_visit_gallery,
     free_port,
+    generated_image_model_set,
     send_with_pynetdicom,
     service_env,
     wait_for_queue,
@@ -35,7 +36,8 @@ from support.service import (
 from synthetic.hospital import SynthOptions, generate
 from tests.conftest import Database
 
-MODELS = Path(__file__).resolve().parents[1] / "models"
+# Generated hospitals are judged by the models trained on generated images.
+MODELS = generated_image_model_set()
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 PASSWORD = "the console's long password"

@@ -106,3 +106,24 @@ def test_activation_and_enrollment_reach_a_running_worker(
         )
     analyser.refresh()
     assert len(analyser.galleries["xray"]) == 2
+
+
+def test_generated_hospitals_get_the_models_not_fitted_on_real_images(tmp_path: Path) -> None:
+    from pipeline.modelstore import generated_image_models
+
+    models = tmp_path / "models"
+    model_folder(models, "reid-xray-v2", "2026-01-01T00:00:00+00:00")
+    real = model_folder(models, "reid-xray-v3", "2026-02-01T00:00:00+00:00")
+    described = json.loads((real / "model.json").read_text())
+    described["data"] = {"collections": {"kermany": 10, "nih": 4}}
+    (real / "model.json").write_text(json.dumps(described))
+    compa = models / "compa-v2"
+    compa.mkdir()
+    (compa / "model.json").write_text(
+        json.dumps({"kind": "compa", "created": "2026-02-01", "data": {"collections": {"ham": 1}}})
+    )
+    assert discover(models)["reid:xray"] == real
+    chosen = generated_image_models(models, tmp_path / "generated")
+    assert sorted(p.name for p in chosen.iterdir()) == ["compa-v2", "reid-xray-v2"]
+    assert discover(chosen)["reid:xray"].resolve() == (models / "reid-xray-v2").resolve()
+    assert generated_image_models(models, tmp_path / "generated") == chosen  # again: no error

@@ -20,6 +20,7 @@ from support.service import (
     RunningService,
     first_visit_gallery,
     free_port,
+    generated_image_model_set,
     send_with_pynetdicom,
     service_env,
     wait_for_queue,
@@ -28,7 +29,8 @@ from synthetic.hospital import SynthOptions, generate
 from tests.conftest import Database
 from tests.test_webhooks import SECRET, Receiver
 
-MODELS = Path(__file__).resolve().parents[1] / "models"
+# Generated hospitals are judged by the models trained on generated images.
+MODELS = generated_image_model_set()
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(

@@ -31,11 +31,18 @@ from storage.models import (
 )
 from storage.priors import PriorsKey, fetch_failed, priors_held, take_fetch_lease
 from support.misfile import misfile_series
-from support.service import RunningService, free_port, service_env, wait_for_queue
+from support.service import (
+    RunningService,
+    free_port,
+    generated_image_model_set,
+    service_env,
+    wait_for_queue,
+)
 from synthetic.hospital import SynthOptions, generate, read_manifest
 from tests.conftest import Database
 
-MODELS = Path(__file__).resolve().parents[1] / "models"
+# Generated hospitals are judged by the models trained on generated images.
+MODELS = generated_image_model_set()
 KEY = PriorsKey("P1", "ct", "reid-ct-x")
 
 
