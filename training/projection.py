@@ -19,7 +19,7 @@ import numpy.typing as npt
 
 from training.metrics import cosine_similarity, pair_scores, retrieval_scores
 
-# Real chest X-rays and dermoscopy chose 256 and 0.05 (docs/models.md); generated sets fewer.
+# The real-image X-ray and dermoscopy models chose 256 and 0.05 (docs/models.md).
 DIMS = (32, 64, 128, 256)
 SHRINKAGE = (0.05, 0.1, 0.3, 0.6)
 
