@@ -66,3 +66,16 @@ def test_a_set_without_repeat_images_is_refused_with_a_reason() -> None:
         fit_within_class_whitening(np.eye(5), ["a", "b", "c", "d", "e"], dims=3, shrinkage=0.1)
     with pytest.raises(ValueError, match="shrinkage"):
         fit_within_class_whitening(np.eye(5), list("aabbc"), dims=3, shrinkage=1.5)
+
+
+def test_selection_survives_folds_whose_rank_is_below_the_dimensions_asked() -> None:
+    # 10 patients x 3 images in 64 dimensions: each fold's training rank (about 20) is below
+    # 32, and differs between folds.
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(10, 64))
+    features = np.repeat(centres, 3, axis=0) + 0.3 * rng.normal(size=(30, 64))
+    labels = [f"p{i}" for i in range(10) for _ in range(3)]
+    choice = select_projection(features, labels, dims=(32, 64), shrinkage=(0.1,))
+    assert [row["dims"] for row in choice.table] == [32, 64]
+    assert choice.dims == 32  # the same measurement at both: the smaller is kept
+    assert choice.map_at_r > 0.5

@@ -162,17 +162,20 @@ def select_projection(
     found: dict[tuple[int, float], list[float]] = {}
     for held in patient_folds(labels, folds, seed):
         principal = _Principal.of(x[~held])
-        # A dimension beyond the features' rank is the rank: measured once.
-        for d in sorted({min(d, principal.rank) for d in dims}):
+        measured: dict[tuple[int, float], float] = {}
+        for d in dims:
             for s in shrinkage:
-                projection = _whitening(principal, names[~held].tolist(), d, s)
-                similarity = cosine_similarity(projection.apply(x[held]))
-                retrieval = retrieval_scores(similarity, names[held].tolist())
-                found.setdefault((d, s), []).append(retrieval.map_at_r)
+                # A dimension beyond this fold's rank is the rank: measured once.
+                key = (min(d, principal.rank), s)
+                if key not in measured:
+                    projection = _whitening(principal, names[~held].tolist(), *key)
+                    similarity = cosine_similarity(projection.apply(x[held]))
+                    measured[key] = retrieval_scores(similarity, names[held].tolist()).map_at_r
+                found.setdefault((d, s), []).append(measured[key])
+    # Ties go to the smaller dimension, listed first.
     table = [
         {"dims": d, "shrinkage": s, "cv_map_at_r": float(np.mean(values))}
         for (d, s), values in found.items()
-        if len(values) == len(patient_folds(labels, folds, seed))
     ]
     best = max(table, key=lambda row: row["cv_map_at_r"])
     return ProjectionChoice(int(best["dims"]), best["shrinkage"], best["cv_map_at_r"], table)
