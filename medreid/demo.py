@@ -156,12 +156,13 @@ def run_demo(
         rows = list(read_manifest(out / "manifest.csv"))
         running = _listening(host, settings.scp.port)
         env: dict[str, str] = {}
-        if not running:
+        if not running and settings.models.dir.is_dir():
             # The default X-ray and dermoscopy models are fitted on real patients; generated
             # ones are judged by the models trained on generated images.
             generated = generated_image_models(settings.models.dir, out / "models")
             settings = replace(settings, models=replace(settings.models, dir=generated))
             env["MEDREID_MODELS_DIR"] = str(generated.resolve())
+            print(f"    models: those of {generated} (the ones trained on generated images)")
         if pacs and ORTHANC is not None and not running:
             orthanc = Orthanc(out / "orthanc", medreid_port=settings.scp.port)
             first = [r for r in rows if r["visit"] == "1" and r["swapped"] != "True"]
