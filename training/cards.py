@@ -20,8 +20,8 @@ def reid_card(d: dict[str, Any]) -> str:
     )
     kind = "real images" if real else "generated images"
     reproduce = (
-        "`make models` with the real images beside the checkout (`../shared/data/real`), or "
-        "the command above"
+        "`make models REAL=DIR` (DIR: the real images, in the dataset layout), or the command "
+        "above"
         if real
         else "`make models` (generated hospital) or the command above"
     )
