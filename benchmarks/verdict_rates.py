@@ -194,7 +194,7 @@ def real_rates(args: argparse.Namespace) -> dict[str, Any]:
 
     from storage.db import make_engine, make_sessionmaker, upgrade
     from storage.models import Instance, Result
-    from support.service import RunningService, free_port, service_env, wait_for_queue
+    from support.service import RunningService, wait_for_queue
     from training.datasets.reader import scan_modality
 
     if shutil.which("storescu") is None:
@@ -231,12 +231,7 @@ def real_rates(args: argparse.Namespace) -> dict[str, Any]:
             truth[str(ds.SOPInstanceUID)] = (name, swapped)
     url = f"sqlite:///{work / 'medreid.sqlite3'}"
     upgrade(url)
-    port = free_port()
-    service = RunningService(
-        workdir=work,
-        port=port,
-        env=service_env(work, url, port, MEDREID_MODELS_DIR=str(models)),
-    )
+    service = RunningService.on(work, url, MEDREID_MODELS_DIR=str(models))
     enrolled = service.cli("enroll", str(gallery.parent)).stdout.strip()
     engine = make_engine(url)
     sessions = make_sessionmaker(engine)
@@ -244,7 +239,7 @@ def real_rates(args: argparse.Namespace) -> dict[str, Any]:
     started = time.monotonic()
     try:
         sent = subprocess.run(
-            ["storescu", "-aec", "MEDREID", "+sd", "127.0.0.1", str(port), str(queries)],
+            ["storescu", "-aec", "MEDREID", "+sd", "127.0.0.1", str(service.port), str(queries)],
             capture_output=True,
             text=True,
             timeout=1800,
