@@ -58,6 +58,7 @@ def series_rates(
                 header_score=analyses[i].identity.header_score if analyses[i].identity else None,
                 top_matches=analyses[i].top_matches,
                 threshold=analyses[i].threshold,
+                margin=analyses[i].margin,
             )
             for i in indices
         ]

@@ -103,6 +103,7 @@ class SeriesVerdictOut(BaseModel):
     header_score: float | None
     best_other_score: float | None
     threshold: float | None
+    margin: float | None
     last_received_at: dt.datetime
     decided_at: dt.datetime
     revision: int
@@ -141,6 +142,7 @@ class ResultDetailOut(ResultSummaryOut):
     routed_to: str | None
     top_matches: list[MatchOut]
     identity_threshold: float | None
+    identity_margin: float | None
     identity_header_score: float | None
     identity_reason: str | None
     prior_studies: list[PriorStudyOut]

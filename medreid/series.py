@@ -90,6 +90,7 @@ def series_audit_records(row: SeriesVerdictRow, worker: str) -> list[audit.Audit
             "header_score": row.header_score,
             "best_other_score": row.best_other_score,
             "threshold": row.threshold,
+            "margin": row.margin,
         },
     )
 
@@ -136,6 +137,7 @@ def series_row(
         header_score=verdict.header_score,
         best_other_score=verdict.best_other_score,
         threshold=verdict.threshold,
+        margin=verdict.margin,
         last_received_at=last,
         decided_at=utcnow(),
         decided_by=worker,

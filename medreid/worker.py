@@ -118,6 +118,7 @@ def job_outcome(
         routed_to=analysis.routed_to if analysis else None,
         top_matches=analysis.top_matches if analysis else None,
         identity_threshold=analysis.threshold if analysis else None,
+        identity_margin=analysis.margin if analysis else None,
         identity_header_score=identity.header_score if identity else None,
         identity_verdict=str(identity.verdict) if identity else None,
         matched_patient_id=identity.matched_patient if identity else None,
@@ -497,6 +498,7 @@ class Worker:
                     header_score=result.identity_header_score,
                     top_matches=result.top_matches,
                     threshold=result.identity_threshold,
+                    margin=result.identity_margin,
                 )
                 for _, result in rows
                 if result is not None

@@ -39,6 +39,9 @@ class ModalityClassifier(Protocol):
 class Embedder(Protocol):
     version: str
     threshold: float
+    # The model's own mismatch margin, calibrated on identities it never saw (None where the
+    # model has none: the settings' margin and the threshold then decide together).
+    margin: float | None
 
     def embed(self, images: list[FloatImage]) -> npt.NDArray[np.float32]: ...
 
@@ -79,6 +82,7 @@ class Analysis:
     threshold: float | None
     versions: dict[str, str]
     embedding: npt.NDArray[np.float32] | None = None  # for enrollment; not part of the result
+    margin: float | None = None  # the model's calibrated margin, where it decided
 
 
 def analyse(
@@ -111,7 +115,7 @@ def analyse(
                 on_disagreement=settings.on_disagreement,
             )
         )
-    decisions: dict[int, tuple[list[dict[str, Any]], IdentityDecision, float]] = {}
+    decisions: dict[int, tuple[list[dict[str, Any]], IdentityDecision, float, float | None]] = {}
     vectors: dict[int, npt.NDArray[np.float32]] = {}
     for modality in sorted({r for r in routes if r is not None}):
         embedder = models.reid.get(modality)
@@ -139,21 +143,24 @@ def analyse(
                     embedder.threshold,
                     header_enrolled=gallery.is_enrolled(header_patient),
                     header_score=header_score,
-                    margin=settings.mismatch_margin,
+                    margin=settings.mismatch_margin if embedder.margin is None else embedder.margin,
+                    margin_calibrated=embedder.margin is not None,
                 )
             decisions[i] = (
                 [{"patient_id": m.patient_id, "score": round(m.score, 5)} for m in found],
                 decision,
                 embedder.threshold,
+                embedder.margin,
             )
     versions = models.versions()
     out = []
     for i, prediction in enumerate(predictions):
         matches: list[dict[str, Any]] | None = None
         threshold: float | None = None
+        margin: float | None = None
         decision = IdentityDecision(IdentityVerdict.UNVERIFIABLE, None, None, None)
         if i in decisions:
-            matches, decision, threshold = decisions[i]
+            matches, decision, threshold, margin = decisions[i]
         out.append(
             Analysis(
                 predicted_modality=prediction.modality if prediction else None,
@@ -165,6 +172,7 @@ def analyse(
                 threshold=threshold,
                 versions=versions,
                 embedding=vectors.get(i),
+                margin=margin,
             )
         )
     return out

@@ -33,6 +33,7 @@ class ImageFinding:
     header_score: float | None
     top_matches: Sequence[Mapping[str, Any]] | None
     threshold: float | None
+    margin: float | None = None  # the model's calibrated margin, where it had one
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class SeriesVerdict:
     header_score: float | None  # the header patient's mean score over the images
     best_other_score: float | None  # the best other patient's mean score
     threshold: float | None
+    margin: float | None = None  # the models' calibrated margin, where every image's had one
 
 
 def pooled_matches(findings: Sequence[ImageFinding]) -> list[Match]:
@@ -98,8 +100,14 @@ def aggregate_series(
     header_mean: float | None = None
     other_mean: float | None = None
     threshold: float | None = None
+    calibrated: float | None = None
     if routed:
         threshold = max(f.threshold for f in routed if f.threshold is not None)
+        # the margin calibrated per image serves the series too (the pooled means it
+        # compares vary less than one image's scores)
+        margins = [f.margin for f in routed]
+        if all(m is not None for m in margins):
+            calibrated = max(m for m in margins if m is not None)
         header_scores = [f.header_score for f in routed if f.header_score is not None]
         header_mean = sum(header_scores) / len(header_scores) if header_scores else None
         matches = pooled_matches(routed)
@@ -114,7 +122,8 @@ def aggregate_series(
                 threshold,
                 header_enrolled=header_mean is not None,
                 header_score=header_mean,
-                margin=margin,
+                margin=margin if calibrated is None else calibrated,
+                margin_calibrated=calibrated is not None,
             )
             identity, matched = decision.verdict, decision.matched_patient
     return SeriesVerdict(
@@ -128,4 +137,5 @@ def aggregate_series(
         header_score=None if header_mean is None else round(header_mean, 5),
         best_other_score=None if other_mean is None else round(other_mean, 5),
         threshold=threshold,
+        margin=calibrated,
     )

@@ -95,6 +95,7 @@ def identity_verdict(
     header_enrolled: bool,
     header_score: float | None = None,
     margin: float | None = None,
+    margin_calibrated: bool = False,
 ) -> IdentityDecision:
     """Decide from the gallery's best matches (best first, one per patient).
 
@@ -106,11 +107,32 @@ def identity_verdict(
     - new_patient: nobody matches and the header's patient is not enrolled;
     - unverifiable: nobody matches although the header's patient is enrolled, or there is no
       gallery or header patient to compare with.
+
+    With ``margin_calibrated``, the margin is the model's own, calibrated on identities it
+    never saw to flag a known share of correctly filed images: for an enrolled header
+    patient, another patient scoring at least ``margin`` above the header's is then a
+    mismatch whatever the threshold, and nothing else is. (With a large gallery, some
+    stranger passes a per-pair threshold for almost every image; the gap to the header's
+    own score does not grow with the gallery that way.)
     """
     best = matches[0] if matches else None
     if header_score is None and header_patient is not None:
         header_score = next((m.score for m in matches if m.patient_id == header_patient), None)
     best_score = best.score if best else None
+    if margin_calibrated and margin is not None and header_score is not None:
+        other = next((m for m in matches if m.patient_id != header_patient), None)
+        if other is not None and other.score - header_score >= margin:
+            return IdentityDecision(
+                IdentityVerdict.MISMATCH, other.patient_id, best_score, header_score
+            )
+        verdict = (
+            IdentityVerdict.CONSISTENT
+            if header_score >= threshold
+            else IdentityVerdict.UNVERIFIABLE
+        )
+        return IdentityDecision(
+            verdict, header_patient if header_score >= threshold else None, best_score, header_score
+        )
     if header_score is not None and header_score >= threshold:
         other = next((m for m in matches if m.patient_id != header_patient), None)
         if (

@@ -115,6 +115,7 @@ def _image_detail(result: Result) -> dict[str, Any]:
         "modality_scores": result.modality_scores,
         "top_matches": result.top_matches,
         "threshold": result.identity_threshold,
+        "margin": result.identity_margin,
         "header_score": result.identity_header_score,
         "model_versions": result.model_versions,
         # the header patient's PACS prior studies the image disagrees with, where it was
@@ -143,6 +144,7 @@ def sync_series_alerts(session: Session, *, row: SeriesVerdictRow, by: str) -> l
             "header_score": row.header_score,
             "best_other_score": row.best_other_score,
             "threshold": row.threshold,
+            "margin": row.margin,
         }
         alert = existing.get(kind)
         if alert is not None:

@@ -55,6 +55,7 @@ class JobOutcome:
     routed_to: str | None = None
     top_matches: list[dict[str, Any]] | None = None
     identity_threshold: float | None = None
+    identity_margin: float | None = None
     identity_header_score: float | None = None
     identity_verdict: str | None = None
     matched_patient_id: str | None = None
@@ -237,6 +238,7 @@ def _raise_alerts(
 IDENTITY_COLUMNS = (
     "top_matches",
     "identity_threshold",
+    "identity_margin",
     "identity_header_score",
     "identity_verdict",
     "matched_patient_id",

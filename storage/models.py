@@ -179,6 +179,9 @@ class Result(Base):
     # ...and the identity check against the enrolled gallery.
     top_matches: Mapped[list[Any] | None]
     identity_threshold: Mapped[float | None]
+    # The model's calibrated mismatch margin where it decided (null: the settings' margin and
+    # the threshold decided together).
+    identity_margin: Mapped[float | None]
     identity_header_score: Mapped[float | None]  # the header patient's best score
     identity_verdict: Mapped[str | None] = mapped_column(String(16), index=True)
     matched_patient_id: Mapped[str | None] = mapped_column(String(64), index=True)
@@ -216,6 +219,7 @@ class SeriesVerdictRow(Base):
     header_score: Mapped[float | None]
     best_other_score: Mapped[float | None]
     threshold: Mapped[float | None]
+    margin: Mapped[float | None]  # as results.identity_margin
     last_received_at: Mapped[dt.datetime]
     decided_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     decided_by: Mapped[str] = mapped_column(String(255))

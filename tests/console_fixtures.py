@@ -158,6 +158,7 @@ def fill(db: Database, spool: Path) -> Hospital:
                 {"patient_id": "P7", "score": 0.4},
             ],
             identity_threshold=None if failed else 0.62,
+            identity_margin=0.25 if name == "swap" else None,  # the model's calibrated one
             identity_header_score=0.3 if name == "swap" else None,
             identity_verdict=id_verdict,
             matched_patient_id=matched if id_verdict in ("mismatch", "consistent") else None,

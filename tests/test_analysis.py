@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.analysis import AnalysisSettings, HeaderFacts, ModelSet, analyse
+from pipeline.analysis import Analysis, AnalysisSettings, HeaderFacts, ModelSet, analyse
 from pipeline.gallery import GalleryIndex
 from pipeline.verdicts import IdentityVerdict, ModalityVerdict
 
@@ -36,6 +36,7 @@ class FakeEmbedder:
     version: str
     threshold: float = 0.9
     calls: list[int] = field(default_factory=list)
+    margin: float | None = None
 
     def embed(self, images: list[np.ndarray]) -> np.ndarray:
         self.calls.append(len(images))
@@ -106,3 +107,30 @@ def test_hold_policy_leaves_disagreeing_images_unrouted() -> None:
     assert analyses[0].routed_to is None and embedder.calls == []
     assert analyses[0].identity is not None
     assert analyses[0].identity.verdict is IdentityVerdict.UNVERIFIABLE
+
+
+def test_a_model_with_a_calibrated_margin_judges_by_it() -> None:
+    gallery = GalleryIndex(dim=3)
+    gallery.add(["ALICE", "BOB"], np.array([[1, 0, 0], [0.607, 0.795, 0]], dtype=np.float32))
+    # filed as Alice; it scores 0.87 against Alice and 0.92 against Bob (threshold 0.9)
+    query = [image(0.2, (0.87, 0.493, 0))]
+    headers = [HeaderFacts("ALICE", "CT")]
+
+    def judged(margin: float | None) -> Analysis:
+        models = ModelSet(FakeCompa(), {"ct": FakeEmbedder("reid-ct-fake", margin=margin)})
+        return analyse(query, headers, models, {"ct": gallery}, AnalysisSettings())[0]
+
+    # without a margin of its own, Bob above the threshold and Alice below it is a mismatch
+    plain = judged(None)
+    assert plain.identity is not None and plain.identity.verdict is IdentityVerdict.MISMATCH
+    assert plain.margin is None
+    # the model's margin 0.1 asks Bob to beat Alice by more than 0.05: no alarm, and
+    # Alice's score below the threshold leaves the image unverifiable
+    calibrated = judged(0.1)
+    assert calibrated.identity is not None
+    assert calibrated.identity.verdict is IdentityVerdict.UNVERIFIABLE
+    assert calibrated.margin == 0.1
+    # a margin smaller than the gap raises it
+    close = judged(0.03)
+    assert close.identity is not None and close.identity.verdict is IdentityVerdict.MISMATCH
+    assert close.identity.matched_patient == "BOB"

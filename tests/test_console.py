@@ -134,6 +134,8 @@ def test_the_detail_page_shows_what_the_pipeline_found(
         "P3",
         "0.620",
         "0.300",
+        "another patient this far above",  # the model's margin, 0.250
+        "0.250",
         "compa-v1",
         "reid-ct-v1",
         "1.2.826.2",
@@ -151,6 +153,8 @@ def test_the_detail_page_shows_what_the_pipeline_found(
     assert image.shape == (96, 80)  # smaller than the thumbnail edge: kept as it is
     assert image.std() > 10  # an enhanced image, not a blank
 
+    swap = client.get(f"/api/v1/results/{hospital.results['swap']}").json()
+    assert (swap["identity_threshold"], swap["identity_margin"]) == (0.62, 0.25)
     detail = client.get(f"/api/v1/results/{hospital.results['broken']}").json()
     assert detail["status"] == "failed" and detail["failed_stage"] == "decode"
     assert detail["top_matches"] == [] and detail["timings_ms"] == {"read": 1.0, "decode": 2.0}

@@ -52,6 +52,8 @@ def test_the_worklist_lists_open_alerts_first_with_their_counts(
     assert 'id="count-open">3<' in html and "/alerts/" in html
     detail = client.get(f"/alerts/{swap['id']}").text
     assert 'id="suspected-patient">P3<' in detail
+    # the margin the model judged by, where it has one (the swapped image's, 0.25)
+    assert "scores 0.250 or more above the header patient's own" in detail
     assert "data:image/png;base64," in detail  # the flagged image, to compare
     assert 'id="viewer-note"' in detail and 'id="review"' not in detail  # a viewer looks
 

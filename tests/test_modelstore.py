@@ -21,6 +21,7 @@ pytestmark = pytest.mark.db
 
 class FakeReid:
     threshold = 0.9
+    margin = None
 
     def __init__(self, folder: Path) -> None:
         self.version = folder.name

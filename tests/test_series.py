@@ -13,9 +13,9 @@ from medreid.series import SeriesPolicy
 from medreid.worker import Worker
 from pipeline.analysis import Analysis
 from pipeline.runner import PipelineConfig
-from pipeline.series import ImageFinding, aggregate_series, pooled_matches
+from pipeline.series import ImageFinding, SeriesVerdict, aggregate_series, pooled_matches
 from pipeline.verdicts import DEFAULT_TAG_MAP, IdentityDecision, IdentityVerdict, ModalityVerdict
-from storage.models import AuditEvent, SeriesVerdictRow
+from storage.models import AuditEvent, Result, SeriesVerdictRow
 from support.dicom_factory import encode, make_dataset
 from tests.conftest import Database
 from tests.test_worker import enqueue
@@ -27,6 +27,7 @@ def finding(
     header_score: float | None = None,
     verdict: str | None = "consistent",
     threshold: float | None = 0.5,
+    margin: float | None = None,
 ) -> ImageFinding:
     return ImageFinding(
         predicted_modality=predicted,
@@ -34,6 +35,7 @@ def finding(
         header_score=header_score,
         top_matches=[{"patient_id": p, "score": s} for p, s in (matches or [])],
         threshold=threshold,
+        margin=margin,
     )
 
 
@@ -106,6 +108,36 @@ def test_a_series_whose_patient_passes_but_another_matches_far_better_is_a_misma
     assert judged[0.1].identity_verdict is IdentityVerdict.MISMATCH
     assert judged[0.1].matched_patient_id == "P2"
     assert judged[0.2].identity_verdict is IdentityVerdict.CONSISTENT
+
+
+def test_the_models_calibrated_margin_judges_the_series_where_every_image_had_it() -> None:
+    # P2 beats the header's P1 on the mean (0.55 against 0.4), P2 above the threshold 0.5
+    # and P1 below it: the settings' rule calls that a mismatch.
+    def slices(margins: tuple[float | None, float | None]) -> list[ImageFinding]:
+        return [
+            finding(matches=[("P2", 0.6), ("P1", 0.4)], header_score=0.4, margin=margins[0]),
+            finding(matches=[("P2", 0.5), ("P1", 0.4)], header_score=0.4, margin=margins[1]),
+        ]
+
+    def judged(margins: tuple[float | None, float | None]) -> SeriesVerdict:
+        return aggregate_series(
+            slices(margins),
+            header_patient="P1",
+            header_modality="MR",
+            tag_map=DEFAULT_TAG_MAP,
+            margin=0.1,
+        )
+
+    assert judged((None, None)).identity_verdict is IdentityVerdict.MISMATCH
+    assert judged((None, None)).margin is None
+    # the models' margin (the larger of the images'): a gap of 0.15 is below 0.2
+    calibrated = judged((0.2, 0.18))
+    assert calibrated.identity_verdict is IdentityVerdict.UNVERIFIABLE
+    assert calibrated.margin == 0.2
+    assert judged((0.12, 0.12)).identity_verdict is IdentityVerdict.MISMATCH
+    # an image judged without one: the settings' rule for the series
+    mixed = judged((0.2, None))
+    assert mixed.identity_verdict is IdentityVerdict.MISMATCH and mixed.margin is None
 
 
 def test_series_modality_is_the_majority_of_its_images() -> None:
@@ -185,6 +217,7 @@ class SwappedSeriesAnalyser:
                 identity=IdentityDecision(IdentityVerdict.MISMATCH, "P2", 0.9, 0.1),
                 threshold=0.5,
                 versions={"compa": "compa-x", "reid:mri": "reid-mri-x"},
+                margin=0.3,
             )
             for _ in images
         ]
@@ -228,6 +261,8 @@ def test_worker_judges_a_quiet_complete_series_once_and_revises_it_on_a_late_ima
         assert (row.modality_verdict, row.predicted_modality) == ("mismatch", "mri")
         assert (row.identity_verdict, row.matched_patient_id) == ("mismatch", "P2")
         assert row.header_score == pytest.approx(0.1)
+        assert row.margin == pytest.approx(0.3)  # the images' stored margin, read back
+        assert [r.identity_margin for r in session.scalars(select(Result))] == [0.3] * 3
         alerts = [
             a for a in session.scalars(select(AuditEvent)) if a.detail.get("scope") == "series"
         ]

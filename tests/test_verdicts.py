@@ -110,3 +110,52 @@ def test_gallery_search_returns_one_entry_per_patient_best_first() -> None:
     for i in range(3000):
         grown.add([f"P{i}"], np.array([[np.cos(i), np.sin(i)]], dtype=np.float32))
     assert len(grown) == 3000 and len(grown.search(np.array([1, 0], np.float32), k=5)) == 5
+
+
+def test_a_calibrated_margin_decides_alone_for_an_enrolled_header_patient() -> None:
+    t = 0.8
+    # a stranger above the threshold while the header's own patient is below it: the old
+    # rule's mismatch, but a gap under the calibrated margin says nothing
+    stranger = [Match("B", 0.83), Match("A", 0.78)]
+    assert (
+        identity_verdict(stranger, "A", t, header_enrolled=True).verdict is IdentityVerdict.MISMATCH
+    )
+    quiet = identity_verdict(
+        stranger, "A", t, header_enrolled=True, margin=0.1, margin_calibrated=True
+    )
+    assert quiet.verdict is IdentityVerdict.UNVERIFIABLE and quiet.matched_patient is None
+    assert (quiet.best_score, quiet.header_score) == (0.83, 0.78)
+    # a gap of the margin or more is a mismatch, even with both below the threshold
+    far = [Match("B", 0.6), Match("A", 0.45)]
+    apart = identity_verdict(far, "A", t, header_enrolled=True, margin=0.1, margin_calibrated=True)
+    assert apart.verdict is IdentityVerdict.MISMATCH and apart.matched_patient == "B"
+    # the header's patient above the threshold and no one far ahead: consistent
+    own = identity_verdict(
+        [Match("B", 0.9), Match("A", 0.85)],
+        "A",
+        t,
+        header_enrolled=True,
+        margin=0.1,
+        margin_calibrated=True,
+    )
+    assert own.verdict is IdentityVerdict.CONSISTENT and own.matched_patient == "A"
+    # the header's score may come from outside the listed matches
+    assert (
+        identity_verdict(
+            [Match("B", 0.99)],
+            "A",
+            t,
+            header_enrolled=True,
+            header_score=0.85,
+            margin=0.1,
+            margin_calibrated=True,
+        ).verdict
+        is IdentityVerdict.MISMATCH
+    )
+    # a header patient who is not enrolled has no score to compare: the threshold decides
+    assert (
+        identity_verdict(
+            [Match("B", 0.5)], "A", t, header_enrolled=False, margin=0.1, margin_calibrated=True
+        ).verdict
+        is IdentityVerdict.NEW_PATIENT
+    )

@@ -13,15 +13,15 @@ def reid_card(d: dict[str, Any]) -> str:
     margin = (
         f" Another patient's best score beat an image's own by **{d['margin']:.4f}** or more "
         f"for {cfg['false_match_rate']:.0%} of the calibration images: the margin for that "
-        "false-alarm rate against a gallery of their size (recorded and measured by "
-        "`benchmarks.verdict_rates`; the service's rule uses `analysis.mismatch_margin`)."
+        "false-alarm rate against a gallery of their size. The service flags an image as filed "
+        "under the wrong patient when another enrolled patient beats the header patient's "
+        "own score by this margin (measured by `benchmarks.verdict_rates`)."
         if d.get("margin") is not None
         else ""
     )
     kind = "real images" if real else "generated images"
     reproduce = (
-        "`make models REAL=DIR` (DIR: the real images, in the dataset layout), or the command "
-        "above"
+        "`make models REAL=DIR` (DIR: the real images, in the dataset layout), or the command above"
         if real
         else "`make models` (generated hospital) or the command above"
     )

@@ -142,6 +142,9 @@ class ReidModel:
         self.model = build_embedder(self.config, "none")
         self.model.set_weights(artifacts.load_weights(folder))
         self.threshold = float(self.description["threshold"])
+        # recorded by training since real-image models; older artifacts have none
+        margin = self.description.get("margin")
+        self.margin: float | None = None if margin is None else float(margin)
 
     @property
     def version(self) -> str:
