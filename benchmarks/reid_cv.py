@@ -1,7 +1,7 @@
 """Re-identification recipes on real images, under identity-disjoint cross-validation.
 
     python -m benchmarks.reid_cv [--real ../shared/data/real] [--imagenet PATH]
-        [--sets kermany,nih,ham] [--folds 5] [--out var/reid-cv]
+        [--sets kermany,nih,ham] [--recipes KEY,...] [--folds 5] [--out var/reid-cv]
 
 Each set's identities are dealt into ``--folds`` folds. For each fold, the other folds'
 identities are split as ``medreid train reid`` splits them: 80% fit the recipe's projection
@@ -13,7 +13,8 @@ neither fitted nor calibrated anything. Mean and spread across folds.
 
 Beside the recipes, in the same run: raw-pixel cosine (32 px) and untrained ImageNet features
 (MobileNetV2's global pool at 224 px), calibrated the same way. The recipe that ``make models``
-ships for each set is marked.
+ships for each set is marked. ``--recipes`` measures only the recipes with those keys (the
+baselines always run).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ import numpy as np
 import numpy.typing as npt
 
 from pipeline.models.backbone import build_backbone, quiet_tensorflow
-from pipeline.models.reid import EmbedderShape, build_features, embed_images
+from pipeline.models.reid import EmbedderShape, Flip, build_features, embed_images, flipped
+from pipeline.records import FloatImage
 from training.baseline import raw_pixel_vectors
 from training.datasets.reader import scan_modality
 from training.metrics import (
@@ -51,27 +53,42 @@ B6, B10, B13 = "block_6_expand_relu", "block_10_expand_relu", "block_13_expand_r
 
 @dataclass(frozen=True)
 class Recipe:
+    key: str
     name: str
     layers: tuple[str, ...]  # empty: the global pool of the last layer
     grid: int = 1
     size: int = 128
     shipped: bool = False
+    flips: tuple[Flip, ...] = ()  # features averaged over the image and these flips
+    fit_flips: tuple[Flip, ...] = ()  # the fit also sees these flips of its images
 
 
 # The recipes compared on each set; `shipped` is what the Makefile trains.
 XRAY_RECIPES = (
-    Recipe("global pool, 256 px (before)", (), size=256),
-    Recipe("global pool", ()),
-    Recipe("block 13, 4x4", (B13,), 4),
-    Recipe("block 10, 4x4", (B10,), 4),
-    Recipe("blocks 6+10+13, 4x4", (B6, B10, B13), 4, shipped=True),
+    Recipe("global-256", "global pool, 256 px (before)", (), size=256),
+    Recipe("global", "global pool", ()),
+    Recipe("b13-4", "block 13, 4x4", (B13,), 4),
+    Recipe("b10-4", "block 10, 4x4", (B10,), 4),
+    Recipe("b6-10-13-4", "blocks 6+10+13, 4x4", (B6, B10, B13), 4, shipped=True),
 )
 DERMOSCOPY_RECIPES = (
-    Recipe("global pool, 256 px (before)", (), size=256),
-    Recipe("global pool", ()),
-    Recipe("block 10, global", (B10,), 1),
-    Recipe("block 13, 2x2", (B13,), 2),
-    Recipe("blocks 10+13, 2x2", (B10, B13), 2, shipped=True),
+    Recipe("global-256", "global pool, 256 px (before)", (), size=256),
+    Recipe("global", "global pool", ()),
+    Recipe("b10-1", "block 10, global", (B10,), 1),
+    Recipe("b13-2", "block 13, 2x2", (B13,), 2),
+    Recipe("b10-13-2", "blocks 10+13, 2x2 (v4)", (B10, B13), 2),
+    Recipe(
+        "b10-13-2-h", "blocks 10+13, 2x2, mirrored mean", (B10, B13), 2, flips=(Flip.HORIZONTAL,)
+    ),
+    Recipe(
+        "b10-13-2-h-v",
+        "blocks 10+13, 2x2, mirrored mean, fitted upside down too",
+        (B10, B13),
+        2,
+        shipped=True,
+        flips=(Flip.HORIZONTAL,),
+        fit_flips=(Flip.VERTICAL,),
+    ),
 )
 SETS = {
     # name: (modality folder, identity folder prefix, recipes)
@@ -94,8 +111,11 @@ def cross_validate(
     folds: int,
     false_match_rate: float = 0.01,
     seed: int = 0,
+    also_fit: tuple[npt.NDArray[np.floating], ...] = (),
 ) -> dict[str, Any]:
-    """Per-fold figures on held-out identities (see the module's note)."""
+    """Per-fold figures on held-out identities (see the module's note). ``also_fit``: other
+    views of the same images, row for row, that the whitening is fitted on beside them (its
+    dimension and shrinkage chosen on the images alone, as ``medreid train reid`` does)."""
     x = np.asarray(features, np.float64)
     names = np.asarray(labels)
     rows: list[dict[str, float]] = []
@@ -108,7 +128,10 @@ def cross_validate(
         if fitted:
             choice = select_projection(x[fit], names[fit].tolist(), seed=seed)
             projection = fit_within_class_whitening(
-                x[fit], names[fit].tolist(), choice.dims, choice.shrinkage
+                np.concatenate([x[fit], *(np.asarray(v, np.float64)[fit] for v in also_fit)]),
+                names[fit].tolist() * (1 + len(also_fit)),
+                choice.dims,
+                choice.shrinkage,
             )
             embed = projection.apply
             chosen = {"dims": choice.dims, "shrinkage": choice.shrinkage}
@@ -137,16 +160,23 @@ def cross_validate(
     return summary
 
 
-def recipe_features(recipe: Recipe, data: LoadedSet, weights: str) -> npt.NDArray[np.float32]:
+def recipe_features(
+    recipe: Recipe, data: LoadedSet, weights: str, images: list[FloatImage] | None = None
+) -> npt.NDArray[np.float32]:
     shape = EmbedderShape(
         "benchmark",
         size=recipe.size,
         recipe="frozen",
         feature_layers=recipe.layers,
         grid=recipe.grid,
+        flips=recipe.flips,
     )
     backbone = build_backbone(shape.backbone, shape.alpha, shape.size, weights)
-    return embed_images(build_features(shape, "none", backbone), data.images, shape.preprocessing())
+    return embed_images(
+        build_features(shape, "none", backbone),
+        data.images if images is None else images,
+        shape.preprocessing(),
+    )
 
 
 def _line(name: str, found: dict[str, Any]) -> str:
@@ -163,6 +193,7 @@ def main() -> None:
     parser.add_argument("--real", type=Path, default=Path("..") / "shared" / "data" / "real")
     parser.add_argument("--imagenet", type=Path, default=DEFAULT_IMAGENET)
     parser.add_argument("--sets", default=",".join(SETS), help=f"from {', '.join(SETS)}")
+    parser.add_argument("--recipes", default="", help="only the recipes with these keys")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("var/reid-cv"))
     args = parser.parse_args()
@@ -175,8 +206,13 @@ def main() -> None:
     quiet_tensorflow()
     weights = str(args.imagenet)
     report: dict[str, Any] = {}
+    keys = {k for k in args.recipes.split(",") if k}
+    known = {r.key for _, _, recipes in SETS.values() for r in recipes}
+    if keys - known:
+        parser.error(f"unknown recipes {sorted(keys - known)}; known: {sorted(known)}")
     for name in chosen:
         modality, prefix, recipes = SETS[name]
+        recipes = tuple(r for r in recipes if not keys or r.key in keys)
         started = time.monotonic()
         items = [
             i
@@ -199,7 +235,7 @@ def main() -> None:
             folds=args.folds,
         )
         print(_line("raw pixels (32 px)", found["raw pixels (32 px)"]), flush=True)
-        imagenet = Recipe("ImageNet features (224 px)", (), size=224)
+        imagenet = Recipe("imagenet", "ImageNet features (224 px)", (), size=224)
         found[imagenet.name] = cross_validate(
             recipe_features(imagenet, data, weights), labels, fitted=False, folds=args.folds
         )
@@ -207,11 +243,19 @@ def main() -> None:
         for recipe in recipes:
             tic = time.monotonic()
             features = recipe_features(recipe, data, weights)
+            also_fit = tuple(
+                recipe_features(recipe, data, weights, [flipped(im, flip) for im in data.images])
+                for flip in recipe.fit_flips
+            )
             found[recipe.name] = {
-                **cross_validate(features, labels, fitted=True, folds=args.folds),
+                **cross_validate(
+                    features, labels, fitted=True, folds=args.folds, also_fit=also_fit
+                ),
                 "features": features.shape[1],
                 "layers": list(recipe.layers),
                 "grid": recipe.grid,
+                "flips": list(recipe.flips),
+                "fit_flips": list(recipe.fit_flips),
                 "size": recipe.size,
                 "shipped": recipe.shipped,
                 "seconds": round(time.monotonic() - tic, 1),

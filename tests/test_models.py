@@ -164,6 +164,8 @@ def pooled(xray_sets: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactor
         backbone_weights=str(WEIGHTS) if WEIGHTS.is_file() else "none",
         feature_layers=("block_10_expand_relu", "block_13_expand_relu"),
         grid=2,
+        flips=("horizontal",),  # the network a served model rebuilds has the flipped pass
+        fit_flips=("vertical",),  # and the whitening saw the images upside down too
         seed=1,
     )
     result = train_reid(config, xray_sets[0], tmp_path_factory.mktemp("pooled"), version="p1")
@@ -182,6 +184,12 @@ def test_inner_layers_pooled_on_a_grid_round_trip_and_beat_raw_pixels(
         "block_13_expand_relu",
     ]
     assert description["config"]["grid"] == 2
+    assert description["config"]["flips"] == ["horizontal"]
+    assert description["config"]["fit_flips"] == ["vertical"]
+    assert "vertical flips are fitted too" in (pooled / "MODEL_CARD.md").read_text()
+    assert (
+        "averaged over the image and its horizontal flip" in (pooled / "MODEL_CARD.md").read_text()
+    )
     # A margin calibrated with the threshold, on the validation patients.
     assert description["margin"] is not None and -1.0 < description["margin"] < 2.0
     data = load_set(scan_modality(xray_sets[1] / "xray", "xray")[:8], 128)
@@ -237,6 +245,46 @@ def test_pooled_features_need_the_frozen_recipe_and_a_grid_that_divides_the_map(
         build_features(replace(shape, grid=3), "none")
     with pytest.raises(ValueError, match="no layer"):
         build_features(replace(shape, feature_layers=("block_99",)), "none")
+
+
+def test_features_averaged_over_flips_are_the_same_for_a_flipped_image() -> None:
+    from pipeline.models.backbone import build_backbone
+    from pipeline.models.reid import EmbedderShape, Flip, build_features
+
+    with pytest.raises(ValueError, match="frozen"):
+        ReidConfig(modality="dermoscopy", flips=("horizontal",))
+    with pytest.raises(ValueError, match="unknown flips sideways; choose from horizontal"):
+        ReidConfig(modality="dermoscopy", recipe="frozen", flips=("sideways",))
+    with pytest.raises(ValueError, match="unknown flips diagonal"):
+        ReidConfig(modality="dermoscopy", recipe="frozen", fit_flips=("diagonal",))
+    with pytest.raises(ValueError, match="fitted on them, need --recipe frozen"):
+        ReidConfig(modality="dermoscopy", fit_flips=("vertical",))
+    shape = EmbedderShape(
+        "dermoscopy",
+        alpha=0.35,
+        size=64,
+        recipe="frozen",
+        feature_layers=("block_6_expand_relu", "block_13_expand_relu"),
+        grid=2,
+    )
+    image = np.random.default_rng(0).random((1, 64, 64, 3)).astype(np.float32)
+    mirrored, upside_down = image[:, :, ::-1], image[:, ::-1]
+    backbone = build_backbone("mobilenet_v2", 0.35, 64, "none")  # one for all: same weights
+    plain = build_features(shape, "none", backbone)
+    # the backbone's features of a mirrored picture are not those of the picture...
+    assert not np.allclose(plain(image), plain(mirrored), atol=1e-3)
+    # ...their mean over the picture and its mirror is the same for both
+    across = build_features(replace(shape, flips=(Flip.HORIZONTAL,)), "none", backbone)
+    np.testing.assert_allclose(across(image), across(mirrored), atol=1e-5)
+    assert not np.allclose(across(image), across(upside_down), atol=1e-3)
+    both = build_features(replace(shape, flips=(Flip.HORIZONTAL, Flip.VERTICAL)), "none", backbone)
+    # two flips: the mean over the picture, its mirror and its upside-down copy
+    views = [np.asarray(plain(v)) for v in (image, mirrored, upside_down)]
+    np.testing.assert_allclose(both(image), np.mean(views, axis=0), atol=1e-5)
+    # the shape a description records (a JSON list) rebuilds the same network
+    assert EmbedderShape.of({"modality": "dermoscopy", "flips": ["vertical"]}).flips == (
+        "vertical",
+    )
 
 
 def test_a_model_records_the_command_that_made_it(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -333,3 +381,12 @@ def test_a_model_card_names_its_data_and_a_non_commercial_licence_first() -> Non
         Path(__file__).resolve().parents[1] / "models" / "compa-v2" / "MODEL_CARD.md"
     ).read_text()
     assert "non-commercial use only" in card and "HAM10000" in card
+
+
+def test_a_card_calls_the_identities_of_lesion_collections_lesions() -> None:
+    from training.cards import identities_in
+
+    assert identities_in({"ham": 5129}) == "lesions"
+    assert identities_in({"ham": 5, "": 3}) == "patients"  # mixed with generated patients
+    assert identities_in({"kermany": 2925, "nih": 450}) == "patients"
+    assert identities_in({}) == "patients"

@@ -20,6 +20,7 @@ def reid_card(d: dict[str, Any]) -> str:
         else ""
     )
     kind = "real images" if real else "generated images"
+    who = identities_in(collections)
     reproduce = (
         "`make models REAL=DIR` (DIR: the real images, in the dataset layout), or the command above"
         if real
@@ -28,19 +29,19 @@ def reid_card(d: dict[str, Any]) -> str:
     return f"""# Re-identification model: {d["modality"]} ({d["version"]})
 
 **What it does.** Embeds a CLAHE-enhanced {d["modality"]} image into a
-{cfg["embedding_dim"]}-dimensional unit vector; two images of one patient should have a cosine
+{cfg["embedding_dim"]}-dimensional unit vector; two images of one {who[:-1]} should have a cosine
 similarity above the threshold **{d["threshold"]:.4f}** (calibrated for a false-match rate of
 {cfg["false_match_rate"]:.0%} on {d["calibrated_on"]} pairs).{margin}
 
-**Trained on** {kind}, `{data["dataset"]}`: {data["patients"]} patients, {data["images"]} images;
-{data["train_patients"]} patients ({data["train_images"]} images) for training,
-{data["validation_patients"]} other patients ({data["validation_images"]} images) for
+**Trained on** {kind}, `{data["dataset"]}`: {data["patients"]} {who}, {data["images"]} images;
+{data["train_patients"]} {who} ({data["train_images"]} images) for training,
+{data["validation_patients"]} other {who} ({data["validation_images"]} images) for
 validation. Created {d["created"]} by `{d["command"]}` in {d["training_seconds"]} s.
 
 {licence}
-**Network.** {_network_text(d)}
+**Network.** {_network_text(d, who)}
 
-**Validation** (patients unseen in training, each image against all others): P@1
+**Validation** ({who} unseen in training, each image against all others): P@1
 {m["p_at_1"]:.3f}, mAP@R {m["map_at_r"]:.3f}, ROC AUC {m["roc_auc"]:.4f}, EER {m["eer"]:.4f};
 at the threshold, true-match rate {m["true_match_rate_at_threshold"]:.3f} and false-match rate
 {m["false_match_rate_at_threshold"]:.4f}.
@@ -54,7 +55,7 @@ collections little about another hospital's.
 """
 
 
-def _network_text(d: dict[str, Any]) -> str:
+def _network_text(d: dict[str, Any], who: str = "patients") -> str:
     cfg = d["config"]
     network = (
         f"{cfg['backbone']} (alpha {cfg['alpha']}, {cfg['size']} px input, backbone "
@@ -68,11 +69,21 @@ def _network_text(d: dict[str, Any]) -> str:
             if cfg.get("feature_layers")
             else "its global average pool"
         )
+        if cfg.get("flips"):
+            features += (
+                f", averaged over the image and its {' and '.join(cfg['flips'])} "
+                f"flip{'s' if len(cfg['flips']) > 1 else ''}"
+            )
+        if cfg.get("fit_flips"):
+            features += (
+                f"; the training images' {' and '.join(cfg['fit_flips'])} flips are fitted "
+                f"too, as the same {who}"
+            )
         return (
             f"{network}. Recipe `frozen`: the backbone is kept as initialised; the projection "
-            f"is a within-class whitening of {features}, fitted on the training patients "
+            f"is a within-class whitening of {features}, fitted on the training {who} "
             f"({cfg['embedding_dim']} dimensions, shrinkage {chosen.get('shrinkage')}, chosen "
-            f"by 4-fold cross-validation over patients: mAP@R {chosen.get('cv_map_at_r', 0):.3f})."
+            f"by 4-fold cross-validation over {who}: mAP@R {chosen.get('cv_map_at_r', 0):.3f})."
         )
     text = (
         f"{network}. Recipe `finetune`: trained {cfg['epochs']} epochs with a CosFace loss "
@@ -107,6 +118,14 @@ COLLECTIONS = {
     "ham": ("HAM10000 dermoscopy (Tschandl et al., Sci Data 2018)", "CC BY-NC 4.0"),
 }
 NON_COMMERCIAL = "CC BY-NC 4.0"
+# What one identity of a collection is where it is not a patient (HAM10000 has no patient ID).
+IDENTITIES = {"ham": "lesions"}
+
+
+def identities_in(collections: dict[str, int]) -> str:
+    """What a model's identities are: "lesions" where every collection's are, else patients."""
+    nouns = {IDENTITIES.get(c, "patients") for c in collections}
+    return nouns.pop() if len(nouns) == 1 else "patients"
 
 
 def collection(patient_id: str) -> str:

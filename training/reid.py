@@ -34,10 +34,12 @@ from pipeline.models import artifacts
 from pipeline.models.backbone import Preprocessing, build_backbone, quiet_tensorflow, resize
 from pipeline.models.reid import (
     EmbedderShape,
+    Flip,
     ReidModel,
     build_embedder,
     build_features,
     embed_images,
+    flipped,
 )
 from pipeline.records import FloatImage
 from pipeline.runner import PipelineConfig
@@ -98,6 +100,11 @@ class ReidConfig:
     # The frozen recipe only: inner layers pooled on a grid (pipeline.models.reid).
     feature_layers: tuple[str, ...] = ()
     grid: int = 1
+    # The frozen recipe only: features averaged over the image and these flips of it...
+    flips: tuple[str, ...] = ()
+    # ...and a whitening fitted on these flips of the training images too, as images of the
+    # same patient (its dimension and shrinkage are chosen on the images as they are).
+    fit_flips: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.recipe not in RECIPES:
@@ -106,6 +113,13 @@ class ReidConfig:
             raise ValueError("feature layers pooled on a grid need --recipe frozen")
         if self.grid < 1:
             raise ValueError(f"grid must be 1 or more, not {self.grid}")
+        unknown = sorted((set(self.flips) | set(self.fit_flips)) - set(Flip))
+        if unknown:
+            raise ValueError(f"unknown flips {', '.join(unknown)}; choose from {', '.join(Flip)}")
+        if (self.flips or self.fit_flips) and self.recipe != "frozen":
+            raise ValueError(
+                "features averaged over flips, or fitted on them, need --recipe frozen"
+            )
 
     def augmentation(self) -> AugmentParams:
         flip = DEFAULT_FLIP.get(self.modality, False)
@@ -127,6 +141,8 @@ class ReidConfig:
         if fields.get("brightness") is not None:
             fields["brightness"] = tuple(fields["brightness"])
         fields["feature_layers"] = tuple(fields.get("feature_layers") or ())
+        fields["flips"] = tuple(fields.get("flips") or ())
+        fields["fit_flips"] = tuple(fields.get("fit_flips") or ())
         return cls(**fields)
 
 
@@ -323,7 +339,14 @@ def _fit_frozen(
     extractor = build_features(config.shape(), "none", backbone=backbone)
     features = embed_images(extractor, train.images, prep, progress=_feature_progress(progress))
     choice = _choose_projection(features, train.labels, config.seed, progress)
-    projection = fit_within_class_whitening(features, train.labels, choice.dims, choice.shrinkage)
+    fit_on, fit_labels = [features], list(train.labels)
+    for flip in config.fit_flips:
+        images = [flipped(image, Flip(flip)) for image in train.images]
+        fit_on.append(embed_images(extractor, images, prep, progress=_feature_progress(progress)))
+        fit_labels += train.labels
+    projection = fit_within_class_whitening(
+        np.concatenate(fit_on), fit_labels, choice.dims, choice.shrinkage
+    )
     fitted = replace(config, embedding_dim=projection.matrix.shape[1])
     embedder = build_embedder(fitted.shape(), "none", backbone=backbone)
     embedder.get_layer("projection").set_weights(

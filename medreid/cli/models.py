@@ -50,6 +50,19 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "--grid (default: the backbone's global pool)",
     )
     reid.add_argument("--grid", type=int, default=1, help="cells per side for --feature-layers")
+    reid.add_argument(
+        "--flips",
+        default="",
+        help="frozen recipe: average the features over the image and these flips of it, "
+        "comma-separated from horizontal, vertical (each costs one more backbone pass; for "
+        "pictures with no left and right, such as dermoscopy)",
+    )
+    reid.add_argument(
+        "--fit-flips",
+        default="",
+        help="frozen recipe: fit the projection on these flips of the training images too, "
+        "as the same patients (horizontal, vertical; costs training time only)",
+    )
     reid.add_argument("--alpha", type=float, default=1.0)
     reid.add_argument("--size", type=int, help="input px (default: 128; 256 for --recipe frozen)")
     reid.add_argument("--backbone-weights", default="none", help="PATH, imagenet or none")
@@ -214,6 +227,8 @@ def cmd_train(settings: Settings, args: argparse.Namespace, clock: Clock) -> int
             seed=args.seed,
             feature_layers=tuple(n for n in args.feature_layers.split(",") if n),
             grid=args.grid,
+            flips=tuple(n for n in args.flips.split(",") if n),
+            fit_flips=tuple(n for n in args.fit_flips.split(",") if n),
         )
         with _TrainProgress() as train_progress:
             result = train_reid(

@@ -9,10 +9,16 @@ inner layers, those layers' maps average-pooled on a ``grid`` x ``grid`` layout,
 square-rooted and L2-normalised, side by side. Mid-level maps pooled by region keep where in
 the image a shape lies (the outline of a child's ribs, a lesion's border), which the global
 pool of the last layer, made to name ImageNet's objects, averages away.
+
+Where ``flips`` names flips, the features are the mean of the image's and its flipped
+copies': a lesion has no up, down, left or right, and the backbone's features of a flipped
+picture are not those of the picture, so the mean is steadier across photographs of one
+lesion. Each flip costs one more pass of the backbone.
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -25,6 +31,20 @@ from pipeline.models import artifacts
 from pipeline.models.backbone import Preprocessing, build_backbone, predictor, quiet_tensorflow
 from pipeline.records import FloatImage
 from pipeline.vectors import l2_normalise
+
+
+class Flip(enum.StrEnum):
+    HORIZONTAL = "horizontal"  # left to right
+    VERTICAL = "vertical"  # top to bottom
+
+
+# the image axis each flip reverses, in a batch of height x width x channels images
+FLIP_AXIS = {Flip.HORIZONTAL: 2, Flip.VERTICAL: 1}
+
+
+def flipped(image: FloatImage, flip: Flip) -> FloatImage:
+    """One image (height x width, with or without channels) flipped."""
+    return np.ascontiguousarray(np.flip(image, axis=FLIP_AXIS[flip] - 1))
 
 
 @dataclass(frozen=True)
@@ -43,13 +63,19 @@ class EmbedderShape:
     # Inner layers whose maps are pooled on a grid; empty: the backbone's global pool.
     feature_layers: tuple[str, ...] = ()
     grid: int = 1
+    # Features averaged over the image and these flips of it; empty: the image alone.
+    flips: tuple[Flip, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "flips", tuple(Flip(f) for f in self.flips))
 
     @classmethod
     def of(cls, config: Mapping[str, Any]) -> EmbedderShape:
         """The shape named by a model description's ``config`` (unknown keys left out)."""
         known = {f.name: config[f.name] for f in fields(cls) if f.name in config}
-        if "feature_layers" in known:
-            known["feature_layers"] = tuple(known["feature_layers"] or ())
+        for name in ("feature_layers", "flips"):
+            if name in known:
+                known[name] = tuple(known[name] or ())
         return cls(**known)
 
     def preprocessing(self) -> Preprocessing:
@@ -64,9 +90,26 @@ def build_features(shape: EmbedderShape, weights: str, backbone: Any = None) -> 
 
     if backbone is None:
         backbone = build_backbone(shape.backbone, shape.alpha, shape.size, weights)
+    one = _view_features(shape, backbone, "features" if not shape.flips else "view_features")
+    if not shape.flips:
+        return one
+    inputs = keras.Input((shape.size, shape.size, 3), name="image")
+    views = [one(inputs)]
+    for flip in shape.flips:
+        flipped = keras.layers.Lambda(
+            lambda x, axis=FLIP_AXIS[flip]: keras.ops.flip(x, axis=axis), name=f"flip_{flip}"
+        )(inputs)
+        views.append(one(flipped))
+    return keras.Model(inputs, keras.layers.Average()(views), name="features")
+
+
+def _view_features(shape: EmbedderShape, backbone: Any, name: str) -> Any:
+    """The features of one view of the image."""
+    import keras
+
     inputs = keras.Input((shape.size, shape.size, 3), name="image")
     if not shape.feature_layers:
-        return keras.Model(inputs, backbone(inputs), name="features")
+        return keras.Model(inputs, backbone(inputs), name=name)
     try:
         maps = [backbone.get_layer(name).output for name in shape.feature_layers]
     except ValueError as exc:
@@ -88,7 +131,7 @@ def build_features(shape: EmbedderShape, weights: str, backbone: Any = None) -> 
         rooted = keras.layers.Lambda(lambda x: keras.ops.sqrt(keras.ops.relu(x)))(flat)
         pooled.append(keras.layers.UnitNormalization()(rooted))
     joined = pooled[0] if len(pooled) == 1 else keras.layers.Concatenate()(pooled)
-    return keras.Model(inputs, joined, name="features")
+    return keras.Model(inputs, joined, name=name)
 
 
 def build_embedder(shape: EmbedderShape, weights: str, backbone: Any = None) -> Any:
