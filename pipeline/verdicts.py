@@ -111,9 +111,9 @@ def identity_verdict(
     With ``margin_calibrated``, the margin is the model's own, calibrated on identities it
     never saw to flag a known share of correctly filed images: for an enrolled header
     patient, another patient scoring at least ``margin`` above the header's is then a
-    mismatch whatever the threshold, and nothing else is. (With a large gallery, some
-    stranger passes a per-pair threshold for almost every image; the gap to the header's
-    own score does not grow with the gallery that way.)
+    mismatch whatever the threshold, and nothing else is: with a gallery of a thousand, some
+    stranger passes a per-pair threshold for almost every image (docs/models.md, the
+    verdicts on real images).
     """
     best = matches[0] if matches else None
     if header_score is None and header_patient is not None:

@@ -193,7 +193,9 @@ def test_a_flood_of_connections_that_open_and_close_holds_nothing(running: Any) 
             pass
     started = time.monotonic()
     assert echo(service.port, host="127.0.0.2")  # another host: at once
-    assert time.monotonic() - started < 2.0
+    # (an association and an echo take well under a second; a loaded two-core machine has
+    # taken 2.2 s, still short of the 5 s the flooding host may wait below)
+    assert time.monotonic() - started < 4.0
     # the flooding host itself, once its closed connections are read to their end (the
     # ones not yet read still count as waiting to associate)
     deadline = time.monotonic() + 5.0
