@@ -125,14 +125,11 @@ def identity_verdict(
             return IdentityDecision(
                 IdentityVerdict.MISMATCH, other.patient_id, best_score, header_score
             )
-        verdict = (
-            IdentityVerdict.CONSISTENT
-            if header_score >= threshold
-            else IdentityVerdict.UNVERIFIABLE
-        )
-        return IdentityDecision(
-            verdict, header_patient if header_score >= threshold else None, best_score, header_score
-        )
+        if header_score >= threshold:
+            return IdentityDecision(
+                IdentityVerdict.CONSISTENT, header_patient, best_score, header_score
+            )
+        return IdentityDecision(IdentityVerdict.UNVERIFIABLE, None, best_score, header_score)
     if header_score is not None and header_score >= threshold:
         other = next((m for m in matches if m.patient_id != header_patient), None)
         if (
