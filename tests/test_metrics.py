@@ -120,3 +120,16 @@ def test_the_margin_flags_at_most_the_asked_share_of_correctly_filed_images() ->
     assert flagged(0.5) == 1
     with pytest.raises(ValueError, match="two images"):
         margin_for_false_alarm_rate(np.eye(2), ["a", "b"], 0.01)
+
+
+def test_gaps_pooled_from_two_sets_give_the_margin_of_the_pooled_share() -> None:
+    from training.metrics import margin_for_gaps, misfiling_gaps
+
+    labels = ["a", "a", "b", "b"]
+    np.testing.assert_allclose(sorted(misfiling_gaps(SIM, labels)), [-0.1, 0.1, 0.1, 0.3])
+    pooled = np.r_[misfiling_gaps(SIM, labels), [-0.5, -0.4, -0.3, -0.2]]
+    # 1 in 8 may reach the margin: the highest gap alone
+    assert margin_for_gaps(pooled, 1 / 8) == pytest.approx(0.1)
+    assert (pooled >= margin_for_gaps(pooled, 1 / 8)).sum() == 1
+    with pytest.raises(ValueError, match="two images"):
+        margin_for_gaps([], 0.01)

@@ -190,8 +190,17 @@ def test_inner_layers_pooled_on_a_grid_round_trip_and_beat_raw_pixels(
     assert (
         "averaged over the image and its horizontal flip" in (pooled / "MODEL_CARD.md").read_text()
     )
-    # A margin calibrated with the threshold, on the validation patients.
+    # A margin calibrated with the threshold: on the validation patients under the served
+    # model, and on every training image with a sibling under a fit made without its fold.
     assert description["margin"] is not None and -1.0 < description["margin"] < 2.0
+    counted = description["margin_calibrated_on"]
+    train_images = description["data"]["train_images"]
+    assert 0 < counted["validation_images"] <= description["data"]["validation_images"]
+    assert counted["out_of_fold_training_images"] == train_images  # three visits each
+    assert (
+        f"{train_images:,} training images judged out of fold"
+        in (pooled / "MODEL_CARD.md").read_text()
+    )
     data = load_set(scan_modality(xray_sets[1] / "xray", "xray")[:8], 128)
     first = ReidModel(pooled).embed(data.images)
     np.testing.assert_array_equal(first, ReidModel(pooled).embed(data.images))
@@ -314,6 +323,13 @@ def test_a_whitening_fitted_on_other_patients_is_appended_and_round_trips(
     assert whitening["base_model"] == "reid-dermoscopy-t1" and whitening["patients"] == 10
     assert description["calibrated_on"] == "out-of-fold whitening-set"
     assert -1.0 < description["threshold"] <= 1.0
+    # Its own margin, from the same folds as its threshold, not the base's.
+    assert description["margin_calibrated_on"] == {
+        "out_of_fold_whitening_set_images": whitening["images"]
+    }
+    assert description["margin"] is not None and description["margin"] != read_model(trained).get(
+        "margin"
+    )
     assert "reid-dermoscopy-t1" in (whitened / "MODEL_CARD.md").read_text()
 
     data = load_set(scan_modality(unseen / "dermoscopy", "dermoscopy")[:8], 96)

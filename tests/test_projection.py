@@ -79,3 +79,42 @@ def test_selection_survives_folds_whose_rank_is_below_the_dimensions_asked() -> 
     assert [row["dims"] for row in choice.table] == [32, 64]
     assert choice.dims == 32  # the same measurement at both: the smaller is kept
     assert choice.map_at_r > 0.5
+
+
+def test_out_of_fold_gaps_are_one_per_image_with_a_sibling_and_judge_strangers() -> None:
+    from training.metrics import margin_for_gaps, misfiling_gaps
+    from training.projection import out_of_fold_gaps
+
+    features, labels = nuisance_set(seed=5, patients=16)
+    gaps = out_of_fold_gaps(features, labels, dims=10, shrinkage=0.1, folds=4)
+    # every image has three siblings and every fold other patients: each image is a query once
+    assert gaps.shape == (len(features),)
+    # Fitted without its fold, the projection still puts each image's own patient first...
+    assert (gaps < 0).mean() > 0.95
+    # ...while the raw features, where the nuisance dominates, put a stranger first for many.
+    raw = misfiling_gaps(cosine_similarity(features), labels)
+    assert (raw > 0).mean() > 0.3
+    # The margin for 1 in 16 lets at most that share of these images reach it.
+    margin = margin_for_gaps(gaps, 1 / 16)
+    assert (gaps >= margin).sum() <= len(gaps) // 16
+
+
+def test_out_of_fold_gaps_fit_on_the_other_views_of_the_other_folds_only() -> None:
+    from training.projection import out_of_fold_gaps
+
+    features, labels = nuisance_set(seed=6, patients=16)
+    # A second view of the same images that differs only in the nuisance axes: fitting on it
+    # too leaves the identity axes as they were, so the gaps stay those of a good fit.
+    rng = np.random.default_rng(7)
+    other_view = features + np.concatenate(
+        [rng.normal(0, 10, (len(features), 2)), np.zeros((len(features), 9))], axis=1
+    )
+    alone = out_of_fold_gaps(features, labels, dims=10, shrinkage=0.1, folds=4)
+    both = out_of_fold_gaps(
+        features, labels, dims=10, shrinkage=0.1, also_fit=[other_view], folds=4
+    )
+    assert both.shape == alone.shape
+    assert (both < 0).mean() > 0.95
+    # A view whose rows do not line up with the images is refused, not silently misused.
+    with pytest.raises((ValueError, IndexError)):
+        out_of_fold_gaps(features, labels, dims=10, shrinkage=0.1, also_fit=[other_view[:-1]])

@@ -5,6 +5,20 @@ from __future__ import annotations
 from typing import Any
 
 
+def margin_images(d: dict[str, Any]) -> str:
+    """Which images calibrated the margin, in words."""
+    counts = {k: v for k, v in d.get("margin_calibrated_on", {}).items() if v}
+    if not counts:
+        return "calibration images"
+    words = {
+        "validation_images": "validation images",
+        "training_images": "training images",
+        "out_of_fold_training_images": "training images judged out of fold",
+        "out_of_fold_whitening_set_images": "whitening-set images judged out of fold",
+    }
+    return " and ".join(f"{n:,} {words.get(k, k)}" for k, n in counts.items())
+
+
 def reid_card(d: dict[str, Any]) -> str:
     m, data, cfg = d["metrics"], d["data"], d["config"]
     collections = data.get("collections", {})
@@ -12,7 +26,7 @@ def reid_card(d: dict[str, Any]) -> str:
     licence = data_section(collections) if collections else ""
     margin = (
         f" Another patient's best score beat an image's own by **{d['margin']:.4f}** or more "
-        f"for {cfg['false_match_rate']:.0%} of the calibration images: the margin for that "
+        f"for {cfg['false_match_rate']:.0%} of the {margin_images(d)}: the margin for that "
         "false-alarm rate against a gallery of their size. The service flags an image as filed "
         "under the wrong patient when another enrolled patient beats the header patient's "
         "own score by this margin (measured by `benchmarks.verdict_rates`)."

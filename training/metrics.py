@@ -133,11 +133,10 @@ def threshold_for_false_match_rate(
     return float(np.nextafter(impostors[allowed], np.inf))
 
 
-def margin_for_false_alarm_rate(similarity: Matrix, labels: Sequence[str], rate: float) -> float:
-    """The margin by which another identity must beat an image's own to call it misfiled,
-    so that at most ``rate`` of correctly filed images are called so: each image with another
-    of its identity is a query against all the others, its own identity's best score against
-    the best of any other identity."""
+def misfiling_gaps(similarity: Matrix, labels: Sequence[str]) -> npt.NDArray[np.float64]:
+    """For each image with another of its identity, as a query against all the others: the
+    best score of any other identity minus its own identity's best. A correctly filed image
+    is called misfiled when its gap reaches the margin."""
     sim = np.asarray(similarity, np.float64).copy()
     np.fill_diagonal(sim, -np.inf)
     names = np.asarray(labels)
@@ -145,13 +144,24 @@ def margin_for_false_alarm_rate(similarity: Matrix, labels: Sequence[str], rate:
     own = np.where(same, sim, -np.inf).max(axis=1)
     other = np.where(same, -np.inf, sim).max(axis=1)
     usable = np.isfinite(own) & np.isfinite(other)
-    if not usable.any():
+    return np.asarray(other[usable] - own[usable])
+
+
+def margin_for_gaps(gaps: npt.ArrayLike, rate: float) -> float:
+    """The lowest margin that at most ``rate`` of these gaps reach."""
+    ordered = np.sort(np.asarray(gaps, np.float64))[::-1]
+    if not len(ordered):
         raise ValueError("a margin needs identities with two images and at least two identities")
-    gaps = np.sort(other[usable] - own[usable])[::-1]
-    allowed = int(np.floor(rate * len(gaps)))
-    if allowed >= len(gaps):
-        return float(gaps[-1])
-    return float(np.nextafter(gaps[allowed], np.inf))
+    allowed = int(np.floor(rate * len(ordered)))
+    if allowed >= len(ordered):
+        return float(ordered[-1])
+    return float(np.nextafter(ordered[allowed], np.inf))
+
+
+def margin_for_false_alarm_rate(similarity: Matrix, labels: Sequence[str], rate: float) -> float:
+    """The margin by which another identity must beat an image's own to call it misfiled,
+    so that at most ``rate`` of correctly filed images are called so (``misfiling_gaps``)."""
+    return margin_for_gaps(misfiling_gaps(similarity, labels), rate)
 
 
 def verification_scores(similarity: Matrix, labels: Sequence[str]) -> VerificationScores:

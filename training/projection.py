@@ -11,13 +11,13 @@ identity, and the dimension and the shrinkage are chosen by cross-validation ove
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
-from training.metrics import cosine_similarity, pair_scores, retrieval_scores
+from training.metrics import cosine_similarity, misfiling_gaps, pair_scores, retrieval_scores
 
 # The real-image X-ray models chose 256 and 0.1, dermoscopy 256 and 0.01-0.02, inside the grid
 # (docs/models.md).
@@ -122,6 +122,28 @@ def patient_folds(
     return masks
 
 
+def out_of_fold_similarities(
+    features: npt.NDArray[np.floating],
+    labels: Sequence[str],
+    dims: int,
+    shrinkage: float,
+    *,
+    also_fit: Sequence[npt.NDArray[np.floating]] = (),
+    folds: int = 4,
+    seed: int = 0,
+) -> Iterator[tuple[npt.NDArray[np.float32], list[str]]]:
+    """Each fold's images compared among themselves under a projection fitted without them,
+    with their labels. ``also_fit`` are the same images seen another way (flipped, say), row
+    for row: the other folds' rows of them join the fit, as they join the served model's."""
+    x = np.asarray(features, np.float64)
+    names = np.asarray(labels)
+    for held in patient_folds(labels, folds, seed):
+        fit_on = np.concatenate([x[~held]] + [np.asarray(v, np.float64)[~held] for v in also_fit])
+        fit_labels = names[~held].tolist() * (1 + len(also_fit))
+        projection = fit_within_class_whitening(fit_on, fit_labels, dims, shrinkage)
+        yield cosine_similarity(projection.apply(x[held])), names[held].tolist()
+
+
 def out_of_fold_pairs(
     features: npt.NDArray[np.floating],
     labels: Sequence[str],
@@ -133,19 +155,39 @@ def out_of_fold_pairs(
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.bool_], list[float], list[float]]:
     """Pair scores of each fold's images under a projection fitted without them, pooled
     (scores, genuine), with each fold's P@1 and mAP@R: figures for patients the fit never saw."""
-    x = np.asarray(features, np.float64)
-    names = np.asarray(labels)
     scores, genuine, p_at_1, map_at_r = [], [], [], []
-    for held in patient_folds(labels, folds, seed):
-        projection = fit_within_class_whitening(x[~held], names[~held].tolist(), dims, shrinkage)
-        similarity = cosine_similarity(projection.apply(x[held]))
-        fold_scores, fold_genuine = pair_scores(similarity, names[held].tolist())
+    for similarity, held_labels in out_of_fold_similarities(
+        features, labels, dims, shrinkage, folds=folds, seed=seed
+    ):
+        fold_scores, fold_genuine = pair_scores(similarity, held_labels)
         scores.append(fold_scores)
         genuine.append(fold_genuine)
-        retrieval = retrieval_scores(similarity, names[held].tolist())
+        retrieval = retrieval_scores(similarity, held_labels)
         p_at_1.append(retrieval.p_at_1)
         map_at_r.append(retrieval.map_at_r)
     return np.concatenate(scores), np.concatenate(genuine), p_at_1, map_at_r
+
+
+def out_of_fold_gaps(
+    features: npt.NDArray[np.floating],
+    labels: Sequence[str],
+    dims: int,
+    shrinkage: float,
+    *,
+    also_fit: Sequence[npt.NDArray[np.floating]] = (),
+    folds: int = 4,
+    seed: int = 0,
+) -> npt.NDArray[np.float64]:
+    """The misfiling gaps (``training.metrics.misfiling_gaps``) of every training image with
+    another of its identity, each fold's under a projection fitted without it: a margin's
+    calibration over all the training identities, not only the few held out for validation."""
+    gaps = [
+        misfiling_gaps(similarity, held_labels)
+        for similarity, held_labels in out_of_fold_similarities(
+            features, labels, dims, shrinkage, also_fit=also_fit, folds=folds, seed=seed
+        )
+    ]
+    return np.concatenate(gaps)
 
 
 def select_projection(

@@ -49,7 +49,8 @@ from training.datasets.reader import DatasetItem, iter_images, scan_modality
 from training.metrics import (
     cosine_similarity,
     equal_error_rate,
-    margin_for_false_alarm_rate,
+    margin_for_gaps,
+    misfiling_gaps,
     pair_scores,
     retrieval_scores,
     roc_auc,
@@ -59,6 +60,7 @@ from training.metrics import (
 from training.projection import (
     ProjectionChoice,
     fit_within_class_whitening,
+    out_of_fold_gaps,
     out_of_fold_pairs,
     select_projection,
 )
@@ -326,10 +328,11 @@ def _rates_at(
 
 def _fit_frozen(
     config: ReidConfig, train: LoadedSet, prep: Preprocessing, progress: Progress | None
-) -> tuple[Any, list[dict[str, float]], ReidConfig]:
+) -> tuple[Any, list[dict[str, float]], ReidConfig, npt.NDArray[np.float64]]:
     """The ImageNet backbone as it is, and a within-class whitening of its features (its global
     pool, or inner layers pooled on a grid) fitted on the training patients, its dimension and
-    shrinkage chosen by cross-validation over them."""
+    shrinkage chosen by cross-validation over them; and the misfiling gaps of the training
+    images under the same fit made without their fold, for the margin's calibration."""
     if config.backbone_weights in ("none", ""):
         log.warning(
             "the frozen recipe keeps the backbone's weights as they are: with "
@@ -339,14 +342,32 @@ def _fit_frozen(
     extractor = build_features(config.shape(), "none", backbone=backbone)
     features = embed_images(extractor, train.images, prep, progress=_feature_progress(progress))
     choice = _choose_projection(features, train.labels, config.seed, progress)
-    fit_on, fit_labels = [features], list(train.labels)
-    for flip in config.fit_flips:
-        images = [flipped(image, Flip(flip)) for image in train.images]
-        fit_on.append(embed_images(extractor, images, prep, progress=_feature_progress(progress)))
-        fit_labels += train.labels
+    also_fit = [
+        embed_images(
+            extractor,
+            [flipped(image, Flip(flip)) for image in train.images],
+            prep,
+            progress=_feature_progress(progress),
+        )
+        for flip in config.fit_flips
+    ]
     projection = fit_within_class_whitening(
-        np.concatenate(fit_on), fit_labels, choice.dims, choice.shrinkage
+        np.concatenate([features, *also_fit]),
+        list(train.labels) * (1 + len(also_fit)),
+        choice.dims,
+        choice.shrinkage,
     )
+    try:
+        gaps = out_of_fold_gaps(
+            features,
+            train.labels,
+            choice.dims,
+            choice.shrinkage,
+            also_fit=also_fit,
+            seed=config.seed,
+        )
+    except ValueError:  # too few patients for folds
+        gaps = np.zeros(0)
     fitted = replace(config, embedding_dim=projection.matrix.shape[1])
     embedder = build_embedder(fitted.shape(), "none", backbone=backbone)
     embedder.get_layer("projection").set_weights(
@@ -356,7 +377,7 @@ def _fit_frozen(
         {**row, "chosen": float((row["dims"], row["shrinkage"]) == (choice.dims, choice.shrinkage))}
         for row in choice.table
     ]
-    return embedder, history, fitted
+    return embedder, history, fitted, gaps
 
 
 def train_reid(
@@ -390,8 +411,9 @@ def train_reid(
             "and lose to the untrained backbone; compare --recipe frozen (medreid evaluate reid)",
             len(set(train.labels)),
         )
+    out_of_fold = np.zeros(0)
     if config.recipe == "frozen":
-        embedder, history, config = _fit_frozen(config, train, prep, progress)
+        embedder, history, config, out_of_fold = _fit_frozen(config, train, prep, progress)
     else:
         embedder, history = _finetune(config, train, val, prep, progress)
     embedder.set_weights(artifacts.quantise(embedder.get_weights()))
@@ -406,12 +428,14 @@ def train_reid(
         **_scores(cal_embeddings, calibration.labels),
         **_rates_at(pairs, genuine, threshold),
     }
-    try:
-        margin: float | None = margin_for_false_alarm_rate(
-            cal_similarity, calibration.labels, config.false_match_rate
-        )
-    except ValueError:
-        margin = None
+    # The margin's quantile needs many more images than the threshold's (one gap per image,
+    # not per pair): the validation images' gaps under the served model are pooled with the
+    # training images' gaps out of fold, where the recipe allows it.
+    served_gaps = misfiling_gaps(cal_similarity, calibration.labels)
+    if calibration is train and len(out_of_fold):
+        served_gaps = np.zeros(0)  # in-sample gaps would understate a stranger's
+    gaps = np.concatenate([served_gaps, out_of_fold])
+    margin = margin_for_gaps(gaps, config.false_match_rate) if len(gaps) else None
 
     version = version or artifacts.new_version()
     description = {
@@ -430,6 +454,10 @@ def train_reid(
         # Another identity beating an image's own by this much flagged 1% of the calibration
         # images; a larger gallery needs more (docs/models.md).
         "margin": margin,
+        "margin_calibrated_on": {
+            f"{'validation' if calibration is val else 'training'}_images": len(served_gaps),
+            "out_of_fold_training_images": len(out_of_fold),
+        },
         "calibrated_on": "validation" if calibration is val else "training (too few patients)",
         "metrics": metrics,
         "history": history,
@@ -492,6 +520,11 @@ def whiten_reid(
         embeddings, data.labels, choice.dims, choice.shrinkage, seed=config.seed
     )
     threshold = threshold_for_false_match_rate(pairs, genuine, config.false_match_rate)
+    # The base's margin measured other embeddings: the whitened model's comes from the same
+    # folds as its threshold.
+    gaps = out_of_fold_gaps(
+        embeddings, data.labels, choice.dims, choice.shrinkage, seed=config.seed
+    )
     metrics = {
         "p_at_1": float(np.mean(p_at_1)),
         "map_at_r": float(np.mean(map_at_r)),
@@ -520,6 +553,8 @@ def whiten_reid(
         "command": artifacts.command_line(),
         "config": {**base_description["config"], "whitening_dim": whitened.whitening_dim},
         "threshold": threshold,
+        "margin": margin_for_gaps(gaps, config.false_match_rate) if len(gaps) else None,
+        "margin_calibrated_on": {"out_of_fold_whitening_set_images": len(gaps)},
         "calibrated_on": "out-of-fold whitening-set",
         "metrics": metrics,
         "whitening": {
