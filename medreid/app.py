@@ -39,6 +39,7 @@ from storage.audit_trail import append_audit
 from storage.db import require_current_schema
 from storage.jobs import release_jobs_of
 from storage.models import Association, AssociationOutcome, utcnow
+from storage.outbox import release_deliveries_of
 
 if TYPE_CHECKING:
     from console.server import ConsoleServer
@@ -89,9 +90,11 @@ def build_service(settings: Settings, observer: ScpObserver | None = None) -> Se
 
 
 def recover_after_restart(service: Service) -> tuple[int, int]:
-    """Hand back the jobs our previous run held and close its dangling associations."""
+    """Hand back the jobs and the outgoing messages our previous run held and close its
+    dangling associations."""
     with service.sessions.begin() as session:
         released = release_jobs_of(session, claimant_prefix=f"{service.node}/")
+        released += release_deliveries_of(session, claimant_prefix=f"{service.node}/")
         closed = session.execute(
             update(Association)
             .where(Association.outcome == AssociationOutcome.OPEN)
@@ -187,7 +190,8 @@ def _serve(settings: Settings, config_path: str | None, metrics_dir: Path, start
     released, closed = recover_after_restart(service)
     if released or closed:
         log.info(
-            "recovered after restart: %d unfinished jobs queued again, %d associations closed",
+            "recovered after restart: %d unfinished jobs and messages queued again, %d "
+            "associations closed",
             released,
             closed,
         )

@@ -200,6 +200,28 @@ def test_a_dead_dispatchers_deliveries_are_taken_over_after_their_lease(
     assert len(hook.accepted) == 1
 
 
+def test_a_restarted_node_takes_back_its_own_leases_at_once_and_no_one_elses(
+    database: Database, receiver: Any
+) -> None:
+    from storage.outbox import release_deliveries_of
+
+    with database.sessions.begin() as session:
+        finished(session, "4.2", SWAPPED)
+        finished(session, "4.3", SWAPPED)
+    hook = receiver([])
+    now = dt.datetime.now(dt.UTC)
+    for name in ("host-a:104/outbox", "host-b:104/outbox"):
+        killed = dispatcher_for(database, hook.url, name=name, clock=lambda: now)
+        killed._deliver = lambda channel, delivery: None  # type: ignore[method-assign]
+        assert killed.run_once(limit=1) == 1
+    with database.sessions.begin() as session:
+        assert release_deliveries_of(session, claimant_prefix="host-a:104/") == 1
+    restarted = dispatcher_for(database, hook.url, name="host-a:104/outbox", clock=lambda: now)
+    # the restarted node's message goes out now; host-b's stays leased to host-b
+    assert restarted.run_once() == 1
+    assert len(hook.accepted) == 1 and restarted.run_once() == 0
+
+
 def test_webhook_settings_fail_naming_the_key_and_the_secret_is_never_shown() -> None:
     base = {"MEDREID_WEBHOOKS_URLS": "https://hooks.example/medreid"}
     with pytest.raises(SettingsError, match=r"webhooks\.secret"):
