@@ -149,7 +149,7 @@ def _mutate(data: bytes, body: int, rng: random.Random) -> bytes:
 
 
 @pytest.mark.db
-def test_a_thousand_mutated_datasets_crash_nothing_and_every_success_is_kept(
+def test_mutated_datasets_crash_nothing_and_every_success_is_kept(
     database: Database, make_server: ServerFactory, tmp_path: Path
 ) -> None:
     server: DicomServer = make_server(sessions=database.sessions)
@@ -171,9 +171,12 @@ def test_a_thousand_mutated_datasets_crash_nothing_and_every_success_is_kept(
     chunked = pynetdicom_config.STORE_SEND_CHUNKED_DATASET
     pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True  # the bytes as they are
     assoc: Any = None
+    # A thousand on SQLite; the parsing they stress is the same on PostgreSQL, where a few
+    # hundred prove that every Success is stored there too.
+    to_send = 1000 if database.backend == "sqlite" else 300
     started = time.monotonic()
     try:
-        while sent < 1000:
+        while sent < to_send:
             if assoc is None or not assoc.is_established or not assoc.is_alive():
                 assoc = associate(server, syntaxes=(ExplicitVRLittleEndian,))
                 assert assoc.is_established, "the server stopped accepting associations"

@@ -48,6 +48,7 @@ def cmd_priors(settings: Settings, args: argparse.Namespace, clock: Clock) -> in
     from medreid.builders import build_database, build_priors
     from medreid.priors import backfill, backfill_patients
     from medreid.processes import build_analyser
+    from pipeline.modelstore import discover
 
     if not settings.priors.enabled:
         raise SystemExit("medreid priors: no PACS node is configured (priors.nodes)")
@@ -59,13 +60,18 @@ def cmd_priors(settings: Settings, args: argparse.Namespace, clock: Clock) -> in
         analyser = build_analyser(settings, sessions)
         if analyser is None:
             raise SystemExit(f"medreid priors: no models under {settings.models.dir}")
-        analyser.refresh()
+        # The PACS is asked first and the models (seconds to load) only where it names
+        # someone: a window with no study answers at once.
+        installed = sorted(
+            slot.split(":", 1)[1]
+            for slot in discover(settings.models.dir)
+            if slot.startswith("reid:")
+        )
+        modalities = [args.modality] if args.modality else installed
+        if not set(modalities) & set(installed):
+            raise SystemExit("medreid priors: no re-identification model serves that modality")
         fetcher = build_priors(settings, sessions, analyser, "cli:priors-backfill")
         assert fetcher is not None
-        modalities = [args.modality] if args.modality else sorted(analyser.models.reid)
-        modalities = [m for m in modalities if analyser.embedder(m) is not None]
-        if not modalities:
-            raise SystemExit("medreid priors: no re-identification model serves that modality")
         if args.patients is not None:
             try:
                 lines = args.patients.read_text(encoding="utf-8").splitlines()
@@ -76,6 +82,11 @@ def cmd_priors(settings: Settings, args: argparse.Namespace, clock: Clock) -> in
             patients = sorted(
                 backfill_patients(fetcher, since=args.since, until=until, modalities=modalities)
             )
+        if patients:
+            analyser.refresh()
+            modalities = [m for m in modalities if analyser.embedder(m) is not None]
+            if not modalities:
+                raise SystemExit("medreid priors: no re-identification model serves that modality")
         with _Progress("priors") as progress:
             progress.bar.unit = "patient-modality"
             report = backfill(
