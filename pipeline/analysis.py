@@ -19,6 +19,7 @@ from pipeline.verdicts import (
     IdentityDecision,
     IdentityVerdict,
     ModalityVerdict,
+    StrangerThresholds,
     identity_verdict,
     modality_verdict,
     route,
@@ -42,6 +43,9 @@ class Embedder(Protocol):
     # The model's own mismatch margin, calibrated on identities it never saw (None where the
     # model has none: the settings' margin and the threshold then decide together).
     margin: float | None
+    # The threshold for a header patient who is not enrolled, by gallery size (None where the
+    # model has none: the threshold then decides).
+    stranger_thresholds: StrangerThresholds | None
 
     def embed(self, images: list[FloatImage]) -> npt.NDArray[np.float32]: ...
 
@@ -133,14 +137,19 @@ def analyse(
                 if gallery is not None and header_patient
                 else None
             )
+            applied = embedder.threshold
             if gallery is None or len(gallery) == 0:
                 # nobody of this modality is enrolled: nothing to verify against
                 decision = IdentityDecision(IdentityVerdict.UNVERIFIABLE, None, None, None)
             else:
+                if header_score is None and embedder.stranger_thresholds is not None:
+                    # no own score to compare with: another patient must beat what the best
+                    # of this many strangers reaches by chance
+                    applied = embedder.stranger_thresholds.at(len(gallery))
                 decision = identity_verdict(
                     found,
                     header_patient,
-                    embedder.threshold,
+                    applied,
                     header_enrolled=gallery.is_enrolled(header_patient),
                     header_score=header_score,
                     margin=settings.mismatch_margin if embedder.margin is None else embedder.margin,
@@ -149,7 +158,7 @@ def analyse(
             decisions[i] = (
                 [{"patient_id": m.patient_id, "score": round(m.score, 5)} for m in found],
                 decision,
-                embedder.threshold,
+                applied,
                 embedder.margin,
             )
     versions = models.versions()

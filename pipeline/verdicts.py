@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -79,6 +80,49 @@ class IdentityDecision:
     matched_patient: str | None
     best_score: float | None
     header_score: float | None
+
+
+@dataclass(frozen=True)
+class StrangerThresholds:
+    """The score the best of a gallery of strangers reaches for a known share of queries
+    (the model's false-match rate), by gallery size (enrolled images), calibrated on
+    identities the model never saw.
+
+    A per-pair threshold of 1% false matches is crossed by some stranger for almost every
+    image once a thousand are enrolled: an image of a patient who is not enrolled is
+    compared with the best of them, so its threshold grows with the gallery."""
+
+    gallery_sizes: tuple[int, ...]  # increasing
+    scores: tuple[float, ...]  # one per size, non-decreasing
+
+    def __post_init__(self) -> None:
+        if not self.gallery_sizes or len(self.gallery_sizes) != len(self.scores):
+            raise ValueError("stranger thresholds need one score per gallery size")
+        if any(b <= a for a, b in zip(self.gallery_sizes, self.gallery_sizes[1:], strict=False)):
+            raise ValueError("stranger thresholds' gallery sizes must increase")
+
+    @classmethod
+    def of(cls, described: Mapping[str, Sequence[float]] | None) -> StrangerThresholds | None:
+        """From a model description's ``stranger_thresholds`` (None where it has none)."""
+        if not described:
+            return None
+        return cls(
+            tuple(int(n) for n in described["gallery_sizes"]),
+            tuple(float(x) for x in described["scores"]),
+        )
+
+    def at(self, gallery_size: int) -> float:
+        """The threshold for a gallery of this many images: interpolated on the logarithm of
+        the size between the calibrated sizes, the nearest beyond them."""
+        sizes, scores = self.gallery_sizes, self.scores
+        if gallery_size <= sizes[0]:
+            return scores[0]
+        for i in range(1, len(sizes)):
+            if gallery_size <= sizes[i]:
+                span = math.log(sizes[i]) - math.log(sizes[i - 1])
+                share = (math.log(gallery_size) - math.log(sizes[i - 1])) / span
+                return scores[i - 1] + share * (scores[i] - scores[i - 1])
+        return scores[-1]
 
 
 # How much better another patient must match than the header's patient, both above the

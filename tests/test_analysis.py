@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import pytest
 
 from pipeline.analysis import Analysis, AnalysisSettings, HeaderFacts, ModelSet, analyse
 from pipeline.gallery import GalleryIndex
-from pipeline.verdicts import IdentityVerdict, ModalityVerdict
+from pipeline.verdicts import IdentityVerdict, ModalityVerdict, StrangerThresholds
 
 
 @dataclass
@@ -37,6 +38,7 @@ class FakeEmbedder:
     threshold: float = 0.9
     calls: list[int] = field(default_factory=list)
     margin: float | None = None
+    stranger_thresholds: StrangerThresholds | None = None
 
     def embed(self, images: list[np.ndarray]) -> np.ndarray:
         self.calls.append(len(images))
@@ -134,3 +136,33 @@ def test_a_model_with_a_calibrated_margin_judges_by_it() -> None:
     close = judged(0.03)
     assert close.identity is not None and close.identity.verdict is IdentityVerdict.MISMATCH
     assert close.identity.matched_patient == "BOB"
+
+
+def test_a_patient_not_enrolled_is_judged_against_the_best_of_the_gallerys_strangers() -> None:
+    gallery = GalleryIndex(dim=3)
+    gallery.add(["ALICE", "BOB"], np.array([[1, 0, 0], [0, 1, 0]], dtype=np.float32))
+    # what the best of one stranger reaches at 1%, and of a thousand: the gallery holds two
+    strangers = StrangerThresholds((1, 1000), (0.92, 0.98))
+    at_two = strangers.at(2)
+    assert 0.92 < at_two < 0.93
+    looks_like_alice = image(0.2, (1, 0.33, 0))  # 0.9496 against Alice
+    headers = [HeaderFacts("CAROL", "CT"), HeaderFacts("ALICE", "CT")]
+
+    def judged(thresholds: StrangerThresholds | None, picture: np.ndarray) -> list[Analysis]:
+        embedder = FakeEmbedder("reid-ct-fake", stranger_thresholds=thresholds)
+        models = ModelSet(FakeCompa(), {"ct": embedder})
+        return analyse([picture] * 2, headers, models, {"ct": gallery}, AnalysisSettings())
+
+    # Without them Carol, who is not enrolled, is called Alice at the per-pair threshold.
+    carol, alice = judged(None, looks_like_alice)
+    assert carol.identity is not None and carol.identity.verdict is IdentityVerdict.MISMATCH
+    # With them 0.9496 beats what the best of two strangers reaches (about 0.92) too...
+    carol, alice = judged(strangers, looks_like_alice)
+    assert carol.identity is not None and carol.identity.verdict is IdentityVerdict.MISMATCH
+    assert carol.threshold == pytest.approx(at_two)
+    # ...and an enrolled header patient keeps the per-pair threshold.
+    assert alice.threshold == 0.9
+    assert alice.identity is not None and alice.identity.verdict is IdentityVerdict.CONSISTENT
+    # A gallery whose strangers reach more: Carol is a new patient, not Alice's image.
+    carol, _ = judged(StrangerThresholds((1, 1000), (0.96, 0.99)), looks_like_alice)
+    assert carol.identity is not None and carol.identity.verdict is IdentityVerdict.NEW_PATIENT

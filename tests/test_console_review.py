@@ -58,6 +58,23 @@ def test_the_worklist_lists_open_alerts_first_with_their_counts(
     assert 'id="viewer-note"' in detail and 'id="review"' not in detail  # a viewer looks
 
 
+def test_an_alert_on_a_patient_not_enrolled_says_what_the_threshold_was(
+    client: TestClient, hospital: Hospital, database: Database
+) -> None:
+    from storage.models import Alert
+
+    assert login(client) == 303
+    swap = next(a for a in alerts(client)["items"] if a["result_id"] == hospital.results["swap"])
+    with database.sessions.begin() as session:
+        alert = session.get(Alert, swap["id"])
+        assert alert is not None
+        alert.detail = {**alert.detail, "header_score": None}
+    detail = client.get(f"/alerts/{swap['id']}").text
+    assert "The header patient is not enrolled" in detail
+    assert "at or above the threshold 0.62" in detail
+    assert "own score None" not in detail and "or more above the header patient" not in detail
+
+
 def test_a_viewer_is_refused_every_decision(
     client: TestClient, hospital: Hospital, database: Database
 ) -> None:

@@ -133,3 +133,28 @@ def test_gaps_pooled_from_two_sets_give_the_margin_of_the_pooled_share() -> None
     assert (pooled >= margin_for_gaps(pooled, 1 / 8)).sum() == 1
     with pytest.raises(ValueError, match="two images"):
         margin_for_gaps([], 0.01)
+
+
+def test_stranger_thresholds_hold_the_best_of_a_gallery_to_the_rate() -> None:
+    import math
+
+    from training.metrics import stranger_thresholds, threshold_for_false_match_rate
+
+    rng = np.random.default_rng(0)
+    impostors = rng.normal(0.0, 0.1, 200_000)
+    found = stranger_thresholds(impostors, 0.01)
+    sizes, scores = found["gallery_sizes"], found["scores"]
+    assert sizes[:4] == [1, 2, 5, 10] and scores == sorted(scores)
+    assert found["stranger_pairs"] == 200_000
+    # a gallery of one is the per-pair threshold
+    genuine = np.zeros(len(impostors), bool)
+    assert scores[0] == threshold_for_false_match_rate(impostors, genuine, 0.01)
+    # the best of 100 other strangers passes the threshold for 100 about 1% of the time
+    best = rng.normal(0.0, 0.1, (20_000, 100)).max(axis=1)
+    assert 0.006 < (best >= scores[sizes.index(100)]).mean() < 0.014
+    # 200,000 pairs measure a per-pair rate down to 1 in 200,000, a gallery of about 2,010:
+    # there the largest pair is the threshold, and no larger gallery is listed
+    assert sizes[-2:] == [2_000, int(math.log(0.99) / math.log1p(-1 / 200_000))]
+    assert scores[-1] > impostors.max()
+    with pytest.raises(ValueError, match="two identities"):
+        stranger_thresholds([], 0.01)

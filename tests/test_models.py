@@ -201,6 +201,12 @@ def test_inner_layers_pooled_on_a_grid_round_trip_and_beat_raw_pixels(
         f"{train_images:,} training images judged out of fold"
         in (pooled / "MODEL_CARD.md").read_text()
     )
+    # and the thresholds for a header patient who is not enrolled, by gallery size
+    strangers = description["stranger_thresholds"]
+    assert strangers["gallery_sizes"][:3] == [1, 2, 5]
+    assert strangers["scores"] == sorted(strangers["scores"])
+    served = ReidModel(pooled).stranger_thresholds
+    assert served is not None and served.at(1) == strangers["scores"][0]
     data = load_set(scan_modality(xray_sets[1] / "xray", "xray")[:8], 128)
     first = ReidModel(pooled).embed(data.images)
     np.testing.assert_array_equal(first, ReidModel(pooled).embed(data.images))
@@ -330,6 +336,7 @@ def test_a_whitening_fitted_on_other_patients_is_appended_and_round_trips(
     assert description["margin"] is not None and description["margin"] != read_model(trained).get(
         "margin"
     )
+    assert description["stranger_thresholds"]["gallery_sizes"][0] == 1
     assert "reid-dermoscopy-t1" in (whitened / "MODEL_CARD.md").read_text()
 
     data = load_set(scan_modality(unseen / "dermoscopy", "dermoscopy")[:8], 96)

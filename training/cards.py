@@ -33,6 +33,18 @@ def reid_card(d: dict[str, Any]) -> str:
         if d.get("margin") is not None
         else ""
     )
+    strangers = d.get("stranger_thresholds")
+    if strangers:
+        sizes, scores = strangers["gallery_sizes"], strangers["scores"]
+        shown = [(n, x) for n, x in zip(sizes, scores, strict=True) if n in (1, 100, 1_000)]
+        margin += (
+            " An image whose header patient is not enrolled has no own score to compare: "
+            "another patient must then beat what the best of the gallery's strangers reaches "
+            f"for {cfg['false_match_rate']:.0%} of such images, "
+            + ", ".join(f"**{x:.4f}** for {n:,} enrolled images" for n, x in shown)
+            + f" (calibrated on {strangers['stranger_pairs']:,} pairs of strangers; measured "
+            f"up to {sizes[-1]:,} images, the last threshold beyond)."
+        )
     kind = "real images" if real else "generated images"
     who = identities_in(collections)
     reproduce = (

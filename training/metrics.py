@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -162,6 +163,45 @@ def margin_for_false_alarm_rate(similarity: Matrix, labels: Sequence[str], rate:
     """The margin by which another identity must beat an image's own to call it misfiled,
     so that at most ``rate`` of correctly filed images are called so (``misfiling_gaps``)."""
     return margin_for_gaps(misfiling_gaps(similarity, labels), rate)
+
+
+# Gallery sizes (enrolled images) at which the stranger thresholds are calibrated; the
+# service interpolates between them on the logarithm of the size.
+GALLERY_SIZES = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000)
+
+
+def stranger_thresholds(
+    impostors: npt.ArrayLike, rate: float, sizes: Sequence[int] = GALLERY_SIZES
+) -> dict[str, Any]:
+    """For each gallery size N, the score the best of N strangers reaches for at most
+    ``rate`` of the queries of a patient who is not enrolled: the threshold of a per-pair
+    false-match rate of 1 - (1 - rate)^(1/N), as if the N comparisons were independent.
+    Where that rate asks for less than one of the measured stranger pairs, the largest of
+    them is the last threshold (what the calibration could measure), at the gallery size
+    where that happens; larger galleries get it too."""
+    scores = np.sort(np.asarray(impostors, np.float64))[::-1]
+    if not len(scores):
+        raise ValueError("stranger thresholds need pairs of images of two identities")
+    kept_sizes: list[int] = []
+    kept_scores: list[float] = []
+    for size in sorted(sizes):
+        per_pair = 1.0 - (1.0 - rate) ** (1.0 / size)
+        allowed = int(np.floor(per_pair * len(scores)))
+        if allowed < 1:
+            # the gallery whose per-pair rate is one pair in those measured
+            limit = max(1, int(np.log(1.0 - rate) / np.log1p(-1.0 / len(scores))))
+            if not kept_sizes or limit > kept_sizes[-1]:
+                kept_sizes.append(limit)
+                kept_scores.append(float(np.nextafter(scores[0], np.inf)))
+            break
+        kept_sizes.append(size)
+        kept_scores.append(float(np.nextafter(scores[min(allowed, len(scores) - 1)], np.inf)))
+    return {
+        "gallery_sizes": kept_sizes,
+        "scores": kept_scores,
+        "false_alarm_rate": rate,
+        "stranger_pairs": len(scores),
+    }
 
 
 def verification_scores(similarity: Matrix, labels: Sequence[str]) -> VerificationScores:

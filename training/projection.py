@@ -183,7 +183,17 @@ def out_of_fold_pairs(
     return np.concatenate(scores), np.concatenate(genuine), p_at_1, map_at_r
 
 
-def out_of_fold_gaps(
+@dataclass(frozen=True)
+class OutOfFold:
+    """What the training images say of strangers, each fold's under a projection fitted
+    without it: a calibration over all the training identities, not only the few held out
+    for validation."""
+
+    gaps: npt.NDArray[np.float64]  # misfiling gaps (training.metrics.misfiling_gaps)
+    impostors: npt.NDArray[np.float64]  # scores of pairs of images of two identities
+
+
+def out_of_fold_calibration(
     features: npt.NDArray[np.floating],
     labels: Sequence[str],
     dims: int,
@@ -192,17 +202,17 @@ def out_of_fold_gaps(
     also_fit: Sequence[npt.NDArray[np.floating]] = (),
     folds: int = 4,
     seed: int = 0,
-) -> npt.NDArray[np.float64]:
-    """The misfiling gaps (``training.metrics.misfiling_gaps``) of every training image with
-    another of its identity, each fold's under a projection fitted without it: a margin's
-    calibration over all the training identities, not only the few held out for validation."""
-    gaps = [
-        misfiling_gaps(similarity, held_labels)
-        for similarity, held_labels in out_of_fold_similarities(
-            features, labels, dims, shrinkage, also_fit=also_fit, folds=folds, seed=seed
-        )
-    ]
-    return np.concatenate(gaps)
+) -> OutOfFold:
+    """The misfiling gaps of every training image with another of its identity, and the
+    scores of every pair of images of two identities within a fold."""
+    gaps, impostors = [], []
+    for similarity, held_labels in out_of_fold_similarities(
+        features, labels, dims, shrinkage, also_fit=also_fit, folds=folds, seed=seed
+    ):
+        gaps.append(misfiling_gaps(similarity, held_labels))
+        scores, genuine = pair_scores(similarity, held_labels)
+        impostors.append(scores[~genuine])
+    return OutOfFold(np.concatenate(gaps), np.concatenate(impostors))
 
 
 def select_projection(

@@ -54,13 +54,15 @@ from training.metrics import (
     pair_scores,
     retrieval_scores,
     roc_auc,
+    stranger_thresholds,
     threshold_for_false_match_rate,
     verification_scores,
 )
 from training.projection import (
+    OutOfFold,
     ProjectionChoice,
     fit_within_class_whitening,
-    out_of_fold_gaps,
+    out_of_fold_calibration,
     out_of_fold_pairs,
     select_projection,
 )
@@ -328,11 +330,12 @@ def _rates_at(
 
 def _fit_frozen(
     config: ReidConfig, train: LoadedSet, prep: Preprocessing, progress: Progress | None
-) -> tuple[Any, list[dict[str, float]], ReidConfig, npt.NDArray[np.float64]]:
+) -> tuple[Any, list[dict[str, float]], ReidConfig, OutOfFold | None]:
     """The ImageNet backbone as it is, and a within-class whitening of its features (its global
     pool, or inner layers pooled on a grid) fitted on the training patients, its dimension and
-    shrinkage chosen by cross-validation over them; and the misfiling gaps of the training
-    images under the same fit made without their fold, for the margin's calibration."""
+    shrinkage chosen by cross-validation over them; and what the training images say of
+    strangers under the same fit made without their fold, for the margin's and the stranger
+    thresholds' calibration."""
     if config.backbone_weights in ("none", ""):
         log.warning(
             "the frozen recipe keeps the backbone's weights as they are: with "
@@ -358,7 +361,7 @@ def _fit_frozen(
         choice.shrinkage,
     )
     try:
-        gaps = out_of_fold_gaps(
+        out_of_fold: OutOfFold | None = out_of_fold_calibration(
             features,
             train.labels,
             choice.dims,
@@ -367,7 +370,7 @@ def _fit_frozen(
             seed=config.seed,
         )
     except ValueError:  # too few patients for folds
-        gaps = np.zeros(0)
+        out_of_fold = None
     fitted = replace(config, embedding_dim=projection.matrix.shape[1])
     embedder = build_embedder(fitted.shape(), "none", backbone=backbone)
     embedder.get_layer("projection").set_weights(
@@ -377,7 +380,7 @@ def _fit_frozen(
         {**row, "chosen": float((row["dims"], row["shrinkage"]) == (choice.dims, choice.shrinkage))}
         for row in choice.table
     ]
-    return embedder, history, fitted, gaps
+    return embedder, history, fitted, out_of_fold
 
 
 def train_reid(
@@ -411,7 +414,7 @@ def train_reid(
             "and lose to the untrained backbone; compare --recipe frozen (medreid evaluate reid)",
             len(set(train.labels)),
         )
-    out_of_fold = np.zeros(0)
+    out_of_fold: OutOfFold | None = None
     if config.recipe == "frozen":
         embedder, history, config, out_of_fold = _fit_frozen(config, train, prep, progress)
     else:
@@ -431,11 +434,21 @@ def train_reid(
     # The margin's quantile needs many more images than the threshold's (one gap per image,
     # not per pair): the validation images' gaps under the served model are pooled with the
     # training images' gaps out of fold, where the recipe allows it.
-    served_gaps = misfiling_gaps(cal_similarity, calibration.labels)
-    if calibration is train and len(out_of_fold):
-        served_gaps = np.zeros(0)  # in-sample gaps would understate a stranger's
-    gaps = np.concatenate([served_gaps, out_of_fold])
+    served_gaps, served_impostors = (
+        misfiling_gaps(cal_similarity, calibration.labels),
+        pairs[~genuine],
+    )
+    if calibration is train and out_of_fold is not None:
+        # in-sample scores would understate a stranger's
+        served_gaps, served_impostors = np.zeros(0), np.zeros(0)
+    gaps = np.concatenate([served_gaps, out_of_fold.gaps if out_of_fold else np.zeros(0)])
     margin = margin_for_gaps(gaps, config.false_match_rate) if len(gaps) else None
+    # the same pooling for the best of a gallery of strangers, for header patients who are
+    # not enrolled
+    impostors = np.concatenate(
+        [served_impostors, out_of_fold.impostors if out_of_fold else np.zeros(0)]
+    )
+    strangers = stranger_thresholds(impostors, config.false_match_rate) if len(impostors) else None
 
     version = version or artifacts.new_version()
     description = {
@@ -456,8 +469,9 @@ def train_reid(
         "margin": margin,
         "margin_calibrated_on": {
             f"{'validation' if calibration is val else 'training'}_images": len(served_gaps),
-            "out_of_fold_training_images": len(out_of_fold),
+            "out_of_fold_training_images": len(out_of_fold.gaps) if out_of_fold else 0,
         },
+        "stranger_thresholds": strangers,
         "calibrated_on": "validation" if calibration is val else "training (too few patients)",
         "metrics": metrics,
         "history": history,
@@ -522,7 +536,7 @@ def whiten_reid(
     threshold = threshold_for_false_match_rate(pairs, genuine, config.false_match_rate)
     # The base's margin measured other embeddings: the whitened model's comes from the same
     # folds as its threshold.
-    gaps = out_of_fold_gaps(
+    out_of_fold = out_of_fold_calibration(
         embeddings, data.labels, choice.dims, choice.shrinkage, seed=config.seed
     )
     metrics = {
@@ -553,8 +567,13 @@ def whiten_reid(
         "command": artifacts.command_line(),
         "config": {**base_description["config"], "whitening_dim": whitened.whitening_dim},
         "threshold": threshold,
-        "margin": margin_for_gaps(gaps, config.false_match_rate) if len(gaps) else None,
-        "margin_calibrated_on": {"out_of_fold_whitening_set_images": len(gaps)},
+        "margin": (
+            margin_for_gaps(out_of_fold.gaps, config.false_match_rate)
+            if len(out_of_fold.gaps)
+            else None
+        ),
+        "margin_calibrated_on": {"out_of_fold_whitening_set_images": len(out_of_fold.gaps)},
+        "stranger_thresholds": stranger_thresholds(out_of_fold.impostors, config.false_match_rate),
         "calibrated_on": "out-of-fold whitening-set",
         "metrics": metrics,
         "whitening": {
