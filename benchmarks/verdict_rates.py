@@ -13,7 +13,9 @@ DCMTK storescu to a fresh medreid with the default models. Per modality: the swa
 caught (an identity mismatch), and the correctly filed images flagged, its false alarms.
 With ``--holdout`` the served model's recipe is first fitted again on half of the identities,
 and the other half is enrolled and judged: the default real-image models were fitted on every
-development image, so without it the figures are in-sample.
+development image, so without it the figures are in-sample. With ``--new-patients F`` a
+fraction F of the identities is never enrolled and sent under its own PatientIDs: the share of
+those images called another patient's is the false alarms on patients seen for the first time.
 
     python -m benchmarks.verdict_rates --real ../shared/data/real/xray --prefix kermany_
 """
@@ -219,17 +221,32 @@ def real_rates(args: argparse.Namespace) -> dict[str, Any]:
         names, models, fitted_on = holdout_models(args, modality, identities, names, work)
     gallery, queries = work / "gallery" / modality, work / "queries"
     queries.mkdir(parents=True)
+    # Identities never enrolled, their every image sent under their own PatientID: the
+    # patients a hospital sees for the first time (their own generator, so that the rest of
+    # the draw is the same with or without them).
+    newcomers = set(
+        random.Random(args.seed + 1).sample(names, round(args.new_patients * len(names)))
+    )
+    enrolled_names = [n for n in names if n not in newcomers]
     truth: dict[str, tuple[str, bool]] = {}  # SOP instance UID -> (identity, swapped)
+
+    def send(path: Path, header: str) -> str:
+        ds = real_query(path, modality, header)
+        ds.save_as(queries / f"{len(truth):06d}.dcm", enforce_file_format=True)
+        return str(ds.SOPInstanceUID)
+
     for name in names:
+        if name in newcomers:
+            for path in identities[name]:
+                truth[send(path, name)] = (name, False)
+            continue
         first, *rest = identities[name]
         (gallery / name).mkdir(parents=True)
         (gallery / name / first.name).symlink_to(first.resolve())
         for path in rest:
             swapped = rng.random() < args.rate
-            header = rng.choice([n for n in names if n != name]) if swapped else name
-            ds = real_query(path, modality, header)
-            ds.save_as(queries / f"{len(truth):06d}.dcm", enforce_file_format=True)
-            truth[str(ds.SOPInstanceUID)] = (name, swapped)
+            header = rng.choice([n for n in enrolled_names if n != name]) if swapped else name
+            truth[send(path, header)] = (name, swapped)
     url = f"sqlite:///{work / 'medreid.sqlite3'}"
     upgrade(url)
     service = RunningService.on(work, url, MEDREID_MODELS_DIR=str(models))
@@ -266,20 +283,24 @@ def real_rates(args: argparse.Namespace) -> dict[str, Any]:
     found = {row[0]: row[1:] for row in rows}
     counts: dict[str, int] = defaultdict(int)
     gaps: dict[bool, list[float]] = {True: [], False: []}
-    for uid, (_, swapped) in truth.items():
+    served = discover(models)[f"reid:{modality}"]
+    description = json.loads((served / "model.json").read_text())
+    model_margin = description.get("margin")
+    for uid, (name, swapped) in truth.items():
         header, identity, tag, header_score, matches = found.get(
             uid, (None, "not judged", None, None, None)
         )
-        kind = "swapped" if swapped else "correct"
+        kind = "new" if name in newcomers else "swapped" if swapped else "correct"
         counts[f"{kind}"] += 1
         counts[f"{kind}_{identity}"] += 1
         counts["modality_mismatch"] += tag == "mismatch"
         others = [m["score"] for m in matches or [] if m["patient_id"] != header]
         if header_score is not None and others:
             gaps[swapped].append(max(others) - header_score)
+        if kind == "new" and others:
+            # the rule before stranger thresholds: any other patient at the per-pair threshold
+            counts["new_over_pair_threshold"] += max(others) >= description["threshold"]
     swaps, correct = counts["swapped"], counts["correct"]
-    served = discover(models)[f"reid:{modality}"]
-    model_margin = json.loads((served / "model.json").read_text()).get("margin")
     shutil.rmtree(work, ignore_errors=True)
     return {
         "dataset": f"{folder} ({args.prefix or 'all'}*)",
@@ -293,6 +314,14 @@ def real_rates(args: argparse.Namespace) -> dict[str, Any]:
         "swap_recall": round(counts["swapped_mismatch"] / max(swaps, 1), 4),
         "false_alarm_rate": round(counts["correct_mismatch"] / max(correct, 1), 4),
         "modality_false_alarm_rate": round(counts["modality_mismatch"] / max(len(truth), 1), 4),
+        "new_patients": len(newcomers),
+        # a first image of a patient never enrolled, called another patient's
+        "new_patient_false_alarm_rate": (
+            round(counts["new_mismatch"] / counts["new"], 4) if counts["new"] else None
+        ),
+        "new_patient_false_alarm_rate_at_the_pair_threshold": (
+            round(counts["new_over_pair_threshold"] / counts["new"], 4) if counts["new"] else None
+        ),
         "margin_rule": margin_rule(gaps, model_margin),
         **dict(sorted(counts.items())),
         "seconds_to_judge": round(seconds, 1),
@@ -310,6 +339,13 @@ def main() -> None:
     parser.add_argument("--prefix", default="", help="--real: identities starting so")
     parser.add_argument(
         "--identities", type=int, default=0, help="--real: at most this many (default: all)"
+    )
+    parser.add_argument(
+        "--new-patients",
+        type=float,
+        default=0.0,
+        help="--real: this fraction of the identities is never enrolled and its images are sent "
+        "under their own PatientIDs, as patients seen for the first time",
     )
     parser.add_argument(
         "--holdout",
