@@ -62,10 +62,25 @@ class _Principal:
 
     @classmethod
     def of(cls, features: npt.NDArray[np.floating]) -> _Principal:
+        """By a thin SVD: the served projection's route. The principal directions' signs are
+        LAPACK's, and every released model's embeddings rest on them, so retraining a
+        released model with this route reproduces its embeddings."""
+        x = np.asarray(features, np.float64)
+        mean = x.mean(axis=0)
+        centred = x - mean
+        _, singular, directions = np.linalg.svd(centred, full_matrices=False)
+        # Directions beyond the data's rank carry no variance to whiten.
+        rank = int((singular > singular[0] * 1e-8).sum()) if singular.size else 0
+        return cls(mean, centred, singular, directions, rank)
+
+    @classmethod
+    def by_gram(cls, features: npt.NDArray[np.floating]) -> _Principal:
         """By the eigenvectors of the smaller Gram matrix (images x images, or features x
-        features), a matrix product and a symmetric eigensolver: four to six times faster than
-        a thin SVD of thousands of images by thousands of pooled features, the same to 1e-15
-        for the leading directions the whitening keeps."""
+        features): a matrix product and a symmetric eigensolver, four to six times faster
+        than a thin SVD of thousands of images by thousands of pooled features, and the same
+        to 1e-15 for the leading directions the whitening keeps, up to their signs. Scores,
+        which do not depend on those signs, are measured this way (cross-validation and the
+        out-of-fold calibration); the served projection is fitted by ``of``."""
         x = np.asarray(features, np.float64)
         mean = x.mean(axis=0)
         centred = x - mean
@@ -155,7 +170,7 @@ def out_of_fold_similarities(
     for held in patient_folds(labels, folds, seed):
         fit_on = np.concatenate([x[~held]] + [np.asarray(v, np.float64)[~held] for v in also_fit])
         fit_labels = names[~held].tolist() * (1 + len(also_fit))
-        projection = fit_within_class_whitening(fit_on, fit_labels, dims, shrinkage)
+        projection = _whitening(_Principal.by_gram(fit_on), fit_labels, dims, shrinkage)
         yield cosine_similarity(projection.apply(x[held])), names[held].tolist()
 
 
@@ -229,7 +244,7 @@ def select_projection(
     names = np.asarray(labels)
     found: dict[tuple[int, float], list[float]] = {}
     for held in patient_folds(labels, folds, seed):
-        principal = _Principal.of(x[~held])
+        principal = _Principal.by_gram(x[~held])
         measured: dict[tuple[int, float], float] = {}
         for d in dims:
             for s in shrinkage:
