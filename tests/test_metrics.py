@@ -104,7 +104,12 @@ def test_cosine_similarity_is_scale_free() -> None:
 
 
 def test_the_margin_flags_at_most_the_asked_share_of_correctly_filed_images() -> None:
-    from training.metrics import margin_for_false_alarm_rate
+    from training.metrics import margin_for_gaps, misfiling_gaps
+
+    def margin_for_false_alarm_rate(
+        similarity: np.ndarray, labels: list[str], rate: float
+    ) -> float:
+        return margin_for_gaps(misfiling_gaps(similarity, labels), rate)
 
     # Other identity's best minus the own identity's best: 0.1, -0.1, 0.3, 0.1.
     labels = ["a", "a", "b", "b"]

@@ -85,13 +85,15 @@ def test_selection_survives_folds_whose_rank_is_below_the_dimensions_asked() -> 
 
 def test_out_of_fold_gaps_are_one_per_image_with_a_sibling_and_judge_strangers() -> None:
     from training.metrics import margin_for_gaps, misfiling_gaps
-    from training.projection import out_of_fold_calibration
+    from training.projection import out_of_fold_scores
 
     features, labels = nuisance_set(seed=5, patients=16)
-    found = out_of_fold_calibration(features, labels, dims=10, shrinkage=0.1, folds=4)
+    found = out_of_fold_scores(features, labels, dims=10, shrinkage=0.1, folds=4)
     gaps = found.gaps
     # four folds of four patients of four images: 4 x (16 x 15 / 2 - 4 x 6) stranger pairs
     assert found.impostors.shape == (4 * (120 - 24),)
+    assert found.genuine.sum() == 4 * 24 and len(found.scores) == 4 * 120
+    assert len(found.p_at_1) == len(found.map_at_r) == 4 and min(found.p_at_1) > 0.9
     # every image has three siblings and every fold other patients: each image is a query once
     assert gaps.shape == (len(features),)
     # Fitted without its fold, the projection still puts each image's own patient first...
@@ -105,10 +107,10 @@ def test_out_of_fold_gaps_are_one_per_image_with_a_sibling_and_judge_strangers()
 
 
 def test_out_of_fold_gaps_fit_on_the_other_views_of_the_other_folds_only() -> None:
-    from training.projection import out_of_fold_calibration
+    from training.projection import out_of_fold_scores
 
     def out_of_fold_gaps(*args: Any, **kwargs: Any) -> np.ndarray:
-        return out_of_fold_calibration(*args, **kwargs).gaps
+        return out_of_fold_scores(*args, **kwargs).gaps
 
     features, labels = nuisance_set(seed=6, patients=16)
     # A second view of the same images that differs only in the nuisance axes: fitting on it

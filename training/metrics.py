@@ -159,12 +159,6 @@ def margin_for_gaps(gaps: npt.ArrayLike, rate: float) -> float:
     return float(np.nextafter(ordered[allowed], np.inf))
 
 
-def margin_for_false_alarm_rate(similarity: Matrix, labels: Sequence[str], rate: float) -> float:
-    """The margin by which another identity must beat an image's own to call it misfiled,
-    so that at most ``rate`` of correctly filed images are called so (``misfiling_gaps``)."""
-    return margin_for_gaps(misfiling_gaps(similarity, labels), rate)
-
-
 # Gallery sizes (enrolled images) at which the stranger thresholds are calibrated; the
 # service interpolates between them on the logarithm of the size.
 GALLERY_SIZES = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000)

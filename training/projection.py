@@ -174,41 +174,24 @@ def out_of_fold_similarities(
         yield cosine_similarity(projection.apply(x[held])), names[held].tolist()
 
 
-def out_of_fold_pairs(
-    features: npt.NDArray[np.floating],
-    labels: Sequence[str],
-    dims: int,
-    shrinkage: float,
-    *,
-    folds: int = 4,
-    seed: int = 0,
-) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.bool_], list[float], list[float]]:
-    """Pair scores of each fold's images under a projection fitted without them, pooled
-    (scores, genuine), with each fold's P@1 and mAP@R: figures for patients the fit never saw."""
-    scores, genuine, p_at_1, map_at_r = [], [], [], []
-    for similarity, held_labels in out_of_fold_similarities(
-        features, labels, dims, shrinkage, folds=folds, seed=seed
-    ):
-        fold_scores, fold_genuine = pair_scores(similarity, held_labels)
-        scores.append(fold_scores)
-        genuine.append(fold_genuine)
-        retrieval = retrieval_scores(similarity, held_labels)
-        p_at_1.append(retrieval.p_at_1)
-        map_at_r.append(retrieval.map_at_r)
-    return np.concatenate(scores), np.concatenate(genuine), p_at_1, map_at_r
-
-
 @dataclass(frozen=True)
 class OutOfFold:
-    """What the training images say of strangers, each fold's under a projection fitted
-    without it: a calibration over all the training identities, not only the few held out
-    for validation."""
+    """Each fold's images judged under a projection fitted without them, pooled: figures,
+    a threshold, a margin and stranger thresholds for patients the fit never saw."""
 
+    scores: npt.NDArray[np.float64]  # every pair within a fold
+    genuine: npt.NDArray[np.bool_]  # which of them are of one patient
     gaps: npt.NDArray[np.float64]  # misfiling gaps (training.metrics.misfiling_gaps)
-    impostors: npt.NDArray[np.float64]  # scores of pairs of images of two identities
+    p_at_1: list[float]  # per fold
+    map_at_r: list[float]  # per fold
+
+    @property
+    def impostors(self) -> npt.NDArray[np.float64]:
+        """The scores of pairs of images of two patients."""
+        return self.scores[~self.genuine]
 
 
-def out_of_fold_calibration(
+def out_of_fold_scores(
     features: npt.NDArray[np.floating],
     labels: Sequence[str],
     dims: int,
@@ -218,16 +201,21 @@ def out_of_fold_calibration(
     folds: int = 4,
     seed: int = 0,
 ) -> OutOfFold:
-    """The misfiling gaps of every training image with another of its identity, and the
-    scores of every pair of images of two identities within a fold."""
-    gaps, impostors = [], []
+    """Every fold's pair scores, misfiling gaps, P@1 and mAP@R, from one fit per fold."""
+    scores, genuine, gaps, p_at_1, map_at_r = [], [], [], [], []
     for similarity, held_labels in out_of_fold_similarities(
         features, labels, dims, shrinkage, also_fit=also_fit, folds=folds, seed=seed
     ):
+        fold_scores, fold_genuine = pair_scores(similarity, held_labels)
+        scores.append(fold_scores)
+        genuine.append(fold_genuine)
         gaps.append(misfiling_gaps(similarity, held_labels))
-        scores, genuine = pair_scores(similarity, held_labels)
-        impostors.append(scores[~genuine])
-    return OutOfFold(np.concatenate(gaps), np.concatenate(impostors))
+        retrieval = retrieval_scores(similarity, held_labels)
+        p_at_1.append(retrieval.p_at_1)
+        map_at_r.append(retrieval.map_at_r)
+    return OutOfFold(
+        np.concatenate(scores), np.concatenate(genuine), np.concatenate(gaps), p_at_1, map_at_r
+    )
 
 
 def select_projection(

@@ -62,8 +62,7 @@ from training.projection import (
     OutOfFold,
     ProjectionChoice,
     fit_within_class_whitening,
-    out_of_fold_calibration,
-    out_of_fold_pairs,
+    out_of_fold_scores,
     select_projection,
 )
 
@@ -361,7 +360,7 @@ def _fit_frozen(
         choice.shrinkage,
     )
     try:
-        out_of_fold: OutOfFold | None = out_of_fold_calibration(
+        out_of_fold: OutOfFold | None = out_of_fold_scores(
             features,
             train.labels,
             choice.dims,
@@ -530,18 +529,16 @@ def whiten_reid(
         raise ValueError(f"{dataset} needs images of at least 8 patients to fit a whitening")
     embeddings = model.embed(data.images, progress=_feature_progress(progress))
     choice = _choose_projection(embeddings, data.labels, config.seed, progress)
-    pairs, genuine, p_at_1, map_at_r = out_of_fold_pairs(
+    # The threshold, the metrics, and the margin (the base's measured other embeddings) from
+    # the same folds.
+    out_of_fold = out_of_fold_scores(
         embeddings, data.labels, choice.dims, choice.shrinkage, seed=config.seed
     )
+    pairs, genuine = out_of_fold.scores, out_of_fold.genuine
     threshold = threshold_for_false_match_rate(pairs, genuine, config.false_match_rate)
-    # The base's margin measured other embeddings: the whitened model's comes from the same
-    # folds as its threshold.
-    out_of_fold = out_of_fold_calibration(
-        embeddings, data.labels, choice.dims, choice.shrinkage, seed=config.seed
-    )
     metrics = {
-        "p_at_1": float(np.mean(p_at_1)),
-        "map_at_r": float(np.mean(map_at_r)),
+        "p_at_1": float(np.mean(out_of_fold.p_at_1)),
+        "map_at_r": float(np.mean(out_of_fold.map_at_r)),
         "roc_auc": roc_auc(pairs, genuine),
         "eer": equal_error_rate(pairs, genuine)[0],
         **_rates_at(pairs, genuine, threshold),
