@@ -11,7 +11,7 @@ identity, and the dimension and the shrinkage are chosen by cross-validation ove
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -152,28 +152,6 @@ def patient_folds(
     return masks
 
 
-def out_of_fold_similarities(
-    features: npt.NDArray[np.floating],
-    labels: Sequence[str],
-    dims: int,
-    shrinkage: float,
-    *,
-    also_fit: Sequence[npt.NDArray[np.floating]] = (),
-    folds: int = 4,
-    seed: int = 0,
-) -> Iterator[tuple[npt.NDArray[np.float32], list[str]]]:
-    """Each fold's images compared among themselves under a projection fitted without them,
-    with their labels. ``also_fit`` are the same images seen another way (flipped, say), row
-    for row: the other folds' rows of them join the fit, as they join the served model's."""
-    x = np.asarray(features, np.float64)
-    names = np.asarray(labels)
-    for held in patient_folds(labels, folds, seed):
-        fit_on = np.concatenate([x[~held]] + [np.asarray(v, np.float64)[~held] for v in also_fit])
-        fit_labels = names[~held].tolist() * (1 + len(also_fit))
-        projection = _whitening(_Principal.by_gram(fit_on), fit_labels, dims, shrinkage)
-        yield cosine_similarity(projection.apply(x[held])), names[held].tolist()
-
-
 @dataclass(frozen=True)
 class OutOfFold:
     """Each fold's images judged under a projection fitted without them, pooled: figures,
@@ -201,11 +179,18 @@ def out_of_fold_scores(
     folds: int = 4,
     seed: int = 0,
 ) -> OutOfFold:
-    """Every fold's pair scores, misfiling gaps, P@1 and mAP@R, from one fit per fold."""
+    """Every fold's pair scores, misfiling gaps, P@1 and mAP@R, from one fit per fold.
+    ``also_fit`` are the same images seen another way (flipped, say), row for row: the other
+    folds' rows of them join the fit, as they join the served model's."""
+    x = np.asarray(features, np.float64)
+    names = np.asarray(labels)
     scores, genuine, gaps, p_at_1, map_at_r = [], [], [], [], []
-    for similarity, held_labels in out_of_fold_similarities(
-        features, labels, dims, shrinkage, also_fit=also_fit, folds=folds, seed=seed
-    ):
+    for held in patient_folds(labels, folds, seed):
+        fit_on = np.concatenate([x[~held]] + [np.asarray(v, np.float64)[~held] for v in also_fit])
+        fit_labels = names[~held].tolist() * (1 + len(also_fit))
+        projection = _whitening(_Principal.by_gram(fit_on), fit_labels, dims, shrinkage)
+        similarity = cosine_similarity(projection.apply(x[held]))
+        held_labels = names[held].tolist()
         fold_scores, fold_genuine = pair_scores(similarity, held_labels)
         scores.append(fold_scores)
         genuine.append(fold_genuine)
