@@ -285,12 +285,14 @@ def store(settings: OutboxSettings, destination: str, message: Dataset) -> None:
     """C-STORE one object to ``AE@host:port``; DeliveryFailed where it is not stored."""
     from pynetdicom import AE
 
+    from scp.pynetdicom_adapter import guard_requests
+
     called, host, port = parse_destination(destination)
     timeout = settings.report_timeout_s
     ae = AE(ae_title=settings.calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.add_requested_context(message.SOPClassUID, ExplicitVRLittleEndian)
-    assoc = ae.associate(host, port, ae_title=called)
+    assoc = guard_requests(ae.associate(host, port, ae_title=called))
     if not assoc.is_established:
         raise DeliveryFailed(f"{destination}: association not established")
     try:

@@ -77,11 +77,13 @@ def _send(files: list[Path], host: str, port: int, called_ae: str) -> int:
         return len(files)
     from pynetdicom import AE
 
+    from scp.pynetdicom_adapter import guard_requests
+
     ae = AE(ae_title=DEMO_CALLING_AE)
     datasets = [dcmread(f) for f in files]
     for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets}):
         ae.add_requested_context(sop_class)
-    assoc = ae.associate(host, port, ae_title=called_ae)
+    assoc = guard_requests(ae.associate(host, port, ae_title=called_ae))
     if not assoc.is_established:
         raise SystemExit("medreid demo: the service refused the association")
     stored = 0

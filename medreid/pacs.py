@@ -175,6 +175,8 @@ class DimseClient:
     ) -> Iterator[Any]:
         from pynetdicom import build_role
 
+        from scp.pynetdicom_adapter import guard_requests
+
         node = self.node
         with self.slots.one(deadline, node.name):
             ae = self._ae(min(self.settings.timeout_s, remaining(deadline, node.name)))
@@ -188,12 +190,14 @@ class DimseClient:
             elif retrieve:
                 ae.add_requested_context(MOVE_MODEL)
             try:
-                assoc = ae.associate(
-                    node.host,
-                    node.port,
-                    ae_title=node.ae_title,
-                    ext_neg=roles or None,
-                    evt_handlers=handlers or [],
+                assoc = guard_requests(
+                    ae.associate(
+                        node.host,
+                        node.port,
+                        ae_title=node.ae_title,
+                        ext_neg=roles or None,
+                        evt_handlers=handlers or [],
+                    )
                 )
             except OSError as exc:  # pragma: no cover - pynetdicom reports most as not established
                 raise PacsUnavailable(f"{node.name}: {exc}") from None

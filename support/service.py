@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from medreid.orthanc import free_port
 from pipeline.modelstore import generated_image_models
+from scp.pynetdicom_adapter import guard_requests
 from storage.models import Job, JobState
 
 DCMTK_PROPOSALS = {
@@ -208,7 +209,7 @@ def send_with_pynetdicom(path: Path, port: int, calling: str = "PYNETDICOM") -> 
     ae.acse_timeout = 10
     ae.dimse_timeout = 30
     ae.add_requested_context(meta.MediaStorageSOPClassUID, [UID(meta.TransferSyntaxUID)])
-    assoc = ae.associate("127.0.0.1", port, ae_title="MEDREID")
+    assoc = guard_requests(ae.associate("127.0.0.1", port, ae_title="MEDREID"))
     if not assoc.is_established:
         return None
     chunked = pynetdicom_config.STORE_SEND_CHUNKED_DATASET

@@ -13,6 +13,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from sqlalchemy import func, select
 
+from scp.pynetdicom_adapter import guard_requests
 from storage.models import AuditEvent, Instance, Job, Result
 from support.dicom_factory import CT_IMAGE_STORAGE, make_dataset
 from support.service import RunningService, free_port, service_env, wait_for_queue
@@ -43,7 +44,7 @@ def send(datasets: list[Dataset], port: int, acked: list[str], stop_after: int |
     """Send until done, the association dies, or ``stop_after`` acknowledgements."""
     ae = AE(ae_title="MODALITY")
     ae.add_requested_context(CT_IMAGE_STORAGE, [ExplicitVRLittleEndian])
-    assoc = ae.associate("127.0.0.1", port, ae_title="MEDREID")
+    assoc = guard_requests(ae.associate("127.0.0.1", port, ae_title="MEDREID"))
     if not assoc.is_established:
         return
     try:

@@ -20,6 +20,7 @@ from sqlalchemy import func, select
 
 from medreid.worker import Worker
 from pipeline.runner import PipelineConfig
+from scp.pynetdicom_adapter import guard_requests
 from scp.server import DicomServer
 from scp.status import StoreStatus
 from storage.models import Association, AuditEvent, Instance, Job, Result
@@ -86,7 +87,7 @@ def test_unknown_sop_classes_and_unsupported_syntaxes_are_refused_per_context(
     ae.add_requested_context("1.2.3.4.5.6.7.8.9", ExplicitVRLittleEndian)  # no such SOP class
     ae.add_requested_context(CT_IMAGE_STORAGE, "1.2.840.10008.1.2.4.100")  # MPEG2: unsupported
     ae.add_requested_context(CT_IMAGE_STORAGE, ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", server.port, ae_title="MEDREID")
+    assoc = guard_requests(ae.associate("127.0.0.1", server.port, ae_title="MEDREID"))
     assert assoc.is_established
     accepted = {(c.abstract_syntax, c.transfer_syntax[0]) for c in assoc.accepted_contexts}
     assert accepted == {(CT_IMAGE_STORAGE, ExplicitVRLittleEndian)}

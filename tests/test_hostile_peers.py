@@ -24,6 +24,7 @@ from sqlalchemy import select as sql_select
 from benchmarks import attacks
 from benchmarks.procstat import PeakRss, rss_bytes
 from scp.guarded_socket import ABORT_PDU
+from scp.pynetdicom_adapter import guard_requests
 from storage.models import AuditEvent, Instance
 from support.dicom_factory import make_dataset
 from support.service import RunningService, free_port, service_env
@@ -76,7 +77,9 @@ def echo(port: int, host: str = "127.0.0.1", timeout: float = 5.0) -> bool:
     ae = AE(ae_title="HONEST")
     ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = timeout
     ae.add_requested_context(attacks.VERIFICATION)
-    assoc = ae.associate("127.0.0.1", port, ae_title="MEDREID", bind_address=(host, 0))
+    assoc = guard_requests(
+        ae.associate("127.0.0.1", port, ae_title="MEDREID", bind_address=(host, 0))
+    )
     if not assoc.is_established:
         return False
     try:
@@ -214,7 +217,7 @@ def test_a_deflate_bomb_is_refused_with_its_reason_and_flat_memory(
     ae = AE(ae_title="BOMBER")
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
     ae.add_requested_context(attacks.SECONDARY_CAPTURE, [DeflatedExplicitVRLittleEndian])
-    assoc = ae.associate("127.0.0.1", service.port, ae_title="MEDREID")
+    assoc = guard_requests(ae.associate("127.0.0.1", service.port, ae_title="MEDREID"))
     assert assoc.is_established
     chunked = pynetdicom_config.STORE_SEND_CHUNKED_DATASET
     pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
@@ -278,7 +281,7 @@ def test_a_dataset_over_the_cap_is_refused_whether_sent_plain_or_deflated(
     ae = AE(ae_title="SENDER")
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
     ae.add_requested_context(ds.SOPClassUID, [ExplicitVRLittleEndian])
-    assoc = ae.associate("127.0.0.1", service.port, ae_title="MEDREID")
+    assoc = guard_requests(ae.associate("127.0.0.1", service.port, ae_title="MEDREID"))
     assert assoc.is_established
     answer = assoc.send_c_store(path)
     # the stream of its fragments passed the cap: the association was aborted, no answer
@@ -298,7 +301,7 @@ def test_a_dataset_over_the_cap_is_refused_whether_sent_plain_or_deflated(
     assert deflated.stat().st_size < 64 * 1024
     ae.requested_contexts = []
     ae.add_requested_context(zeros.SOPClassUID, [DeflatedExplicitVRLittleEndian])
-    assoc = ae.associate("127.0.0.1", service.port, ae_title="MEDREID")
+    assoc = guard_requests(ae.associate("127.0.0.1", service.port, ae_title="MEDREID"))
     assert assoc.is_established
     answer = assoc.send_c_store(deflated)
     assert int(answer.Status) == 0xA700

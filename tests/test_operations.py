@@ -24,6 +24,7 @@ from pynetdicom import AE
 from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
+from scp.pynetdicom_adapter import guard_requests
 from scp.status import StoreStatus
 from storage.models import AuditEvent, Instance, Job, Result
 from support.dicom_factory import CT_IMAGE_STORAGE, encode, make_dataset
@@ -109,7 +110,7 @@ def send(items: list[Dataset], port: int) -> dict[str, int | None]:
     ae.dimse_timeout = 30
     ae.add_requested_context(CT_IMAGE_STORAGE, [ExplicitVRLittleEndian])
     statuses: dict[str, int | None] = {str(ds.SOPInstanceUID): None for ds in items}
-    assoc = ae.associate("127.0.0.1", port, ae_title="MEDREID")
+    assoc = guard_requests(ae.associate("127.0.0.1", port, ae_title="MEDREID"))
     if not assoc.is_established:
         return statuses
     try:

@@ -26,6 +26,7 @@ from scp.contexts import IMAGE_STORAGE_CLASSES
 from scp.pynetdicom_adapter import (
     IDLE_WAIT_S,
     REACTOR_SLEEP_S,
+    guard_requests,
     internals_usable,
     is_prompt,
     make_prompt,
@@ -201,6 +202,88 @@ def test_a_silent_connection_still_ends_without_the_fast_paths(
     while server.ae.active_associations and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not server.ae.active_associations
+
+
+def reactor_woken_then_paused_again(pause: threading.Event, assoc: Any) -> list[str]:
+    """What pynetdicom's reactor does (say paused, wait, say running, take a message) when the
+    previous request opens its pause and the next closes it again before the reactor runs."""
+    took: list[str] = []
+
+    def reactor() -> None:
+        assoc._is_paused = True
+        pause.wait()
+        assoc._is_paused = False
+        took.append("the next request's response")
+
+    pause.clear()  # a request under way
+    thread = threading.Thread(target=reactor, daemon=True)
+    thread.start()
+    while not assoc._is_paused:
+        time.sleep(0.001)
+    time.sleep(0.05)  # the reactor waits on the pause
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1.0)  # the reactor, woken, does not run before the next request
+    try:
+        pause.set()  # the previous request has its response
+        pause.clear()  # the next begins, and sees the reactor paused
+        seen_paused = assoc._is_paused
+    finally:
+        sys.setswitchinterval(interval)
+    assert seen_paused
+    time.sleep(0.3)
+    if not took:
+        assert assoc._is_paused  # paused still, as the next request was told
+        pause.set()  # its response taken, the request opens the pause
+        thread.join(timeout=5)
+        assert took
+        took.insert(0, "nothing while the request was under way")
+    return took
+
+
+class RequestedAssociation:
+    """What the pause sees of an established association."""
+
+    def __init__(self) -> None:
+        self.is_established = True
+        self._is_paused = False
+        self._reactor_checkpoint = threading.Event()
+        self._reactor_checkpoint.set()
+
+
+def test_pynetdicoms_own_pause_lets_the_reactor_take_a_requests_response() -> None:
+    """The race :func:`guard_requests` closes, on pynetdicom's own pause."""
+    assoc = RequestedAssociation()
+    assert reactor_woken_then_paused_again(assoc._reactor_checkpoint, assoc) == [
+        "the next request's response"
+    ]
+
+
+def test_a_guarded_pause_keeps_the_reactor_waiting_until_the_request_has_its_response() -> None:
+    assoc = RequestedAssociation()
+    assert guard_requests(assoc) is assoc
+    pause = assoc._reactor_checkpoint
+    assert isinstance(pause, prompt._RequestPause) and pause.is_set()
+    assert reactor_woken_then_paused_again(pause, assoc) == [
+        "nothing while the request was under way",
+        "the next request's response",
+    ]
+
+
+def test_guarded_requests_are_answered_and_an_untested_pynetdicom_is_left_alone(
+    make_server: ServerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = make_server()
+    assoc = guard_requests(associate(server))
+    assert isinstance(assoc._reactor_checkpoint, prompt._RequestPause)
+    for n in range(20):
+        assert assoc.send_c_echo().Status == 0x0000
+        assert int(assoc.send_c_store(ct(value=n)).Status) == 0x0000
+    assoc.release()
+    monkeypatch.setattr(prompt, "internals_usable", lambda: False)
+    other = guard_requests(associate(server))
+    assert type(other._reactor_checkpoint) is threading.Event
+    assert other.send_c_echo().Status == 0x0000
+    other.release()
 
 
 def test_image_storage_classes_come_from_pynetdicoms_public_contexts() -> None:

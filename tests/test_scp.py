@@ -24,7 +24,7 @@ from sqlalchemy.orm import sessionmaker
 
 import scp.store
 from scp.contexts import VERIFICATION_CLASS
-from scp.pynetdicom_adapter import is_prompt
+from scp.pynetdicom_adapter import guard_requests, is_prompt
 from scp.records import Peer, StoreRequest
 from scp.server import DicomServer
 from scp.status import DatasetUnreadable, StoreStatus, status_for
@@ -57,7 +57,7 @@ def associate(
     ae.acse_timeout = 5
     ae.add_requested_context(VERIFICATION_CLASS)
     ae.add_requested_context(CT_IMAGE_STORAGE, list(syntaxes))
-    return ae.associate("127.0.0.1", server.port, ae_title=called)
+    return guard_requests(ae.associate("127.0.0.1", server.port, ae_title=called))
 
 
 def our_side(server: DicomServer) -> Any:
