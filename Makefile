@@ -31,8 +31,13 @@ migrate: install
 run: migrate
 	$(BIN)/medreid --config $(CONFIG) serve
 
+# Most tests wait on processes and sockets, so TEST_WORKERS processes run them side by side
+# (each file's tests in one process, with its module fixtures); the tests marked `alone`
+# measure time to the second and run after them, by themselves. TEST_WORKERS=0: all in one.
+TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile -m "not alone"
+	$(BIN)/python -m pytest -q -ra -m alone
 
 lint: install
 	$(BIN)/ruff check .

@@ -30,7 +30,7 @@ from support.dicom_factory import make_dataset
 from support.service import RunningService, free_port, service_env
 from tests.conftest import Database
 
-pytestmark = [pytest.mark.slow]
+pytestmark = [pytest.mark.slow, pytest.mark.alone]
 
 MB = 1024 * 1024
 
