@@ -58,6 +58,7 @@ bench: install
 	$(BIN)/python -m benchmarks.verdict_rates
 	$(BIN)/python -m benchmarks.console_pages
 	$(BIN)/python -m benchmarks.hostile_peers
+	$(BIN)/python -m benchmarks.request_race
 	$(BIN)/python -m benchmarks.time_to_people
 	$(BIN)/python -m benchmarks.priors
 	$(BIN)/python -m benchmarks.compa_cv

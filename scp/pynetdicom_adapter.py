@@ -303,9 +303,9 @@ class _RequestPause(threading.Event):
     before it waits on the pause and says it no longer is after the wait returns. A reactor
     that woke from its wait on the previous request's pause but has not yet said so looks
     paused to the next request, and goes on to take that request's response off the queue
-    and drop it as unexpected: the requester waits out its DIMSE timeout. On two loaded
-    cores, one C-ECHO in about 300 was lost so. This pause says the reactor runs before it
-    returns, then waits again if a request cleared it meanwhile."""
+    and drop it as unexpected: the requester waits out its DIMSE timeout (one C-ECHO in a
+    few hundred with a busy thread beside them: ``benchmarks.request_race``). This pause says
+    the reactor runs before it returns, then waits again if a request cleared it meanwhile."""
 
     def __init__(self, assoc: Any) -> None:
         super().__init__()
