@@ -29,6 +29,7 @@ from pynetdicom import _config as pynetdicom_config
 
 from benchmarks import attacks
 from benchmarks.procstat import PeakRss, rss_bytes
+from scp.pynetdicom_adapter import guard_requests
 
 CHECKOUT = Path(__file__).resolve().parent.parent
 MB = 1024 * 1024
@@ -102,7 +103,9 @@ def echo(port: int, *, host: str = "127.0.0.1", timeout: float = 30) -> float | 
     ae.dimse_timeout = timeout
     ae.add_requested_context(attacks.VERIFICATION)
     started = time.monotonic()
-    assoc = ae.associate("127.0.0.1", port, ae_title="MEDREID", bind_address=(host, 0))
+    assoc = guard_requests(
+        ae.associate("127.0.0.1", port, ae_title="MEDREID", bind_address=(host, 0))
+    )
     if not assoc.is_established:
         return None
     try:
@@ -207,7 +210,7 @@ def deflate_bomb(service: Service, work: Path) -> dict[str, Any]:
     status: dict[str, Any] = {}
     pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
     with watched(service, settle_s=1.0) as watch:
-        assoc = ae.associate("127.0.0.1", service.port, ae_title="MEDREID")
+        assoc = guard_requests(ae.associate("127.0.0.1", service.port, ae_title="MEDREID"))
         if assoc.is_established:
             answer = assoc.send_c_store(path)
             status = {

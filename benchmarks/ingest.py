@@ -37,6 +37,7 @@ from pynetdicom import AE
 from pynetdicom import _config as pynetdicom_config
 
 from benchmarks.procstat import PeakRss, cpu_seconds, rss_bytes
+from scp.pynetdicom_adapter import guard_requests
 from support.dicom_factory import encode, make_dataset
 from support.service import free_port
 from synthetic.hospital import SynthOptions, generate
@@ -198,7 +199,7 @@ def send_pynetdicom(files: list[Path], port: int, associations: int = 4) -> int:
         ae = AE(ae_title="BENCH")
         ae.maximum_pdu_size = 131072
         ae.add_requested_context(sop_class, syntax)
-        assoc = ae.associate("127.0.0.1", port, ae_title="MEDREID")
+        assoc = guard_requests(ae.associate("127.0.0.1", port, ae_title="MEDREID"))
         if not assoc.is_established:
             return
         for path in files[index::associations]:

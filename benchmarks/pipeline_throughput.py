@@ -35,6 +35,7 @@ from pydicom import dcmread
 from pynetdicom import AE
 from sqlalchemy import select
 
+from scp.pynetdicom_adapter import guard_requests
 from storage.db import make_engine, make_sessionmaker
 from storage.models import Instance, Result
 from support.service import (
@@ -57,7 +58,7 @@ def send(port: int, paths: list[Path], rate_per_s: float | None = None) -> int:
     classes = {str(dcmread(p, stop_before_pixels=True).SOPClassUID) for p in paths[:50]}
     for sop_class in sorted(classes):
         ae.add_requested_context(sop_class, EXPLICIT_LE)
-    assoc = ae.associate("127.0.0.1", port, ae_title="MEDREID")
+    assoc = guard_requests(ae.associate("127.0.0.1", port, ae_title="MEDREID"))
     if not assoc.is_established:
         raise RuntimeError("association rejected")
     ok = 0
