@@ -251,7 +251,6 @@ def _serve(settings: Settings, config_path: str | None, metrics_dir: Path, start
     outbox: OutboxDispatcher | None = None
     pool.start()
     try:
-        service.server.start()
         if settings.metrics.enabled:
             gauges = ServiceGauges(
                 sessions=service.sessions, readiness=readiness, metrics=metrics, clock=utcnow
@@ -272,6 +271,8 @@ def _serve(settings: Settings, config_path: str | None, metrics_dir: Path, start
         console = build_console(settings, service.sessions) if settings.console.enabled else None
         if console is not None:
             console.start()
+        # the DICOM port opens last: once it accepts, /healthz, /metrics and the console answer
+        service.server.start()
         outbox = build_outbox(settings, service.sessions, service.node)
         if outbox is not None:
             outbox.start()
