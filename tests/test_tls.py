@@ -17,6 +17,7 @@ from pynetdicom import AE
 from sqlalchemy import select
 
 from scp.contexts import VERIFICATION_CLASS
+from scp.pynetdicom_adapter import guard_requests
 from scp.server import DicomServer
 from storage.models import AuditEvent, Instance
 from support.dicom_factory import CT_IMAGE_STORAGE, encode
@@ -56,8 +57,8 @@ def store_over_tls(server: DicomServer, context: ssl.SSLContext) -> Any:
     ae.network_timeout = 5
     ae.add_requested_context(VERIFICATION_CLASS)
     ae.add_requested_context(CT_IMAGE_STORAGE)
-    return ae.associate(
-        "127.0.0.1", server.port, ae_title="MEDREID", tls_args=(context, "127.0.0.1")
+    return guard_requests(
+        ae.associate("127.0.0.1", server.port, ae_title="MEDREID", tls_args=(context, "127.0.0.1"))
     )
 
 
