@@ -129,10 +129,14 @@ def real_query(path: Path, modality: str, patient_id: str) -> Any:
     )
 
 
-def margin_rule(gaps: dict[bool, list[float]], model_margin: float | None) -> dict[str, Any]:
+def margin_rule(
+    gaps: dict[bool, list[float]], model_margin: float | None, served_margin: float | None = None
+) -> dict[str, Any]:
     """Another rule on the same scores: flag when another identity beats the header's by a
-    margin, whatever the threshold. With the model's calibrated margin, and with the margin
-    that flags 1% of these correctly filed images (chosen on them: an upper bound)."""
+    margin, whatever the threshold. With the model's single calibrated margin (``margin`` in
+    its model.json), the margin the service judged by (``margins`` read at the gallery's
+    size, where the model has them), and the margin that flags 1% of these correctly filed
+    images (chosen on them: an upper bound)."""
     swapped, correct = np.asarray(gaps[True]), np.asarray(gaps[False])
     if not len(swapped) or not len(correct):
         return {"scored": False}
@@ -147,6 +151,7 @@ def margin_rule(gaps: dict[bool, list[float]], model_margin: float | None) -> di
     at_one_percent = float(np.nextafter(np.quantile(correct, 0.99, method="higher"), np.inf))
     return {
         "model_margin": rates(model_margin) if model_margin is not None else None,
+        "served_margin": rates(served_margin) if served_margin is not None else None,
         "at_1pct_false_alarms_on_these_images": rates(at_one_percent),
     }
 
@@ -275,6 +280,7 @@ def real_rates(args: argparse.Namespace) -> dict[str, Any]:
                     Result.modality_verdict,
                     Result.identity_header_score,
                     Result.top_matches,
+                    Result.identity_margin,
                 ).join(Result, Result.instance_id == Instance.id)
             ).all()
     finally:
@@ -286,9 +292,11 @@ def real_rates(args: argparse.Namespace) -> dict[str, Any]:
     served = discover(models)[f"reid:{modality}"]
     description = json.loads((served / "model.json").read_text())
     model_margin = description.get("margin")
+    applied = [row[-1] for row in found.values() if row[-1] is not None]
+    served_margin = float(np.median(applied)) if applied else None
     for uid, (name, swapped) in truth.items():
-        header, identity, tag, header_score, matches = found.get(
-            uid, (None, "not judged", None, None, None)
+        header, identity, tag, header_score, matches, _ = found.get(
+            uid, (None, "not judged", None, None, None, None)
         )
         kind = "new" if name in newcomers else "swapped" if swapped else "correct"
         counts[f"{kind}"] += 1
@@ -322,7 +330,7 @@ def real_rates(args: argparse.Namespace) -> dict[str, Any]:
         "new_patient_false_alarm_rate_at_the_pair_threshold": (
             round(counts["new_over_pair_threshold"] / counts["new"], 4) if counts["new"] else None
         ),
-        "margin_rule": margin_rule(gaps, model_margin),
+        "margin_rule": margin_rule(gaps, model_margin, served_margin),
         **dict(sorted(counts.items())),
         "seconds_to_judge": round(seconds, 1),
     }

@@ -16,10 +16,10 @@ from pipeline.records import FloatImage
 from pipeline.verdicts import (
     DEFAULT_MISMATCH_MARGIN,
     DEFAULT_TAG_MAP,
+    ByGallerySize,
     IdentityDecision,
     IdentityVerdict,
     ModalityVerdict,
-    StrangerThresholds,
     identity_verdict,
     modality_verdict,
     route,
@@ -43,9 +43,12 @@ class Embedder(Protocol):
     # The model's own mismatch margin, calibrated on identities it never saw (None where the
     # model has none: the settings' margin and the threshold then decide together).
     margin: float | None
+    # That margin by gallery size, which it needs to grow with (None where the model has
+    # none: ``margin`` then decides).
+    margins: ByGallerySize | None
     # The threshold for a header patient who is not enrolled, by gallery size (None where the
     # model has none: the threshold then decides).
-    stranger_thresholds: StrangerThresholds | None
+    stranger_thresholds: ByGallerySize | None
 
     def embed(self, images: list[FloatImage]) -> npt.NDArray[np.float32]: ...
 
@@ -138,6 +141,7 @@ def analyse(
                 else None
             )
             applied = embedder.threshold
+            calibrated = embedder.margin
             if gallery is None or len(gallery) == 0:
                 # nobody of this modality is enrolled: nothing to verify against
                 decision = IdentityDecision(IdentityVerdict.UNVERIFIABLE, None, None, None)
@@ -146,20 +150,22 @@ def analyse(
                     # no own score to compare with: another patient must beat what the best
                     # of this many strangers reaches by chance
                     applied = embedder.stranger_thresholds.at(len(gallery))
+                if embedder.margins is not None:
+                    calibrated = embedder.margins.at(len(gallery))
                 decision = identity_verdict(
                     found,
                     header_patient,
                     applied,
                     header_enrolled=gallery.is_enrolled(header_patient),
                     header_score=header_score,
-                    margin=settings.mismatch_margin if embedder.margin is None else embedder.margin,
-                    margin_calibrated=embedder.margin is not None,
+                    margin=settings.mismatch_margin if calibrated is None else calibrated,
+                    margin_calibrated=calibrated is not None,
                 )
             decisions[i] = (
                 [{"patient_id": m.patient_id, "score": round(m.score, 5)} for m in found],
                 decision,
                 applied,
-                embedder.margin,
+                calibrated,
             )
     versions = models.versions()
     out = []

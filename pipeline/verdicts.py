@@ -83,37 +83,44 @@ class IdentityDecision:
 
 
 @dataclass(frozen=True)
-class StrangerThresholds:
-    """The score the best of a gallery of strangers reaches for a known share of queries
-    (the model's false-match rate), by gallery size (enrolled images), calibrated on
-    identities the model never saw.
+class ByGallerySize:
+    """A value calibrated at a few gallery sizes (enrolled images) on identities the model
+    never saw, and read at the gallery's size. A model has two:
 
-    A per-pair threshold of 1% false matches is crossed by some stranger for almost every
-    image once a thousand are enrolled: an image of a patient who is not enrolled is
-    compared with the best of them, so its threshold grows with the gallery."""
+    - its stranger thresholds: the score the best of a gallery of strangers reaches for a
+      known share of queries (the model's false-match rate). A per-pair threshold of 1% false
+      matches is crossed by some stranger for almost every image once a thousand are
+      enrolled: an image of a patient who is not enrolled is compared with the best of them;
+    - its margins: how far the best of a gallery of strangers beats an image's own patient's
+      score for that share of correctly filed images.
+
+    Both grow with the gallery."""
 
     gallery_sizes: tuple[int, ...]  # increasing
     scores: tuple[float, ...]  # one per size, non-decreasing
 
     def __post_init__(self) -> None:
         if not self.gallery_sizes or len(self.gallery_sizes) != len(self.scores):
-            raise ValueError("stranger thresholds need one score per gallery size")
+            raise ValueError("a value by gallery size needs one score per gallery size")
         if any(b <= a for a, b in zip(self.gallery_sizes, self.gallery_sizes[1:], strict=False)):
-            raise ValueError("stranger thresholds' gallery sizes must increase")
+            raise ValueError("the gallery sizes must increase")
 
     @classmethod
-    def of(cls, described: Mapping[str, Sequence[float]] | None) -> StrangerThresholds | None:
-        """From a model description's ``stranger_thresholds`` (None where it has none)."""
+    def of(
+        cls, described: Mapping[str, Sequence[float]] | None, values: str = "scores"
+    ) -> ByGallerySize | None:
+        """From a model description's ``stranger_thresholds`` (``values``: ``scores``) or
+        ``margins`` (``margins``); None where it has none."""
         if not described:
             return None
         return cls(
             tuple(int(n) for n in described["gallery_sizes"]),
-            tuple(float(x) for x in described["scores"]),
+            tuple(float(x) for x in described[values]),
         )
 
     def at(self, gallery_size: int) -> float:
-        """The threshold for a gallery of this many images: interpolated on the logarithm of
-        the size between the calibrated sizes, the nearest beyond them."""
+        """The value for a gallery of this many images: interpolated on the logarithm of the
+        size between the calibrated sizes, the nearest beyond them."""
         sizes, scores = self.gallery_sizes, self.scores
         if gallery_size <= sizes[0]:
             return scores[0]

@@ -214,6 +214,7 @@ def test_a_dismissed_mismatch_enrolled_under_its_header_patient_is_consistent_ne
     class SameFace:
         threshold = 0.9
         margin = None
+        margins = None
         stranger_thresholds = None
 
         def __init__(self, folder: Path) -> None:

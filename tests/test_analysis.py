@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.analysis import Analysis, AnalysisSettings, HeaderFacts, ModelSet, analyse
 from pipeline.gallery import GalleryIndex
-from pipeline.verdicts import IdentityVerdict, ModalityVerdict, StrangerThresholds
+from pipeline.verdicts import ByGallerySize, IdentityVerdict, ModalityVerdict
 
 
 @dataclass
@@ -38,7 +38,8 @@ class FakeEmbedder:
     threshold: float = 0.9
     calls: list[int] = field(default_factory=list)
     margin: float | None = None
-    stranger_thresholds: StrangerThresholds | None = None
+    margins: ByGallerySize | None = None
+    stranger_thresholds: ByGallerySize | None = None
 
     def embed(self, images: list[np.ndarray]) -> np.ndarray:
         self.calls.append(len(images))
@@ -138,17 +139,39 @@ def test_a_model_with_a_calibrated_margin_judges_by_it() -> None:
     assert close.identity.matched_patient == "BOB"
 
 
+def test_a_models_margins_are_read_at_the_gallerys_size() -> None:
+    gallery = GalleryIndex(dim=3)
+    gallery.add(["ALICE", "BOB"], np.array([[1, 0, 0], [0.607, 0.795, 0]], dtype=np.float32))
+    query = [image(0.2, (0.87, 0.493, 0))]  # 0.87 against Alice, 0.92 against Bob: a gap of 0.05
+    headers = [HeaderFacts("ALICE", "CT")]
+
+    def judged(margins: ByGallerySize) -> Analysis:
+        # its single margin, 0.01, would raise an alarm at any gallery size
+        embedder = FakeEmbedder("reid-ct-fake", margin=0.01, margins=margins)
+        models = ModelSet(FakeCompa(), {"ct": embedder})
+        return analyse(query, headers, models, {"ct": gallery}, AnalysisSettings())[0]
+
+    # at two enrolled images, a third of the way from 1 to 8 on the logarithm: 0.04
+    low = judged(ByGallerySize((1, 8), (0.03, 0.06)))
+    assert low.margin == pytest.approx(0.04)
+    assert low.identity is not None and low.identity.verdict is IdentityVerdict.MISMATCH
+    # margins that grow faster ask Bob to beat Alice by 0.06 in a gallery of two
+    high = judged(ByGallerySize((1, 8), (0.03, 0.12)))
+    assert high.margin == pytest.approx(0.06)
+    assert high.identity is not None and high.identity.verdict is IdentityVerdict.UNVERIFIABLE
+
+
 def test_a_patient_not_enrolled_is_judged_against_the_best_of_the_gallerys_strangers() -> None:
     gallery = GalleryIndex(dim=3)
     gallery.add(["ALICE", "BOB"], np.array([[1, 0, 0], [0, 1, 0]], dtype=np.float32))
     # what the best of one stranger reaches at 1%, and of a thousand: the gallery holds two
-    strangers = StrangerThresholds((1, 1000), (0.92, 0.98))
+    strangers = ByGallerySize((1, 1000), (0.92, 0.98))
     at_two = strangers.at(2)
     assert 0.92 < at_two < 0.93
     looks_like_alice = image(0.2, (1, 0.33, 0))  # 0.9496 against Alice
     headers = [HeaderFacts("CAROL", "CT"), HeaderFacts("ALICE", "CT")]
 
-    def judged(thresholds: StrangerThresholds | None, picture: np.ndarray) -> list[Analysis]:
+    def judged(thresholds: ByGallerySize | None, picture: np.ndarray) -> list[Analysis]:
         embedder = FakeEmbedder("reid-ct-fake", stranger_thresholds=thresholds)
         models = ModelSet(FakeCompa(), {"ct": embedder})
         return analyse([picture] * 2, headers, models, {"ct": gallery}, AnalysisSettings())
@@ -164,5 +187,5 @@ def test_a_patient_not_enrolled_is_judged_against_the_best_of_the_gallerys_stran
     assert alice.threshold == 0.9
     assert alice.identity is not None and alice.identity.verdict is IdentityVerdict.CONSISTENT
     # A gallery whose strangers reach more: Carol is a new patient, not Alice's image.
-    carol, _ = judged(StrangerThresholds((1, 1000), (0.96, 0.99)), looks_like_alice)
+    carol, _ = judged(ByGallerySize((1, 1000), (0.96, 0.99)), looks_like_alice)
     assert carol.identity is not None and carol.identity.verdict is IdentityVerdict.NEW_PATIENT

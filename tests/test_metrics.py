@@ -163,3 +163,30 @@ def test_stranger_thresholds_hold_the_best_of_a_gallery_to_the_rate() -> None:
     assert scores[-1] > impostors.max()
     with pytest.raises(ValueError, match="two identities"):
         stranger_thresholds([], 0.01)
+
+
+def test_margins_hold_the_best_of_a_gallery_of_strangers_to_the_rate() -> None:
+    from training.metrics import margin_for_gaps, margins_by_gallery_size
+
+    rng = np.random.default_rng(1)
+    # each image's own patient scores about 0.6, strangers about 0.1
+    own = rng.normal(0.6, 0.1, 4_000)
+    impostors = rng.normal(0.1, 0.1, 200_000)
+    found = margins_by_gallery_size(own, impostors, 0.01)
+    sizes, margins = found["gallery_sizes"], found["margins"]
+    assert sizes[:4] == [1, 2, 5, 10] and margins == sorted(margins)
+    assert found["own_scores"] == 4_000 and found["stranger_pairs"] == 200_000
+    gaps: dict[int, np.ndarray] = {}
+    for size in (1, 20, 500):
+        # fresh images, each against a fresh gallery of that many strangers
+        fresh_own = rng.normal(0.6, 0.1, 20_000)
+        gaps[size] = rng.normal(0.1, 0.1, (20_000, size)).max(axis=1) - fresh_own
+        alarms = (gaps[size] >= margins[sizes.index(size)]).mean()
+        assert 0.007 < alarms < 0.013, (size, alarms)
+    # a margin read off the gaps in galleries of 20 is about the margin for 20, and in
+    # galleries of 500 it raises several times the alarms it was chosen for
+    for_twenty = margin_for_gaps(gaps[20], 0.01)
+    assert for_twenty == pytest.approx(margins[sizes.index(20)], abs=0.02)
+    assert (gaps[500] >= for_twenty).mean() > 0.04
+    with pytest.raises(ValueError, match="two images"):
+        margins_by_gallery_size([], impostors, 0.01)

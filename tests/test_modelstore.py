@@ -22,6 +22,7 @@ pytestmark = pytest.mark.db
 class FakeReid:
     threshold = 0.9
     margin = None
+    margins = None
     stranger_thresholds = None
 
     def __init__(self, folder: Path) -> None:

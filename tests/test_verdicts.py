@@ -164,19 +164,19 @@ def test_a_calibrated_margin_decides_alone_for_an_enrolled_header_patient() -> N
 def test_stranger_thresholds_grow_with_the_gallery_on_the_logarithm_of_its_size() -> None:
     import math
 
-    from pipeline.verdicts import StrangerThresholds
+    from pipeline.verdicts import ByGallerySize
 
-    thresholds = StrangerThresholds((1, 10, 100), (0.3, 0.5, 0.6))
+    thresholds = ByGallerySize((1, 10, 100), (0.3, 0.5, 0.6))
     assert thresholds.at(0) == thresholds.at(1) == 0.3
     assert thresholds.at(10) == pytest.approx(0.5)
     assert thresholds.at(31) == pytest.approx(0.5 + 0.1 * math.log(3.1) / math.log(10))
     # beyond the largest calibrated gallery, the largest's
     assert thresholds.at(100) == thresholds.at(10_000) == 0.6
-    assert StrangerThresholds.of(None) is None
-    assert StrangerThresholds.of({"gallery_sizes": [1, 10, 100], "scores": [0.3, 0.5, 0.6]}) == (
+    assert ByGallerySize.of(None) is None
+    assert ByGallerySize.of({"gallery_sizes": [1, 10, 100], "scores": [0.3, 0.5, 0.6]}) == (
         thresholds
     )
     with pytest.raises(ValueError, match="increase"):
-        StrangerThresholds((10, 1), (0.3, 0.5))
+        ByGallerySize((10, 1), (0.3, 0.5))
     with pytest.raises(ValueError, match="one score per gallery size"):
-        StrangerThresholds((1, 10), (0.3,))
+        ByGallerySize((1, 10), (0.3,))

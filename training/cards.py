@@ -33,6 +33,18 @@ def reid_card(d: dict[str, Any]) -> str:
         if d.get("margin") is not None
         else ""
     )
+    margins = d.get("margins")
+    if margins and d.get("margin") is not None:
+        sizes, values = margins["gallery_sizes"], margins["margins"]
+        shown = [(n, x) for n, x in zip(sizes, values, strict=True) if n in (1, 100, 1_000)]
+        margin += (
+            " The best of more strangers beats more own scores, so the service reads the "
+            "margin at its gallery's size: "
+            + ", ".join(f"**{x:.4f}** for {n:,} enrolled images" for n, x in shown)
+            + f" (from the own scores of {margins['own_scores']:,} images and "
+            f"{margins['stranger_pairs']:,} pairs of strangers; measured up to "
+            f"{sizes[-1]:,} images, the last margin beyond)."
+        )
     strangers = d.get("stranger_thresholds")
     if strangers:
         sizes, scores = strangers["gallery_sizes"], strangers["scores"]

@@ -134,18 +134,32 @@ def threshold_for_false_match_rate(
     return float(np.nextafter(impostors[allowed], np.inf))
 
 
-def misfiling_gaps(similarity: Matrix, labels: Sequence[str]) -> npt.NDArray[np.float64]:
-    """For each image with another of its identity, as a query against all the others: the
-    best score of any other identity minus its own identity's best. A correctly filed image
-    is called misfiled when its gap reaches the margin."""
+def _own_and_other(
+    similarity: Matrix, labels: Sequence[str]
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Each image's best score with another image of its identity, and with an image of any
+    other identity (-inf where there is none)."""
     sim = np.asarray(similarity, np.float64).copy()
     np.fill_diagonal(sim, -np.inf)
     names = np.asarray(labels)
     same = names[:, None] == names[None, :]
-    own = np.where(same, sim, -np.inf).max(axis=1)
-    other = np.where(same, -np.inf, sim).max(axis=1)
+    return np.where(same, sim, -np.inf).max(axis=1), np.where(same, -np.inf, sim).max(axis=1)
+
+
+def misfiling_gaps(similarity: Matrix, labels: Sequence[str]) -> npt.NDArray[np.float64]:
+    """For each image with another of its identity, as a query against all the others: the
+    best score of any other identity minus its own identity's best. A correctly filed image
+    is called misfiled when its gap reaches the margin."""
+    own, other = _own_and_other(similarity, labels)
     usable = np.isfinite(own) & np.isfinite(other)
     return np.asarray(other[usable] - own[usable])
+
+
+def own_scores(similarity: Matrix, labels: Sequence[str]) -> npt.NDArray[np.float64]:
+    """For each image with another of its identity: its identity's best score, what another
+    identity must beat by the margin."""
+    own, _ = _own_and_other(similarity, labels)
+    return np.asarray(own[np.isfinite(own)])
 
 
 def margin_for_gaps(gaps: npt.ArrayLike, rate: float) -> float:
@@ -164,6 +178,23 @@ def margin_for_gaps(gaps: npt.ArrayLike, rate: float) -> float:
 GALLERY_SIZES = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000)
 
 
+def _calibrated_sizes(pairs: int, rate: float, sizes: Sequence[int]) -> list[tuple[int, float]]:
+    """The gallery sizes a calibration on this many stranger pairs speaks for, each with the
+    per-pair rate 1 - (1 - rate)^(1/N) at which the best of N independent strangers passes for
+    ``rate`` of the queries. Where that rate asks for less than one pair, the size at which it
+    asks for one comes last, with a rate of 0: the largest pair measured."""
+    kept: list[tuple[int, float]] = []
+    for size in sorted(sizes):
+        per_pair = 1.0 - (1.0 - rate) ** (1.0 / size)
+        if int(np.floor(per_pair * pairs)) < 1:
+            limit = max(1, int(np.log(1.0 - rate) / np.log1p(-1.0 / pairs)))
+            if not kept or limit > kept[-1][0]:
+                kept.append((limit, 0.0))
+            break
+        kept.append((size, per_pair))
+    return kept
+
+
 def stranger_thresholds(
     impostors: npt.ArrayLike, rate: float, sizes: Sequence[int] = GALLERY_SIZES
 ) -> dict[str, Any]:
@@ -176,24 +207,63 @@ def stranger_thresholds(
     scores = np.sort(np.asarray(impostors, np.float64))[::-1]
     if not len(scores):
         raise ValueError("stranger thresholds need pairs of images of two identities")
-    kept_sizes: list[int] = []
-    kept_scores: list[float] = []
-    for size in sorted(sizes):
-        per_pair = 1.0 - (1.0 - rate) ** (1.0 / size)
-        allowed = int(np.floor(per_pair * len(scores)))
-        if allowed < 1:
-            # the gallery whose per-pair rate is one pair in those measured
-            limit = max(1, int(np.log(1.0 - rate) / np.log1p(-1.0 / len(scores))))
-            if not kept_sizes or limit > kept_sizes[-1]:
-                kept_sizes.append(limit)
-                kept_scores.append(float(np.nextafter(scores[0], np.inf)))
-            break
-        kept_sizes.append(size)
-        kept_scores.append(float(np.nextafter(scores[min(allowed, len(scores) - 1)], np.inf)))
+    kept = _calibrated_sizes(len(scores), rate, sizes)
     return {
-        "gallery_sizes": kept_sizes,
-        "scores": kept_scores,
+        "gallery_sizes": [size for size, _ in kept],
+        "scores": [
+            float(
+                np.nextafter(
+                    scores[min(int(np.floor(per_pair * len(scores))), len(scores) - 1)], np.inf
+                )
+            )
+            for _, per_pair in kept
+        ],
         "false_alarm_rate": rate,
+        "stranger_pairs": len(scores),
+    }
+
+
+def margins_by_gallery_size(
+    own: npt.ArrayLike,
+    impostors: npt.ArrayLike,
+    rate: float,
+    sizes: Sequence[int] = GALLERY_SIZES,
+) -> dict[str, Any]:
+    """For each gallery size N, the margin by which the best of N strangers beats an image's
+    own identity's score for at most ``rate`` of correctly filed images: the smallest m with
+    mean(1 - F(own + m)^N) <= rate over the calibration images' own scores, F the distribution
+    of the stranger pairs (pooled, as for the stranger thresholds) and the N comparisons
+    independent.
+
+    A margin read off the calibration images' gaps (:func:`margin_for_gaps`) holds for
+    galleries of the calibration's size, a few hundred images; the best of a hospital's
+    thousands of strangers beats more own scores. The sizes are those the stranger pairs speak
+    for (:func:`stranger_thresholds`)."""
+    owns = np.asarray(own, np.float64)
+    scores = np.sort(np.asarray(impostors, np.float64))
+    if not len(owns) or not len(scores):
+        raise ValueError("margins need identities with two images and pairs of two identities")
+    low = float(scores[0] - owns.max()) - 1.0  # every stranger beats every own score
+    high = float(np.nextafter(scores[-1] - owns.min(), np.inf))  # none does
+
+    def false_alarms(margin: float, size: int) -> float:
+        # share of stranger pairs at or above own + margin, per image
+        passing = 1.0 - np.searchsorted(scores, owns + margin, side="left") / len(scores)
+        return float(np.mean(-np.expm1(size * np.log1p(-np.minimum(passing, 1.0 - 1e-15)))))
+
+    kept = _calibrated_sizes(len(scores), rate, sizes)
+    margins = []
+    for size, _ in kept:
+        lo, hi = low, high
+        for _ in range(50):  # bisection: false alarms fall as the margin grows
+            mid = (lo + hi) / 2.0
+            lo, hi = (mid, hi) if false_alarms(mid, size) > rate else (lo, mid)
+        margins.append(hi)
+    return {
+        "gallery_sizes": [size for size, _ in kept],
+        "margins": margins,
+        "false_alarm_rate": rate,
+        "own_scores": len(owns),
         "stranger_pairs": len(scores),
     }
 

@@ -17,7 +17,13 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from training.metrics import cosine_similarity, misfiling_gaps, pair_scores, retrieval_scores
+from training.metrics import (
+    cosine_similarity,
+    misfiling_gaps,
+    own_scores,
+    pair_scores,
+    retrieval_scores,
+)
 
 # The real-image X-ray models chose 256 and 0.1, dermoscopy 256 and 0.01-0.02, inside the grid
 # (docs/models.md).
@@ -160,6 +166,7 @@ class OutOfFold:
     scores: npt.NDArray[np.float64]  # every pair within a fold
     genuine: npt.NDArray[np.bool_]  # which of them are of one patient
     gaps: npt.NDArray[np.float64]  # misfiling gaps (training.metrics.misfiling_gaps)
+    own: npt.NDArray[np.float64]  # the images' own identity's best (training.metrics.own_scores)
     p_at_1: list[float]  # per fold
     map_at_r: list[float]  # per fold
 
@@ -184,7 +191,7 @@ def out_of_fold_scores(
     folds' rows of them join the fit, as they join the served model's."""
     x = np.asarray(features, np.float64)
     names = np.asarray(labels)
-    scores, genuine, gaps, p_at_1, map_at_r = [], [], [], [], []
+    scores, genuine, gaps, own, p_at_1, map_at_r = [], [], [], [], [], []
     for held in patient_folds(labels, folds, seed):
         fit_on = np.concatenate([x[~held]] + [np.asarray(v, np.float64)[~held] for v in also_fit])
         fit_labels = names[~held].tolist() * (1 + len(also_fit))
@@ -195,11 +202,17 @@ def out_of_fold_scores(
         scores.append(fold_scores)
         genuine.append(fold_genuine)
         gaps.append(misfiling_gaps(similarity, held_labels))
+        own.append(own_scores(similarity, held_labels))
         retrieval = retrieval_scores(similarity, held_labels)
         p_at_1.append(retrieval.p_at_1)
         map_at_r.append(retrieval.map_at_r)
     return OutOfFold(
-        np.concatenate(scores), np.concatenate(genuine), np.concatenate(gaps), p_at_1, map_at_r
+        np.concatenate(scores),
+        np.concatenate(genuine),
+        np.concatenate(gaps),
+        np.concatenate(own),
+        p_at_1,
+        map_at_r,
     )
 
 

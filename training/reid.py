@@ -50,7 +50,9 @@ from training.metrics import (
     cosine_similarity,
     equal_error_rate,
     margin_for_gaps,
+    margins_by_gallery_size,
     misfiling_gaps,
+    own_scores,
     pair_scores,
     retrieval_scores,
     roc_auc,
@@ -433,21 +435,27 @@ def train_reid(
     # The margin's quantile needs many more images than the threshold's (one gap per image,
     # not per pair): the validation images' gaps under the served model are pooled with the
     # training images' gaps out of fold, where the recipe allows it.
-    served_gaps, served_impostors = (
+    served_gaps, served_own, served_impostors = (
         misfiling_gaps(cal_similarity, calibration.labels),
+        own_scores(cal_similarity, calibration.labels),
         pairs[~genuine],
     )
     if calibration is train and out_of_fold is not None:
         # in-sample scores would understate a stranger's
-        served_gaps, served_impostors = np.zeros(0), np.zeros(0)
-    gaps = np.concatenate([served_gaps, out_of_fold.gaps if out_of_fold else np.zeros(0)])
+        served_gaps, served_own, served_impostors = np.zeros(0), np.zeros(0), np.zeros(0)
+    none = np.zeros(0)
+    gaps = np.concatenate([served_gaps, out_of_fold.gaps if out_of_fold else none])
     margin = margin_for_gaps(gaps, config.false_match_rate) if len(gaps) else None
     # the same pooling for the best of a gallery of strangers, for header patients who are
-    # not enrolled
-    impostors = np.concatenate(
-        [served_impostors, out_of_fold.impostors if out_of_fold else np.zeros(0)]
-    )
+    # not enrolled, and for the margin a gallery of a hospital's size needs
+    impostors = np.concatenate([served_impostors, out_of_fold.impostors if out_of_fold else none])
+    own = np.concatenate([served_own, out_of_fold.own if out_of_fold else none])
     strangers = stranger_thresholds(impostors, config.false_match_rate) if len(impostors) else None
+    margins = (
+        margins_by_gallery_size(own, impostors, config.false_match_rate)
+        if len(own) and len(impostors)
+        else None
+    )
 
     version = version or artifacts.new_version()
     description = {
@@ -464,8 +472,10 @@ def train_reid(
         },
         "threshold": threshold,
         # Another identity beating an image's own by this much flagged 1% of the calibration
-        # images; a larger gallery needs more (docs/models.md).
+        # images; a larger gallery needs more (docs/models.md): `margins`, by gallery size,
+        # where the service judges by the margin.
         "margin": margin,
+        "margins": margins,
         "margin_calibrated_on": {
             f"{'validation' if calibration is val else 'training'}_images": len(served_gaps),
             "out_of_fold_training_images": len(out_of_fold.gaps) if out_of_fold else 0,
@@ -570,6 +580,11 @@ def whiten_reid(
             else None
         ),
         "margin_calibrated_on": {"out_of_fold_whitening_set_images": len(out_of_fold.gaps)},
+        "margins": (
+            margins_by_gallery_size(out_of_fold.own, out_of_fold.impostors, config.false_match_rate)
+            if len(out_of_fold.own)
+            else None
+        ),
         "stranger_thresholds": stranger_thresholds(out_of_fold.impostors, config.false_match_rate),
         "calibrated_on": "out-of-fold whitening-set",
         "metrics": metrics,

@@ -31,7 +31,7 @@ from pipeline.models import artifacts
 from pipeline.models.backbone import Preprocessing, build_backbone, predictor, quiet_tensorflow
 from pipeline.records import FloatImage
 from pipeline.vectors import l2_normalise
-from pipeline.verdicts import StrangerThresholds
+from pipeline.verdicts import ByGallerySize
 
 
 class Flip(enum.StrEnum):
@@ -189,9 +189,8 @@ class ReidModel:
         # recorded by training since real-image models; older artifacts have none
         margin = self.description.get("margin")
         self.margin: float | None = None if margin is None else float(margin)
-        self.stranger_thresholds = StrangerThresholds.of(
-            self.description.get("stranger_thresholds")
-        )
+        self.margins = ByGallerySize.of(self.description.get("margins"), "margins")
+        self.stranger_thresholds = ByGallerySize.of(self.description.get("stranger_thresholds"))
 
     @property
     def version(self) -> str:
