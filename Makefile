@@ -113,10 +113,10 @@ REAL_XRAY_LAYERS := block_6_expand_relu,block_10_expand_relu,block_13_expand_rel
 REAL_DERMOSCOPY_LAYERS := block_10_expand_relu,block_13_expand_relu
 models-real: install
 	@if test -d $(REAL) && test -f $(IMAGENET); then \
-		rm -rf $(MODELS_DIR)/reid-xray-v3 $(MODELS_DIR)/reid-dermoscopy-v5; \
+		rm -rf $(MODELS_DIR)/reid-xray-v4 $(MODELS_DIR)/reid-dermoscopy-v5; \
 		$(BIN)/medreid train reid --modality xray $(REAL)/xray --out $(MODELS_DIR) \
-			--recipe frozen --size 128 --feature-layers $(REAL_XRAY_LAYERS) --grid 4 \
-			--backbone-weights $(IMAGENET) --version v3 && \
+			--recipe frozen --size 192 --feature-layers $(REAL_XRAY_LAYERS) --grid 4 \
+			--backbone-weights $(IMAGENET) --version v4 && \
 		$(BIN)/medreid train reid --modality dermoscopy $(REAL)/dermoscopy --out $(MODELS_DIR) \
 			--recipe frozen --size 128 --feature-layers $(REAL_DERMOSCOPY_LAYERS) --grid 2 \
 			--flips horizontal --fit-flips vertical \

@@ -1,7 +1,7 @@
 """Embedding speed of the default re-identification configuration, batch 32, on this CPU,
 beside MobileNetV2 at 224 px (the usual configuration) measured in the same run.
 
-    python -m benchmarks.embedding_speed [--model models/reid-xray-v3] [--images 320]
+    python -m benchmarks.embedding_speed [--model models/reid-xray-v4] [--images 320]
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def per_image_ms(run: object, images: list[np.ndarray], repeats: int = 3) -> flo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", type=Path, default=Path("models/reid-xray-v3"))
+    parser.add_argument("--model", type=Path, default=Path("models/reid-xray-v4"))
     parser.add_argument("--images", type=int, default=320)
     args = parser.parse_args()
     quiet_tensorflow()

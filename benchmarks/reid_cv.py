@@ -70,6 +70,7 @@ XRAY_RECIPES = (
     Recipe("b13-4", "block 13, 4x4", (B13,), 4),
     Recipe("b10-4", "block 10, 4x4", (B10,), 4),
     Recipe("b6-10-13-4", "blocks 6+10+13, 4x4", (B6, B10, B13), 4, shipped=True),
+    Recipe("b6-10-13-4-192", "blocks 6+10+13, 4x4, 192 px", (B6, B10, B13), 4, size=192),
 )
 DERMOSCOPY_RECIPES = (
     Recipe("global-256", "global pool, 256 px (before)", (), size=256),
@@ -86,6 +87,15 @@ DERMOSCOPY_RECIPES = (
         (B10, B13),
         2,
         shipped=True,
+        flips=(Flip.HORIZONTAL,),
+        fit_flips=(Flip.VERTICAL,),
+    ),
+    Recipe(
+        "b10-13-2-h-v-160",
+        "the same at 160 px",
+        (B10, B13),
+        2,
+        size=160,
         flips=(Flip.HORIZONTAL,),
         fit_flips=(Flip.VERTICAL,),
     ),
