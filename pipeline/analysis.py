@@ -151,7 +151,10 @@ def analyse(
                     # of this many strangers reaches by chance
                     applied = embedder.stranger_thresholds.at(len(gallery))
                 if embedder.margins is not None:
-                    calibrated = embedder.margins.at(len(gallery))
+                    # below a few images a stranger rarely comes near, and the calibrated
+                    # margin is negative; the rule still asks another patient to beat the
+                    # header's
+                    calibrated = max(0.0, embedder.margins.at(len(gallery)))
                 decision = identity_verdict(
                     found,
                     header_patient,

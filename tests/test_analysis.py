@@ -159,6 +159,12 @@ def test_a_models_margins_are_read_at_the_gallerys_size() -> None:
     high = judged(ByGallerySize((1, 8), (0.03, 0.12)))
     assert high.margin == pytest.approx(0.06)
     assert high.identity is not None and high.identity.verdict is IdentityVerdict.UNVERIFIABLE
+    # a negative margin (a small gallery) still asks another patient to beat the header's:
+    # filed as Bob, whom it matches best, it is not called Alice's
+    headers[0] = HeaderFacts("BOB", "CT")
+    small = judged(ByGallerySize((1, 8), (-0.2, -0.1)))
+    assert small.margin == 0.0
+    assert small.identity is not None and small.identity.verdict is IdentityVerdict.CONSISTENT
 
 
 def test_a_patient_not_enrolled_is_judged_against_the_best_of_the_gallerys_strangers() -> None:

@@ -214,7 +214,7 @@ def test_inner_layers_pooled_on_a_grid_round_trip_and_beat_raw_pixels(
     assert margins["own_scores"] == counted["validation_images"] + train_images
     served_margins = ReidModel(pooled).margins
     assert served_margins is not None and served_margins.at(1) == margins["margins"][0]
-    assert "reads the margin at its gallery's size" in (pooled / "MODEL_CARD.md").read_text()
+    assert "by the margin for its gallery's size" in (pooled / "MODEL_CARD.md").read_text()
     data = load_set(scan_modality(xray_sets[1] / "xray", "xray")[:8], 128)
     first = ReidModel(pooled).embed(data.images)
     np.testing.assert_array_equal(first, ReidModel(pooled).embed(data.images))
