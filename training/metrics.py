@@ -208,16 +208,11 @@ def stranger_thresholds(
     if not len(scores):
         raise ValueError("stranger thresholds need pairs of images of two identities")
     kept = _calibrated_sizes(len(scores), rate, sizes)
+    # per size, how many measured pairs may pass: the threshold lies just above the next one
+    allowed = [min(int(np.floor(per_pair * len(scores))), len(scores) - 1) for _, per_pair in kept]
     return {
         "gallery_sizes": [size for size, _ in kept],
-        "scores": [
-            float(
-                np.nextafter(
-                    scores[min(int(np.floor(per_pair * len(scores))), len(scores) - 1)], np.inf
-                )
-            )
-            for _, per_pair in kept
-        ],
+        "scores": [float(np.nextafter(scores[k], np.inf)) for k in allowed],
         "false_alarm_rate": rate,
         "stranger_pairs": len(scores),
     }

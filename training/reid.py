@@ -329,6 +329,24 @@ def _rates_at(
     }
 
 
+def _gallery_calibration(
+    gaps: npt.NDArray[np.float64],
+    own: npt.NDArray[np.float64],
+    impostors: npt.NDArray[np.float64],
+    rate: float,
+) -> dict[str, Any]:
+    """A model's ``margin``, ``margins`` and ``stranger_thresholds`` from one pool of
+    calibration images: their misfiling gaps, own scores and stranger pairs (None where the
+    pool is empty)."""
+    return {
+        "margin": margin_for_gaps(gaps, rate) if len(gaps) else None,
+        "margins": (
+            margins_by_gallery_size(own, impostors, rate) if len(own) and len(impostors) else None
+        ),
+        "stranger_thresholds": stranger_thresholds(impostors, rate) if len(impostors) else None,
+    }
+
+
 def _fit_frozen(
     config: ReidConfig, train: LoadedSet, prep: Preprocessing, progress: Progress | None
 ) -> tuple[Any, list[dict[str, float]], ReidConfig, OutOfFold | None]:
@@ -443,18 +461,15 @@ def train_reid(
     if calibration is train and out_of_fold is not None:
         # in-sample scores would understate a stranger's
         served_gaps, served_own, served_impostors = np.zeros(0), np.zeros(0), np.zeros(0)
-    none = np.zeros(0)
-    gaps = np.concatenate([served_gaps, out_of_fold.gaps if out_of_fold else none])
-    margin = margin_for_gaps(gaps, config.false_match_rate) if len(gaps) else None
     # the same pooling for the best of a gallery of strangers, for header patients who are
     # not enrolled, and for the margin a gallery of a hospital's size needs
-    impostors = np.concatenate([served_impostors, out_of_fold.impostors if out_of_fold else none])
-    own = np.concatenate([served_own, out_of_fold.own if out_of_fold else none])
-    strangers = stranger_thresholds(impostors, config.false_match_rate) if len(impostors) else None
-    margins = (
-        margins_by_gallery_size(own, impostors, config.false_match_rate)
-        if len(own) and len(impostors)
-        else None
+    empty = np.zeros(0)
+    gaps = np.concatenate([served_gaps, out_of_fold.gaps if out_of_fold else empty])
+    by_gallery = _gallery_calibration(
+        gaps,
+        np.concatenate([served_own, out_of_fold.own if out_of_fold else empty]),
+        np.concatenate([served_impostors, out_of_fold.impostors if out_of_fold else empty]),
+        config.false_match_rate,
     )
 
     version = version or artifacts.new_version()
@@ -471,16 +486,14 @@ def train_reid(
             "decode": asdict(pipeline.decode),
         },
         "threshold": threshold,
-        # Another identity beating an image's own by this much flagged 1% of the calibration
+        # Another identity beating an image's own by `margin` flagged 1% of the calibration
         # images; a larger gallery needs more (docs/models.md): `margins`, by gallery size,
         # where the service judges by the margin.
-        "margin": margin,
-        "margins": margins,
+        **by_gallery,
         "margin_calibrated_on": {
             f"{'validation' if calibration is val else 'training'}_images": len(served_gaps),
             "out_of_fold_training_images": len(out_of_fold.gaps) if out_of_fold else 0,
         },
-        "stranger_thresholds": strangers,
         "calibrated_on": "validation" if calibration is val else "training (too few patients)",
         "metrics": metrics,
         "history": history,
@@ -574,18 +587,10 @@ def whiten_reid(
         "command": artifacts.command_line(),
         "config": {**base_description["config"], "whitening_dim": whitened.whitening_dim},
         "threshold": threshold,
-        "margin": (
-            margin_for_gaps(out_of_fold.gaps, config.false_match_rate)
-            if len(out_of_fold.gaps)
-            else None
+        **_gallery_calibration(
+            out_of_fold.gaps, out_of_fold.own, out_of_fold.impostors, config.false_match_rate
         ),
         "margin_calibrated_on": {"out_of_fold_whitening_set_images": len(out_of_fold.gaps)},
-        "margins": (
-            margins_by_gallery_size(out_of_fold.own, out_of_fold.impostors, config.false_match_rate)
-            if len(out_of_fold.own)
-            else None
-        ),
-        "stranger_thresholds": stranger_thresholds(out_of_fold.impostors, config.false_match_rate),
         "calibrated_on": "out-of-fold whitening-set",
         "metrics": metrics,
         "whitening": {
