@@ -131,6 +131,18 @@ def analyse(
         members = [i for i, r in enumerate(routes) if r == modality]
         embeddings = embedder.embed([images[i] for i in members])
         gallery = galleries.get(modality)
+        # what the gallery's size asks of every image of this batch
+        enrolled = len(gallery) if gallery is not None else 0
+        calibrated = embedder.margin
+        if embedder.margins is not None and enrolled:
+            # below a few images a stranger rarely comes near, and the calibrated margin is
+            # negative; the rule still asks another patient to beat the header's
+            calibrated = max(0.0, embedder.margins.at(enrolled))
+        strangers = (
+            embedder.stranger_thresholds.at(enrolled)
+            if embedder.stranger_thresholds is not None and enrolled
+            else None
+        )
         for i, embedding in zip(members, embeddings, strict=True):
             vectors[i] = embedding
             header_patient = headers[i].patient_id
@@ -141,20 +153,14 @@ def analyse(
                 else None
             )
             applied = embedder.threshold
-            calibrated = embedder.margin
-            if gallery is None or len(gallery) == 0:
+            if gallery is None or not enrolled:
                 # nobody of this modality is enrolled: nothing to verify against
                 decision = IdentityDecision(IdentityVerdict.UNVERIFIABLE, None, None, None)
             else:
-                if header_score is None and embedder.stranger_thresholds is not None:
+                if header_score is None and strangers is not None:
                     # no own score to compare with: another patient must beat what the best
                     # of this many strangers reaches by chance
-                    applied = embedder.stranger_thresholds.at(len(gallery))
-                if embedder.margins is not None:
-                    # below a few images a stranger rarely comes near, and the calibrated
-                    # margin is negative; the rule still asks another patient to beat the
-                    # header's
-                    calibrated = max(0.0, embedder.margins.at(len(gallery)))
+                    applied = strangers
                 decision = identity_verdict(
                     found,
                     header_patient,
