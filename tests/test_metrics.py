@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from training.metrics import (
+    EnrolledScores,
     cosine_similarity,
     equal_error_rate,
     pair_scores,
@@ -170,9 +171,8 @@ def test_margins_hold_the_best_of_a_gallery_of_strangers_to_the_rate() -> None:
 
     rng = np.random.default_rng(1)
     # each image's own patient scores about 0.6, strangers about 0.1
-    own = rng.normal(0.6, 0.1, 4_000)
-    impostors = rng.normal(0.1, 0.1, 200_000)
-    found = margins_by_gallery_size(own, impostors, 0.01)
+    enrolled = EnrolledScores(rng.normal(0.6, 0.1, 4_000), rng.normal(0.1, 0.1, 200_000))
+    found = margins_by_gallery_size(enrolled, 0.01)
     sizes, margins = found["gallery_sizes"], found["margins"]
     assert sizes[:4] == [1, 2, 5, 10] and margins == sorted(margins)
     assert found["own_scores"] == 4_000 and found["stranger_pairs"] == 200_000
@@ -189,4 +189,28 @@ def test_margins_hold_the_best_of_a_gallery_of_strangers_to_the_rate() -> None:
     assert for_twenty == pytest.approx(margins[sizes.index(20)], abs=0.02)
     assert (gaps[500] >= for_twenty).mean() > 0.04
     with pytest.raises(ValueError, match="two images"):
-        margins_by_gallery_size([], impostors, 0.01)
+        margins_by_gallery_size(EnrolledScores(np.zeros(0), enrolled.strangers), 0.01)
+
+
+def test_a_calibration_pool_is_judged_as_the_service_judges() -> None:
+    """The first image of each identity is enrolled; every other image is compared with its
+    own identity's enrolled image (not the best of its identity's images) and with the other
+    identities' enrolled images. Pairs of two images that are not enrolled, and the images of
+    identities with one image, are no image's strangers."""
+    #             a0    a1    b0    a2    c0    b1
+    similarity = [
+        [1.00, 0.50, 0.10, 0.70, 0.20, 0.30],  # a0 (enrolled)
+        [0.50, 1.00, 0.40, 0.90, 0.15, 0.25],  # a1
+        [0.10, 0.40, 1.00, 0.05, 0.35, 0.60],  # b0 (enrolled)
+        [0.70, 0.90, 0.05, 1.00, 0.45, 0.80],  # a2
+        [0.20, 0.15, 0.35, 0.45, 1.00, 0.55],  # c0 (enrolled, alone)
+        [0.30, 0.25, 0.60, 0.80, 0.55, 1.00],  # b1
+    ]
+    pool = EnrolledScores.of(np.asarray(similarity), ["a", "a", "b", "a", "c", "b"])
+    np.testing.assert_allclose(pool.own, [0.50, 0.70, 0.60])  # a1, a2, b1: with a0, a0, b0
+    # a1 with b0 and c0, a2 with b0 and c0, b1 with a0 and c0
+    np.testing.assert_allclose(pool.strangers, [0.40, 0.15, 0.05, 0.45, 0.30, 0.55])
+    both = EnrolledScores.joined([pool, pool])
+    assert len(both.own) == 6 and len(both.strangers) == 12
+    alone = EnrolledScores.of(np.eye(2), ["a", "a"])  # one identity: no strangers
+    assert len(alone.own) == 0 and len(alone.strangers) == 0

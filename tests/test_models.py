@@ -207,11 +207,14 @@ def test_inner_layers_pooled_on_a_grid_round_trip_and_beat_raw_pixels(
     assert strangers["scores"] == sorted(strangers["scores"])
     served = ReidModel(pooled).stranger_thresholds
     assert served is not None and served.at(1) == strangers["scores"][0]
-    # and the margins by gallery size, from the same own scores and stranger pairs
+    # and the margins by gallery size, from the same images judged as the service judges:
+    # each patient's first image enrolled, the others compared with it
     margins = description["margins"]
-    assert margins["gallery_sizes"] == strangers["gallery_sizes"]
+    assert margins["gallery_sizes"][:3] == [1, 2, 5]
     assert margins["margins"] == sorted(margins["margins"])
-    assert margins["own_scores"] == counted["validation_images"] + train_images
+    split = description["data"]
+    patients = split["train_patients"] + split["validation_patients"]
+    assert margins["own_scores"] == counted["validation_images"] + train_images - patients
     served_margins = ReidModel(pooled).margins
     assert served_margins is not None and served_margins.at(1) == margins["margins"][0]
     assert "by the margin for its gallery's size" in (pooled / "MODEL_CARD.md").read_text()
@@ -345,7 +348,7 @@ def test_a_whitening_fitted_on_other_patients_is_appended_and_round_trips(
         "margin"
     )
     assert description["stranger_thresholds"]["gallery_sizes"][0] == 1
-    assert description["margins"]["own_scores"] == whitening["images"]
+    assert description["margins"]["own_scores"] == whitening["images"] - whitening["patients"]
     assert "reid-dermoscopy-t1" in (whitened / "MODEL_CARD.md").read_text()
 
     data = load_set(scan_modality(unseen / "dermoscopy", "dermoscopy")[:8], 96)

@@ -37,8 +37,9 @@ def reid_card(d: dict[str, Any]) -> str:
             "service flags an image as filed under the wrong patient when another enrolled "
             "patient beats the header patient's own score by the margin for its gallery's size: "
             + ", ".join(f"**{x:.4f}** for {n:,} enrolled images" for n, x in shown)
-            + f" (from the own scores of {margins['own_scores']:,} images and "
-            f"{margins['stranger_pairs']:,} pairs of strangers; measured up to "
+            + f" (from {margins['own_scores']:,} calibration images compared, as the service "
+            "compares them, with the first image of their own patient and of every other "
+            f"patient: {margins['stranger_pairs']:,} pairs of strangers; measured up to "
             f"{sizes[-1]:,} images, the last margin beyond; measured by "
             "`benchmarks.verdict_rates`)."
         )

@@ -9,7 +9,7 @@ labels agree, impostor otherwise.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -155,11 +155,39 @@ def misfiling_gaps(similarity: Matrix, labels: Sequence[str]) -> npt.NDArray[np.
     return np.asarray(other[usable] - own[usable])
 
 
-def own_scores(similarity: Matrix, labels: Sequence[str]) -> npt.NDArray[np.float64]:
-    """For each image with another of its identity: its identity's best score, what another
-    identity must beat by the margin."""
-    own, _ = _own_and_other(similarity, labels)
-    return np.asarray(own[np.isfinite(own)])
+@dataclass(frozen=True)
+class EnrolledScores:
+    """A pool of calibration images judged as the service judges a hospital's: the first
+    image of each identity enrolled, every other image compared with the enrolled ones. Per
+    compared image: its score with its own identity's enrolled image, and its scores with the
+    other identities' enrolled images (its strangers), pooled."""
+
+    own: npt.NDArray[np.float64]  # one per compared image
+    strangers: npt.NDArray[np.float64]  # every compared image's, with every other identity
+
+    @classmethod
+    def of(cls, similarity: Matrix, labels: Sequence[str]) -> EnrolledScores:
+        """From one pool's similarity matrix, its images in the order they were listed."""
+        sim = np.asarray(similarity, np.float64)
+        names = np.asarray(labels)
+        _, first = np.unique(names, return_index=True)
+        enrolled = np.sort(first)  # one image per identity, the first listed
+        owner = names[enrolled]
+        compared = np.setdiff1d(np.arange(len(names)), enrolled)
+        if len(enrolled) < 2:  # nobody to be a stranger
+            compared = compared[:0]
+        rows = sim[np.ix_(compared, enrolled)]
+        own_column = owner[None, :] == names[compared][:, None]
+        return cls(rows[own_column], rows[~own_column])
+
+    @classmethod
+    def joined(cls, pools: Iterable[EnrolledScores]) -> EnrolledScores:
+        """Several pools as one (each scored under its own projection)."""
+        listed = list(pools)
+        return cls(
+            np.concatenate([np.zeros(0)] + [pool.own for pool in listed]),
+            np.concatenate([np.zeros(0)] + [pool.strangers for pool in listed]),
+        )
 
 
 def margin_for_gaps(gaps: npt.ArrayLike, rate: float) -> float:
@@ -219,23 +247,26 @@ def stranger_thresholds(
 
 
 def margins_by_gallery_size(
-    own: npt.ArrayLike,
-    impostors: npt.ArrayLike,
+    enrolled: EnrolledScores,
     rate: float,
     sizes: Sequence[int] = GALLERY_SIZES,
 ) -> dict[str, Any]:
     """For each gallery size N, the margin by which the best of N strangers beats an image's
     own identity's score for at most ``rate`` of correctly filed images: the smallest m with
-    mean(1 - F(own + m)^N) <= rate over the calibration images' own scores, F the distribution
-    of the stranger pairs (pooled, as for the stranger thresholds) and the N comparisons
-    independent.
+    mean(1 - F(own + m)^N) <= rate over the calibration pool's own scores, F the distribution
+    of its stranger scores, the N comparisons independent. Both come from the pool judged as
+    the service judges (:class:`EnrolledScores`): an image's own score is that of one enrolled
+    image, not the best of every other image of its identity, and its strangers are enrolled
+    images. Images of identities with a single image (every stranger pair between two of them
+    counts in the stranger thresholds) are judged by no own score, and can have the heavier
+    tail of strangers.
 
     A margin read off the calibration images' gaps (:func:`margin_for_gaps`) holds for
     galleries of the calibration's size, a few hundred images; the best of a hospital's
     thousands of strangers beats more own scores. The sizes are those the stranger pairs speak
     for (:func:`stranger_thresholds`)."""
-    owns = np.asarray(own, np.float64)
-    scores = np.sort(np.asarray(impostors, np.float64))
+    owns = enrolled.own
+    scores = np.sort(enrolled.strangers)
     if not len(owns) or not len(scores):
         raise ValueError("margins need identities with two images and pairs of two identities")
     low = float(scores[0] - owns.max()) - 1.0  # every stranger beats every own score

@@ -18,9 +18,9 @@ import numpy as np
 import numpy.typing as npt
 
 from training.metrics import (
+    EnrolledScores,
     cosine_similarity,
     misfiling_gaps,
-    own_scores,
     pair_scores,
     retrieval_scores,
 )
@@ -166,7 +166,7 @@ class OutOfFold:
     scores: npt.NDArray[np.float64]  # every pair within a fold
     genuine: npt.NDArray[np.bool_]  # which of them are of one patient
     gaps: npt.NDArray[np.float64]  # misfiling gaps (training.metrics.misfiling_gaps)
-    own: npt.NDArray[np.float64]  # the images' own identity's best (training.metrics.own_scores)
+    enrolled: EnrolledScores  # each fold judged as the service judges, for the margins
     p_at_1: list[float]  # per fold
     map_at_r: list[float]  # per fold
 
@@ -191,7 +191,7 @@ def out_of_fold_scores(
     folds' rows of them join the fit, as they join the served model's."""
     x = np.asarray(features, np.float64)
     names = np.asarray(labels)
-    scores, genuine, gaps, own, p_at_1, map_at_r = [], [], [], [], [], []
+    scores, genuine, gaps, enrolled, p_at_1, map_at_r = [], [], [], [], [], []
     for held in patient_folds(labels, folds, seed):
         fit_on = np.concatenate([x[~held]] + [np.asarray(v, np.float64)[~held] for v in also_fit])
         fit_labels = names[~held].tolist() * (1 + len(also_fit))
@@ -202,7 +202,7 @@ def out_of_fold_scores(
         scores.append(fold_scores)
         genuine.append(fold_genuine)
         gaps.append(misfiling_gaps(similarity, held_labels))
-        own.append(own_scores(similarity, held_labels))
+        enrolled.append(EnrolledScores.of(similarity, held_labels))
         retrieval = retrieval_scores(similarity, held_labels)
         p_at_1.append(retrieval.p_at_1)
         map_at_r.append(retrieval.map_at_r)
@@ -210,7 +210,7 @@ def out_of_fold_scores(
         np.concatenate(scores),
         np.concatenate(genuine),
         np.concatenate(gaps),
-        np.concatenate(own),
+        EnrolledScores.joined(enrolled),
         p_at_1,
         map_at_r,
     )

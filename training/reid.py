@@ -47,12 +47,12 @@ from training.cards import collections_of, reid_card
 from training.datasets.augment import AugmentParams, augment
 from training.datasets.reader import DatasetItem, iter_images, scan_modality
 from training.metrics import (
+    EnrolledScores,
     cosine_similarity,
     equal_error_rate,
     margin_for_gaps,
     margins_by_gallery_size,
     misfiling_gaps,
-    own_scores,
     pair_scores,
     retrieval_scores,
     roc_auc,
@@ -331,17 +331,19 @@ def _rates_at(
 
 def _gallery_calibration(
     gaps: npt.NDArray[np.float64],
-    own: npt.NDArray[np.float64],
+    enrolled: EnrolledScores,
     impostors: npt.NDArray[np.float64],
     rate: float,
 ) -> dict[str, Any]:
     """A model's ``margin``, ``margins`` and ``stranger_thresholds`` from one pool of
-    calibration images: their misfiling gaps, own scores and stranger pairs (None where the
-    pool is empty)."""
+    calibration images: their misfiling gaps, their scores judged as the service judges, and
+    their stranger pairs (None where the pool is empty)."""
     return {
         "margin": margin_for_gaps(gaps, rate) if len(gaps) else None,
         "margins": (
-            margins_by_gallery_size(own, impostors, rate) if len(own) and len(impostors) else None
+            margins_by_gallery_size(enrolled, rate)
+            if len(enrolled.own) and len(enrolled.strangers)
+            else None
         ),
         "stranger_thresholds": stranger_thresholds(impostors, rate) if len(impostors) else None,
     }
@@ -453,21 +455,21 @@ def train_reid(
     # The margin's quantile needs many more images than the threshold's (one gap per image,
     # not per pair): the validation images' gaps under the served model are pooled with the
     # training images' gaps out of fold, where the recipe allows it.
-    served_gaps, served_own, served_impostors = (
+    served_gaps, served_enrolled, served_impostors = (
         misfiling_gaps(cal_similarity, calibration.labels),
-        own_scores(cal_similarity, calibration.labels),
+        [EnrolledScores.of(cal_similarity, calibration.labels)],
         pairs[~genuine],
     )
     if calibration is train and out_of_fold is not None:
         # in-sample scores would understate a stranger's
-        served_gaps, served_own, served_impostors = np.zeros(0), np.zeros(0), np.zeros(0)
+        served_gaps, served_enrolled, served_impostors = np.zeros(0), [], np.zeros(0)
     # the same pooling for the best of a gallery of strangers, for header patients who are
     # not enrolled, and for the margin a gallery of a hospital's size needs
     empty = np.zeros(0)
     gaps = np.concatenate([served_gaps, out_of_fold.gaps if out_of_fold else empty])
     by_gallery = _gallery_calibration(
         gaps,
-        np.concatenate([served_own, out_of_fold.own if out_of_fold else empty]),
+        EnrolledScores.joined(served_enrolled + ([out_of_fold.enrolled] if out_of_fold else [])),
         np.concatenate([served_impostors, out_of_fold.impostors if out_of_fold else empty]),
         config.false_match_rate,
     )
@@ -588,7 +590,7 @@ def whiten_reid(
         "config": {**base_description["config"], "whitening_dim": whitened.whitening_dim},
         "threshold": threshold,
         **_gallery_calibration(
-            out_of_fold.gaps, out_of_fold.own, out_of_fold.impostors, config.false_match_rate
+            out_of_fold.gaps, out_of_fold.enrolled, out_of_fold.impostors, config.false_match_rate
         ),
         "margin_calibrated_on": {"out_of_fold_whitening_set_images": len(out_of_fold.gaps)},
         "calibrated_on": "out-of-fold whitening-set",
