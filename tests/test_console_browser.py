@@ -17,7 +17,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -127,6 +127,7 @@ def test_an_administrator_audits_from_the_browser(
     running: tuple[RunningService, int], sqlite_database: Database, tmp_path: Path
 ) -> None:
     from selenium import webdriver
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as loaded
@@ -159,6 +160,20 @@ def test_an_administrator_audits_from_the_browser(
         {"download.default_directory": str(downloads), "download.prompt_for_download": False},
     )
     driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
+
+    def shows(element_id: str, text: str) -> Callable[[webdriver.Chrome], bool]:
+        """The element of the page a click loads shows the text. An element read while the
+        old page is being replaced is read again: Chrome then answers an inspector error,
+        not a stale element."""
+
+        def check(browser: webdriver.Chrome) -> bool:
+            try:
+                return text in browser.find_element(By.ID, element_id).text
+            except WebDriverException:
+                return False
+
+        return check
+
     driver.implicitly_wait(5)
     wait = WebDriverWait(driver, 20)
     try:
@@ -244,10 +259,10 @@ def test_an_administrator_audits_from_the_browser(
         driver.get(f"{base}/alerts/{alert_ids[0]}")
         driver.find_element(By.ID, "reason").send_keys("the header is right: a known look-alike")
         driver.find_element(By.ID, "dismiss").click()
-        wait.until(loaded.text_to_be_present_in_element((By.ID, "alert-state"), "dismissed by qa"))
+        wait.until(shows("alert-state", "dismissed by qa"))
         driver.get(f"{base}/alerts/{alert_ids[1]}")
         driver.find_element(By.ID, "confirm").click()
-        wait.until(loaded.text_to_be_present_in_element((By.ID, "alert-state"), "confirmed by qa"))
+        wait.until(shows("alert-state", "confirmed by qa"))
         driver.get(base + "/alerts")
         assert int(driver.find_element(By.ID, "count-open").text) == open_before - 2
         driver.save_screenshot(str(shots / "console-alerts.png"))
