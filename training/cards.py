@@ -25,17 +25,20 @@ def reid_card(d: dict[str, Any]) -> str:
     real = any(c for c in collections)
     licence = data_section(collections) if collections else ""
     margins = d.get("margins")
-    if d.get("margin") is None:
-        margin = ""
-    elif margins:
-        sizes, values = margins["gallery_sizes"], margins["margins"]
-        shown = [(n, x) for n, x in zip(sizes, values, strict=True) if n in (100, 1_000, 10_000)]
+    margin = ""
+    if d.get("margin") is not None:
         margin = (
             f" Another patient's best score beat an image's own by **{d['margin']:.4f}** or "
-            f"more for {cfg['false_match_rate']:.0%} of the {margin_images(d)}, against "
-            "galleries of their size. The best of more strangers beats more own scores, so the "
-            "service flags an image as filed under the wrong patient when another enrolled "
-            "patient beats the header patient's own score by the margin for its gallery's size: "
+            f"more for {cfg['false_match_rate']:.0%} of the {margin_images(d)}"
+        )
+    if margin and margins:
+        sizes, values = margins["gallery_sizes"], margins["margins"]
+        shown = [(n, x) for n, x in zip(sizes, values, strict=True) if n in (100, 1_000, 10_000)]
+        margin += (
+            ", against galleries of their size. The best of more strangers beats more own "
+            "scores, so the service flags an image as filed under the wrong patient when another "
+            "enrolled patient beats the header patient's own score by the margin for its "
+            "gallery's size: "
             + ", ".join(f"**{x:.4f}** for {n:,} enrolled images" for n, x in shown)
             + f" (from {margins['own_scores']:,} calibration images compared, as the service "
             "compares them, with the first image of their own patient and of every other "
@@ -43,13 +46,12 @@ def reid_card(d: dict[str, Any]) -> str:
             f"{sizes[-1]:,} images, the last margin beyond; measured by "
             "`benchmarks.verdict_rates`)."
         )
-    else:
-        margin = (
-            f" Another patient's best score beat an image's own by **{d['margin']:.4f}** or "
-            f"more for {cfg['false_match_rate']:.0%} of the {margin_images(d)}: the margin for "
-            "that false-alarm rate against a gallery of their size. The service flags an image "
-            "as filed under the wrong patient when another enrolled patient beats the header "
-            "patient's own score by this margin (measured by `benchmarks.verdict_rates`)."
+    elif margin:
+        margin += (
+            ": the margin for that false-alarm rate against a gallery of their size. The service "
+            "flags an image as filed under the wrong patient when another enrolled patient beats "
+            "the header patient's own score by this margin (measured by "
+            "`benchmarks.verdict_rates`)."
         )
     strangers = d.get("stranger_thresholds")
     if strangers:

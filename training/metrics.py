@@ -134,23 +134,16 @@ def threshold_for_false_match_rate(
     return float(np.nextafter(impostors[allowed], np.inf))
 
 
-def _own_and_other(
-    similarity: Matrix, labels: Sequence[str]
-) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
-    """Each image's best score with another image of its identity, and with an image of any
-    other identity (-inf where there is none)."""
-    sim = np.asarray(similarity, np.float64).copy()
-    np.fill_diagonal(sim, -np.inf)
-    names = np.asarray(labels)
-    same = names[:, None] == names[None, :]
-    return np.where(same, sim, -np.inf).max(axis=1), np.where(same, -np.inf, sim).max(axis=1)
-
-
 def misfiling_gaps(similarity: Matrix, labels: Sequence[str]) -> npt.NDArray[np.float64]:
     """For each image with another of its identity, as a query against all the others: the
     best score of any other identity minus its own identity's best. A correctly filed image
     is called misfiled when its gap reaches the margin."""
-    own, other = _own_and_other(similarity, labels)
+    sim = np.asarray(similarity, np.float64).copy()
+    np.fill_diagonal(sim, -np.inf)
+    names = np.asarray(labels)
+    same = names[:, None] == names[None, :]
+    own = np.where(same, sim, -np.inf).max(axis=1)
+    other = np.where(same, -np.inf, sim).max(axis=1)
     usable = np.isfinite(own) & np.isfinite(other)
     return np.asarray(other[usable] - own[usable])
 
@@ -263,8 +256,8 @@ def margins_by_gallery_size(
 
     A margin read off the calibration images' gaps (:func:`margin_for_gaps`) holds for
     galleries of the calibration's size, a few hundred images; the best of a hospital's
-    thousands of strangers beats more own scores. The sizes are those the stranger pairs speak
-    for (:func:`stranger_thresholds`)."""
+    thousands of strangers beats more own scores. The sizes are those its stranger scores
+    speak for, as the stranger thresholds' are for theirs (:func:`_calibrated_sizes`)."""
     owns = enrolled.own
     scores = np.sort(enrolled.strangers)
     if not len(owns) or not len(scores):
