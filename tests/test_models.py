@@ -349,7 +349,9 @@ def test_a_whitening_fitted_on_other_patients_is_appended_and_round_trips(
     )
     assert description["stranger_thresholds"]["gallery_sizes"][0] == 1
     assert description["margins"]["own_scores"] == whitening["images"] - whitening["patients"]
-    assert "reid-dermoscopy-t1" in (whitened / "MODEL_CARD.md").read_text()
+    card = (whitened / "MODEL_CARD.md").read_text()
+    assert "reid-dermoscopy-t1" in card
+    assert "for 1 enrolled image" in card and "for 1 enrolled images" not in card
 
     data = load_set(scan_modality(unseen / "dermoscopy", "dermoscopy")[:8], 96)
     base = l2_normalise(ReidModel(trained).embed(data.images))

@@ -19,6 +19,12 @@ def margin_images(d: dict[str, Any]) -> str:
     return " and ".join(f"{n:,} {words.get(k, k)}" for k, n in counts.items())
 
 
+def _by_gallery_size(shown: list[tuple[int, float]]) -> str:
+    return ", ".join(
+        f"**{x:.4f}** for {n:,} enrolled image{'' if n == 1 else 's'}" for n, x in shown
+    )
+
+
 def reid_card(d: dict[str, Any]) -> str:
     m, data, cfg = d["metrics"], d["data"], d["config"]
     collections = data.get("collections", {})
@@ -39,7 +45,7 @@ def reid_card(d: dict[str, Any]) -> str:
             "scores, so the service flags an image as filed under the wrong patient when another "
             "enrolled patient beats the header patient's own score by the margin for its "
             "gallery's size: "
-            + ", ".join(f"**{x:.4f}** for {n:,} enrolled images" for n, x in shown)
+            + _by_gallery_size(shown)
             + f" (from {margins['own_scores']:,} calibration images compared, as the service "
             "compares them, with the first image of their own patient and of every other "
             f"patient: {margins['stranger_pairs']:,} pairs of strangers; measured up to "
@@ -61,7 +67,7 @@ def reid_card(d: dict[str, Any]) -> str:
             " An image whose header patient is not enrolled has no own score to compare: "
             "another patient must then beat what the best of the gallery's strangers reaches "
             f"for {cfg['false_match_rate']:.0%} of such images, "
-            + ", ".join(f"**{x:.4f}** for {n:,} enrolled images" for n, x in shown)
+            + _by_gallery_size(shown)
             + f" (calibrated on {strangers['stranger_pairs']:,} pairs of strangers; measured "
             f"up to {sizes[-1]:,} images, the last threshold beyond)."
         )
