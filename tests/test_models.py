@@ -363,8 +363,27 @@ def test_a_whitening_fitted_on_other_patients_is_appended_and_round_trips(
     assert matrix.shape == (base.shape[1], description["config"]["whitening_dim"])
     np.testing.assert_allclose(got, l2_normalise(base @ matrix + bias), atol=2e-3)
 
-    with pytest.raises(ValueError, match="already ends in a whitening"):
-        whiten_reid(whitened, unseen / "dermoscopy", tmp_path, version="w2")
+    # Whitening it again replaces its whitening: the network is the base's, not followed by two.
+    again = whiten_reid(whitened, unseen / "dermoscopy", tmp_path, version="w2").folder
+    refitted = read_model(again)
+    assert refitted["whitening"]["base_model"] == "reid-dermoscopy-t1"
+    assert refitted["whitening"]["base_metrics"] == read_model(trained)["metrics"]
+    assert refitted["whitening"]["base_command"] == read_model(trained)["command"]
+    for key in ("threshold", "margin", "margins", "stranger_thresholds", "metrics"):
+        assert refitted[key] == description[key], key
+    again_stored = np.load(again / "weights.npz")
+    assert again_stored.files == stored.files
+    for key in stored.files:
+        np.testing.assert_array_equal(again_stored[key], stored[key])
+
+
+def test_a_fitted_projection_of_imagenet_features_is_not_whitened_again(
+    frozen: Path, xray_sets: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from training.reid import whiten_reid
+
+    with pytest.raises(ValueError, match="not a fine-tuned network"):
+        whiten_reid(frozen, xray_sets[1], tmp_path, version="w3")
 
 
 def test_patient_split_is_disjoint() -> None:

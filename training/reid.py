@@ -43,6 +43,7 @@ from pipeline.models.reid import (
 )
 from pipeline.records import FloatImage
 from pipeline.runner import PipelineConfig
+from pipeline.vectors import l2_normalise
 from training.cards import collections_of, reid_card
 from training.datasets.augment import AugmentParams, augment
 from training.datasets.reader import DatasetItem, iter_images, scan_modality
@@ -523,6 +524,50 @@ def _save(out: Path, description: dict[str, Any], embedder: Any) -> TrainedReid:
     return TrainedReid(folder, description)
 
 
+@dataclass(frozen=True)
+class _FineTunedNetwork:
+    """A fine-tuned network that ends before any whitening, and what describes it."""
+
+    name: str
+    network: Any
+    description: dict[str, Any]
+    preprocessing: Preprocessing
+
+    def embed(
+        self, images: list[FloatImage], progress: Callable[[int, int], None] | None
+    ) -> npt.NDArray[np.float32]:
+        return l2_normalise(
+            embed_images(self.network, images, self.preprocessing, progress=progress)
+        )
+
+
+def _fine_tuned_network(model: ReidModel, config: ReidConfig) -> _FineTunedNetwork:
+    """``model``'s network without its whitening, if it has one, described as it was before that
+    whitening (whose record keeps the network's own figures and command), so that a whitening
+    fitted again replaces the old one instead of following it."""
+    if config.recipe == "frozen":
+        raise ValueError(
+            f"{model.folder.name} is a fitted projection of ImageNet features, not a fine-tuned "
+            "network; train it again on the new patients instead"
+        )
+    if not config.whitening_dim:
+        return _FineTunedNetwork(model.version, model.model, model.description, model.preprocessing)
+    record = model.description["whitening"]
+    network_config = replace(config, whitening_dim=0)
+    network = build_embedder(network_config.shape(), "none")
+    # The whitening is the last dense layer: its matrix and bias are the last two weights.
+    network.set_weights(model.model.get_weights()[:-2])
+    description = {
+        **model.description,
+        "config": {**model.description["config"], "whitening_dim": 0},
+        "threshold": record["base_threshold"],
+        "metrics": record["base_metrics"],
+        "command": record["base_command"],
+        "training_seconds": record["base_training_seconds"],
+    }
+    return _FineTunedNetwork(record["base_model"], network, description, model.preprocessing)
+
+
 def whiten_reid(
     base: Path,
     dataset: Path,
@@ -540,14 +585,12 @@ def whiten_reid(
     Dimension and shrinkage are chosen by cross-validation over the patients; the threshold and
     the metrics come from each fold's pairs under a whitening fitted without that fold, so they
     describe patients the whitening never saw either. The final whitening uses every patient.
+    A model that already ends in a whitening has it replaced: the new one follows its network.
     """
     started = time.monotonic()
-    model = ReidModel(base)
+    loaded = ReidModel(base)
+    model = _fine_tuned_network(loaded, ReidConfig.of(loaded.description["config"]))
     config = ReidConfig.of(model.description["config"])
-    if config.whitening_dim or config.recipe == "frozen":
-        raise ValueError(
-            f"{base.name} already ends in a whitening; start from a fine-tuned model without one"
-        )
     pipeline = pipeline or PipelineConfig()
     data = load_set(scan_modality(dataset, config.modality), config.size, pipeline)
     if len(set(data.labels)) < 8:
@@ -574,7 +617,7 @@ def whiten_reid(
     embedder.set_weights(
         artifacts.quantise(
             [
-                *model.model.get_weights(),
+                *model.network.get_weights(),
                 projection.matrix.astype(np.float32),
                 projection.bias.astype(np.float32),
             ]
@@ -596,7 +639,7 @@ def whiten_reid(
         "calibrated_on": "out-of-fold whitening-set",
         "metrics": metrics,
         "whitening": {
-            "base_model": model.version,
+            "base_model": model.name,
             "base_metrics": base_description["metrics"],
             "base_threshold": base_description["threshold"],
             "dataset": str(dataset),

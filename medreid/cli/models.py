@@ -84,7 +84,10 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "dataset", type=Path, help="DATASET/<modality> of patients the model never saw"
     )
     whitening.add_argument(
-        "--model", type=Path, required=True, help="the model folder to start from"
+        "--model",
+        type=Path,
+        required=True,
+        help="the fine-tuned model folder to start from (a whitening it ends in is replaced)",
     )
     whitening.add_argument("--out", type=Path, required=True, help="folder for the model folder")
     whitening.add_argument("--version", help="version label (default: the time)")
