@@ -34,7 +34,7 @@ import numpy as np
 
 from pipeline.analysis import AnalysisSettings, HeaderFacts, ModelSet, analyse
 from pipeline.gallery import GalleryIndex
-from pipeline.modelstore import discover, load_model
+from pipeline.modelstore import discover, generated_image_models, load_model
 from pipeline.runner import PipelineConfig
 from pipeline.series import ImageFinding, aggregate_series
 from pipeline.verdicts import DEFAULT_TAG_MAP
@@ -366,18 +366,20 @@ def main() -> None:
         print(json.dumps(real_rates(args), indent=2))
         return
     started = time.monotonic()
-    folders = discover(args.models)
-    models = ModelSet(
-        compa=load_model("compa", folders["compa"]),
-        reid={
-            slot.split(":")[1]: load_model(slot, f)
-            for slot, f in folders.items()
-            if slot != "compa"
-        },
-    )
     config = PipelineConfig()
     with tempfile.TemporaryDirectory() as scratch:
-        out = Path(scratch)
+        # a generated hospital is judged by the models made for generated patients, as the
+        # demo's is: the real-image models are fitted on real ones
+        folders = discover(generated_image_models(args.models, Path(scratch) / "models"))
+        models = ModelSet(
+            compa=load_model("compa", folders["compa"]),
+            reid={
+                slot.split(":")[1]: load_model(slot, f)
+                for slot, f in folders.items()
+                if slot != "compa"
+            },
+        )
+        out = Path(scratch) / "hospital"
         generate(
             SynthOptions(
                 out=out,
