@@ -128,7 +128,7 @@ models-real: install
 models-whitening: install
 	$(BIN)/medreid synth --out $(MODELS_DATA)/whitening --patients 200 --visits 3 --slices 3 \
 		--seed 24
-	for spec in xray:v1:v2 ct:n2:v2 mri:v1:v2 dermoscopy:n3:v3; do \
+	for spec in xray:v1:v2 ct:n2:v3 mri:v1:v3 dermoscopy:n3:v3; do \
 		modality=$${spec%%:*}; rest=$${spec#*:}; base=$${rest%%:*}; version=$${rest#*:}; \
 		rm -rf $(MODELS_DIR)/reid-$$modality-$$version; \
 		$(BIN)/medreid train whitening --model $(MODELS_BASE)/reid-$$modality-$$base \
