@@ -69,8 +69,11 @@ XRAY_RECIPES = (
     Recipe("global", "global pool", ()),
     Recipe("b13-4", "block 13, 4x4", (B13,), 4),
     Recipe("b10-4", "block 10, 4x4", (B10,), 4),
-    Recipe("b6-10-13-4", "blocks 6+10+13, 4x4", (B6, B10, B13), 4, shipped=True),
-    Recipe("b6-10-13-4-192", "blocks 6+10+13, 4x4, 192 px", (B6, B10, B13), 4, size=192),
+    Recipe("b6-10-13-4", "blocks 6+10+13, 4x4", (B6, B10, B13), 4),
+    Recipe(
+        "b6-10-13-4-192", "blocks 6+10+13, 4x4, 192 px", (B6, B10, B13), 4, size=192, shipped=True
+    ),
+    Recipe("b6-10-13-6-192", "blocks 6+10+13, 6x6, 192 px", (B6, B10, B13), 6, size=192),
 )
 DERMOSCOPY_RECIPES = (
     Recipe("global-256", "global pool, 256 px (before)", (), size=256),
