@@ -139,6 +139,7 @@ class AnalysisSettingsSection:
     auto_enroll_new_patients: bool = False
     series_modalities: tuple[str, ...] = ("CT", "MR")
     series_quiet_s: float = 30.0
+    identity_modalities: tuple[str, ...] = KNOWN_MODALITIES
 
     def validate(self) -> None:
         for entry in self.tag_map:
@@ -159,6 +160,12 @@ class AnalysisSettingsSection:
             if not code.strip() or code.strip().upper() != code.strip() or len(code) > 16:
                 raise SettingsError(
                     f"analysis.series_modalities: {code!r} is not an upper-case Modality code"
+                )
+        for modality in self.identity_modalities:
+            if modality not in KNOWN_MODALITIES:
+                raise SettingsError(
+                    f"analysis.identity_modalities: {modality!r} is not one of "
+                    f"{', '.join(KNOWN_MODALITIES)}"
                 )
 
     def tag_mapping(self) -> dict[str, str]:

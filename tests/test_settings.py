@@ -13,6 +13,8 @@ def test_packaged_file_holds_the_documented_defaults() -> None:
     assert settings.scp.port == 11112
     assert settings.database.url == "sqlite:///var/medreid.sqlite3"
     assert settings.clahe.tile_grid == (8, 8)
+    # Every modality is re-identified unless the hospital leaves one out.
+    assert settings.analysis.identity_modalities == ("xray", "ct", "mri", "dermoscopy")
     # The console is off, and on loopback once turned on.
     assert not settings.console.enabled
     assert settings.console.bind_address == "127.0.0.1"
@@ -28,6 +30,7 @@ def test_environment_overrides_every_kind_of_value() -> None:
             "MEDREID_DATABASE_URL": "postgresql+psycopg://db/medreid",
             "MEDREID_CLAHE_CLIP_LIMIT": "3.5",
             "MEDREID_SPOOL_DIR": "/data/spool",
+            "MEDREID_ANALYSIS_IDENTITY_MODALITIES": "xray, dermoscopy",
         },
     )
     assert settings.scp.port == 11113
@@ -36,6 +39,7 @@ def test_environment_overrides_every_kind_of_value() -> None:
     assert settings.database.url == "postgresql+psycopg://db/medreid"
     assert settings.clahe.clip_limit == 3.5
     assert settings.spool.dir == Path("/data/spool")
+    assert settings.analysis.identity_modalities == ("xray", "dermoscopy")
 
 
 @pytest.mark.parametrize(
@@ -60,6 +64,7 @@ def test_environment_overrides_every_kind_of_value() -> None:
         ({"MEDREID_SCP_TLS_REQUIRE_CLIENT_CERTIFICATE": "true"}, "scp.tls_ca_certificates"),
         ({"MEDREID_ANALYSIS_SERIES_QUIET_S": "-1"}, "analysis.series_quiet_s"),
         ({"MEDREID_ANALYSIS_SERIES_MODALITIES": "ct"}, "analysis.series_modalities"),
+        ({"MEDREID_ANALYSIS_IDENTITY_MODALITIES": "xray, CT"}, "analysis.identity_modalities"),
         (
             {"MEDREID_CONSOLE_ENABLED": "true", "MEDREID_CONSOLE_BIND_ADDRESS": "0.0.0.0"},
             "console.bind_address",
@@ -101,3 +106,18 @@ def test_a_partial_file_keeps_the_defaults_for_the_rest(tmp_path: Path) -> None:
 def test_a_missing_config_file_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match="does not exist"):
         load_settings(tmp_path / "absent.toml", env={})
+
+
+def test_the_worker_judges_identity_only_for_the_modalities_set() -> None:
+    from sqlalchemy.orm import sessionmaker
+
+    from medreid.processes import build_analyser
+
+    models = Path(__file__).resolve().parents[1] / "models"
+    settings = load_settings(
+        DEFAULT_CONFIG,
+        env={"MEDREID_ANALYSIS_IDENTITY_MODALITIES": "xray", "MEDREID_MODELS_DIR": str(models)},
+    )
+    analyser = build_analyser(settings, sessionmaker())
+    assert analyser is not None
+    assert analyser.settings.identity_modalities == frozenset({"xray"})
