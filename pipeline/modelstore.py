@@ -151,7 +151,11 @@ class Analyser:
         self._last_id[modality] = rows[-1][0]
 
     def embedder(self, modality: str) -> Embedder | None:
-        """The re-identification model serving ``modality`` (after ``refresh``)."""
+        """The re-identification model judging ``modality``'s identity (after ``refresh``):
+        None where none serves it or ``identity_modalities`` leaves it out, so that no priors
+        are fetched for a modality whose identity is not judged."""
+        if modality not in self.settings.identity_modalities:
+            return None
         return self.models.reid.get(modality)
 
     def analyse(self, images: list[FloatImage], headers: list[HeaderFacts]) -> list[Analysis]:

@@ -109,6 +109,23 @@ def test_activation_and_enrollment_reach_a_running_worker(
         )
     analyser.refresh()
     assert len(analyser.galleries["xray"]) == 2
+    assert analyser.embedder("xray") is analyser.models.reid["xray"]
+
+
+def test_a_modality_left_out_of_identity_has_no_embedder_for_priors(
+    database: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(modelstore, "load_model", lambda slot, folder: FakeReid(folder))
+    model_folder(tmp_path, "reid-xray-v1", "2026-01-01T00:00:00+00:00")
+    analyser = Analyser(
+        SqlModelRegistry(database.sessions),
+        tmp_path,
+        AnalysisSettings(identity_modalities=frozenset({"ct"})),
+    )
+    analyser.refresh()
+    # the model is loaded, but no priors are fetched for a modality whose identity is not judged
+    assert analyser.models.versions() == {"reid:xray": "reid-xray-v1"}
+    assert analyser.embedder("xray") is None
 
 
 def test_generated_hospitals_get_the_models_not_fitted_on_real_images(tmp_path: Path) -> None:

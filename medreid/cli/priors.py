@@ -86,7 +86,10 @@ def cmd_priors(settings: Settings, args: argparse.Namespace, clock: Clock) -> in
             analyser.refresh()
             modalities = [m for m in modalities if analyser.embedder(m) is not None]
             if not modalities:
-                raise SystemExit("medreid priors: no re-identification model serves that modality")
+                raise SystemExit(
+                    "medreid priors: no re-identification model judges that modality (none "
+                    "serves it, or analysis.identity_modalities leaves it out)"
+                )
         with _Progress("priors") as progress:
             progress.bar.unit = "patient-modality"
             report = backfill(
