@@ -524,48 +524,28 @@ def _save(out: Path, description: dict[str, Any], embedder: Any) -> TrainedReid:
     return TrainedReid(folder, description)
 
 
-@dataclass(frozen=True)
-class _FineTunedNetwork:
-    """A fine-tuned network that ends before any whitening, and what describes it."""
-
-    name: str
-    network: Any
-    description: dict[str, Any]
-    preprocessing: Preprocessing
-
-    def embed(
-        self, images: list[FloatImage], progress: Callable[[int, int], None] | None
-    ) -> npt.NDArray[np.float32]:
-        return l2_normalise(
-            embed_images(self.network, images, self.preprocessing, progress=progress)
-        )
-
-
-def _fine_tuned_network(model: ReidModel, config: ReidConfig) -> _FineTunedNetwork:
-    """``model``'s network without its whitening, if it has one, described as it was before that
-    whitening (whose record keeps the network's own figures and command), so that a whitening
-    fitted again replaces the old one instead of following it."""
+def _network_and_record(model: ReidModel, config: ReidConfig) -> tuple[Any, dict[str, Any]]:
+    """``model``'s fine-tuned network without any whitening it ends in, and that network's
+    name, figures and command as a whitening records them, so that a whitening fitted again
+    replaces the old one instead of following it."""
     if config.recipe == "frozen":
         raise ValueError(
             f"{model.folder.name} is a fitted projection of ImageNet features, not a fine-tuned "
             "network; train it again on the new patients instead"
         )
-    if not config.whitening_dim:
-        return _FineTunedNetwork(model.version, model.model, model.description, model.preprocessing)
-    record = model.description["whitening"]
-    network_config = replace(config, whitening_dim=0)
-    network = build_embedder(network_config.shape(), "none")
-    # The whitening is the last dense layer: its matrix and bias are the last two weights.
-    network.set_weights(model.model.get_weights()[:-2])
-    description = {
-        **model.description,
-        "config": {**model.description["config"], "whitening_dim": 0},
-        "threshold": record["base_threshold"],
-        "metrics": record["base_metrics"],
-        "command": record["base_command"],
-        "training_seconds": record["base_training_seconds"],
+    if config.whitening_dim:
+        network = build_embedder(replace(config, whitening_dim=0).shape(), "none")
+        # The whitening is the last dense layer: its matrix and bias are the last two weights.
+        network.set_weights(model.model.get_weights()[:-2])
+        return network, model.description["whitening"]
+    d = model.description
+    return model.model, {
+        "base_model": model.version,
+        "base_metrics": d["metrics"],
+        "base_threshold": d["threshold"],
+        "base_command": d["command"],
+        "base_training_seconds": d["training_seconds"],
     }
-    return _FineTunedNetwork(record["base_model"], network, description, model.preprocessing)
 
 
 def whiten_reid(
@@ -588,14 +568,18 @@ def whiten_reid(
     A model that already ends in a whitening has it replaced: the new one follows its network.
     """
     started = time.monotonic()
-    loaded = ReidModel(base)
-    model = _fine_tuned_network(loaded, ReidConfig.of(loaded.description["config"]))
+    model = ReidModel(base)
     config = ReidConfig.of(model.description["config"])
+    network, network_record = _network_and_record(model, config)
     pipeline = pipeline or PipelineConfig()
     data = load_set(scan_modality(dataset, config.modality), config.size, pipeline)
     if len(set(data.labels)) < 8:
         raise ValueError(f"{dataset} needs images of at least 8 patients to fit a whitening")
-    embeddings = model.embed(data.images, progress=_feature_progress(progress))
+    embeddings = l2_normalise(
+        embed_images(
+            network, data.images, model.preprocessing, progress=_feature_progress(progress)
+        )
+    )
     choice = _choose_projection(embeddings, data.labels, config.seed, progress)
     # The threshold, the metrics, and the margin (the base's measured other embeddings) from
     # the same folds.
@@ -617,20 +601,19 @@ def whiten_reid(
     embedder.set_weights(
         artifacts.quantise(
             [
-                *model.network.get_weights(),
+                *network.get_weights(),
                 projection.matrix.astype(np.float32),
                 projection.bias.astype(np.float32),
             ]
         )
     )
-    base_description = model.description
     version = version or artifacts.new_version()
     description = {
-        **base_description,
+        **model.description,
         "version": version,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": artifacts.command_line(),
-        "config": {**base_description["config"], "whitening_dim": whitened.whitening_dim},
+        "config": {**model.description["config"], "whitening_dim": whitened.whitening_dim},
         "threshold": threshold,
         **_gallery_calibration(
             out_of_fold.gaps, out_of_fold.enrolled, out_of_fold.impostors, config.false_match_rate
@@ -639,17 +622,17 @@ def whiten_reid(
         "calibrated_on": "out-of-fold whitening-set",
         "metrics": metrics,
         "whitening": {
-            "base_model": model.name,
-            "base_metrics": base_description["metrics"],
-            "base_threshold": base_description["threshold"],
+            "base_model": network_record["base_model"],
+            "base_metrics": network_record["base_metrics"],
+            "base_threshold": network_record["base_threshold"],
             "dataset": str(dataset),
             "patients": len(set(data.labels)),
             "images": len(data.images),
             "dims": choice.dims,
             "shrinkage": choice.shrinkage,
             "cross_validation": choice.table,
-            "base_command": base_description["command"],
-            "base_training_seconds": base_description["training_seconds"],
+            "base_command": network_record["base_command"],
+            "base_training_seconds": network_record["base_training_seconds"],
         },
         "training_seconds": round(time.monotonic() - started, 1),
         "environment": artifacts.environment(),
