@@ -89,8 +89,8 @@ def build_analyser(settings: Settings, sessions: sessionmaker[Session]) -> Analy
             on_disagreement=settings.analysis.on_disagreement,
             top_k=settings.analysis.top_k,
             mismatch_margin=settings.analysis.mismatch_margin,
-            identity_modalities=frozenset(settings.analysis.identity_modalities),
         ),
+        identity_modalities=frozenset(settings.analysis.identity_modalities),
     )
 
 

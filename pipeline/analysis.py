@@ -12,7 +12,7 @@ import numpy as np
 import numpy.typing as npt
 
 from pipeline.gallery import GalleryIndex
-from pipeline.records import FloatImage, Modality
+from pipeline.records import FloatImage
 from pipeline.verdicts import (
     DEFAULT_MISMATCH_MARGIN,
     DEFAULT_TAG_MAP,
@@ -70,8 +70,6 @@ class AnalysisSettings:
     on_disagreement: str = "prediction"  # or "hold"
     top_k: int = 5
     mismatch_margin: float | None = DEFAULT_MISMATCH_MARGIN
-    # modalities whose images are re-identified; the others keep COMPA's check only
-    identity_modalities: frozenset[str] = frozenset(str(m) for m in Modality)
 
 
 @dataclass(frozen=True)
@@ -128,7 +126,7 @@ def analyse(
     vectors: dict[int, npt.NDArray[np.float32]] = {}
     for modality in sorted({r for r in routes if r is not None}):
         embedder = models.reid.get(modality)
-        if embedder is None or modality not in settings.identity_modalities:
+        if embedder is None:
             continue
         members = [i for i, r in enumerate(routes) if r == modality]
         embeddings = embedder.embed([images[i] for i in members])

@@ -100,11 +100,18 @@ class Analyser:
     """Models and galleries for one worker process."""
 
     def __init__(
-        self, registry: ModelRegistry, models_dir: Path, settings: AnalysisSettings
+        self,
+        registry: ModelRegistry,
+        models_dir: Path,
+        settings: AnalysisSettings,
+        identity_modalities: frozenset[str] = frozenset(MODALITIES),
     ) -> None:
         self.registry = registry
         self.models_dir = models_dir
         self.settings = settings
+        # the modalities whose re-identification models serve; the others are not loaded, so
+        # their images keep COMPA's check, are unverifiable for identity and fetch no priors
+        self.identity_modalities = identity_modalities
         self.loaded: dict[str, Path] = {}
         self.models = ModelSet(compa=None)
         self.galleries: dict[str, GalleryIndex] = {}
@@ -124,6 +131,8 @@ class Analyser:
         with self.registry.view() as view:
             wanted = resolve(self.models_dir, view.active_models(), self._newest())
             for slot, folder in wanted.items():
+                if slot != "compa" and slot.split(":", 1)[1] not in self.identity_modalities:
+                    continue
                 if self.loaded.get(slot) != folder:
                     model = load_model(slot, folder)
                     if slot == "compa":
@@ -151,11 +160,7 @@ class Analyser:
         self._last_id[modality] = rows[-1][0]
 
     def embedder(self, modality: str) -> Embedder | None:
-        """The re-identification model judging ``modality``'s identity (after ``refresh``):
-        None where none serves it or ``identity_modalities`` leaves it out, so that no priors
-        are fetched for a modality whose identity is not judged."""
-        if modality not in self.settings.identity_modalities:
-            return None
+        """The re-identification model serving ``modality`` (after ``refresh``)."""
         return self.models.reid.get(modality)
 
     def analyse(self, images: list[FloatImage], headers: list[HeaderFacts]) -> list[Analysis]:

@@ -112,37 +112,6 @@ def test_hold_policy_leaves_disagreeing_images_unrouted() -> None:
     assert analyses[0].identity.verdict is IdentityVerdict.UNVERIFIABLE
 
 
-def test_a_modality_left_out_of_identity_keeps_its_modality_check_only() -> None:
-    ct = FakeEmbedder("reid-ct-fake")
-    xray = FakeEmbedder("reid-xray-fake")
-    ct_gallery = GalleryIndex(dim=3)
-    ct_gallery.add(["ALICE", "BOB"], np.array([[1, 0, 0], [0, 1, 0]], dtype=np.float32))
-    xray_gallery = GalleryIndex(dim=3)
-    xray_gallery.add(["ALICE"], np.array([[0, 0, 1]], dtype=np.float32))
-    analyses = analyse(
-        [image(0.2, (1, 0.02, 0)), image(0.9, (0, 0, 1)), image(0.9, (0, 0, 1))],
-        # a CT of Alice filed as Bob; an X-ray of Alice; an X-ray of Alice tagged CT
-        [HeaderFacts("BOB", "CT"), HeaderFacts("ALICE", "DX"), HeaderFacts("ALICE", "CT")],
-        ModelSet(FakeCompa(), {"ct": ct, "xray": xray}),
-        {"ct": ct_gallery, "xray": xray_gallery},
-        AnalysisSettings(identity_modalities=frozenset({"xray"})),
-    )
-    # the CT is not embedded, so its swap is not judged: unverifiable, not consistent
-    assert ct.calls == [] and xray.calls == [2]
-    assert [a.identity.verdict for a in analyses if a.identity] == [
-        IdentityVerdict.UNVERIFIABLE,
-        IdentityVerdict.CONSISTENT,
-        IdentityVerdict.CONSISTENT,
-    ]
-    assert analyses[0].embedding is None and analyses[0].top_matches is None
-    # COMPA still checks every image's Modality tag
-    assert [a.modality_verdict for a in analyses] == [
-        ModalityVerdict.AGREE,
-        ModalityVerdict.AGREE,
-        ModalityVerdict.MISMATCH,
-    ]
-
-
 def test_a_model_with_a_calibrated_margin_judges_by_it() -> None:
     gallery = GalleryIndex(dim=3)
     gallery.add(["ALICE", "BOB"], np.array([[1, 0, 0], [0.607, 0.795, 0]], dtype=np.float32))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -11,8 +12,9 @@ import pytest
 
 from medreid.registry import SqlModelRegistry
 from pipeline import modelstore
-from pipeline.analysis import AnalysisSettings
+from pipeline.analysis import AnalysisSettings, HeaderFacts
 from pipeline.modelstore import Analyser, discover, embedding_bytes
+from pipeline.verdicts import IdentityVerdict, ModalityVerdict
 from storage.gallery import NewGalleryEntry, activate_model, add_gallery_entries
 from tests.conftest import Database
 
@@ -112,20 +114,61 @@ def test_activation_and_enrollment_reach_a_running_worker(
     assert analyser.embedder("xray") is analyser.models.reid["xray"]
 
 
-def test_a_modality_left_out_of_identity_has_no_embedder_for_priors(
+class FakeCompa:
+    """Calls every image an X-ray."""
+
+    version = "compa-fake"
+
+    def predict(self, images: list[Any]) -> list[Any]:
+        return [SimpleNamespace(modality="xray", scores={"xray": 1.0}) for _ in images]
+
+
+def test_a_modality_left_out_of_identity_serves_no_model_and_keeps_its_modality_check(
     database: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(modelstore, "load_model", lambda slot, folder: FakeReid(folder))
+    loads: list[str] = []
+
+    def fake_load(slot: str, folder: Path) -> Any:
+        loads.append(slot)
+        return FakeCompa() if slot == "compa" else FakeReid(folder)
+
+    monkeypatch.setattr(modelstore, "load_model", fake_load)
     model_folder(tmp_path, "reid-xray-v1", "2026-01-01T00:00:00+00:00")
+    (tmp_path / "compa-v1").mkdir()
+    (tmp_path / "compa-v1" / "model.json").write_text(
+        json.dumps({"kind": "compa", "version": "v1", "created": "2026-01-01T00:00:00+00:00"})
+    )
+    with database.sessions.begin() as session:
+        add_gallery_entries(
+            session,
+            entries=[
+                NewGalleryEntry(
+                    "ALICE",
+                    "xray",
+                    "reid-xray-v1",
+                    embedding_bytes(np.array([1.0, 0.0])),
+                    None,
+                    None,
+                    "admin",
+                )
+            ],
+        )
     analyser = Analyser(
         SqlModelRegistry(database.sessions),
         tmp_path,
-        AnalysisSettings(identity_modalities=frozenset({"ct"})),
+        AnalysisSettings(),
+        identity_modalities=frozenset({"ct"}),
     )
     analyser.refresh()
-    # the model is loaded, but no priors are fetched for a modality whose identity is not judged
-    assert analyser.models.versions() == {"reid:xray": "reid-xray-v1"}
-    assert analyser.embedder("xray") is None
+    # the X-ray model is not loaded: no gallery, no priors fetched for it, no verdict by it
+    assert loads == ["compa"] and analyser.models.versions() == {"compa": "compa-fake"}
+    assert analyser.embedder("xray") is None and "xray" not in analyser.galleries
+    # an X-ray of Alice tagged CT: its tag is still checked, its identity is not judged
+    [result] = analyser.analyse([np.full((4, 4), 0.9, np.float32)], [HeaderFacts("BOB", "CT")])
+    assert result.modality_verdict is ModalityVerdict.MISMATCH and result.routed_to == "xray"
+    assert result.identity is not None
+    assert result.identity.verdict is IdentityVerdict.UNVERIFIABLE
+    assert result.embedding is None and result.top_matches is None
 
 
 def test_generated_hospitals_get_the_models_not_fitted_on_real_images(tmp_path: Path) -> None:

@@ -120,4 +120,4 @@ def test_the_worker_judges_identity_only_for_the_modalities_set() -> None:
     )
     analyser = build_analyser(settings, sessionmaker())
     assert analyser is not None
-    assert analyser.settings.identity_modalities == frozenset({"xray"})
+    assert analyser.identity_modalities == frozenset({"xray"})
