@@ -34,6 +34,12 @@ class FakeReid:
         return np.ones((len(images), 2), dtype=np.float32)
 
 
+def gallery_entry(patient: str, version: str, vector: list[float]) -> NewGalleryEntry:
+    return NewGalleryEntry(
+        patient, "xray", version, embedding_bytes(np.array(vector)), None, None, "admin"
+    )
+
+
 def model_folder(root: Path, name: str, created: str) -> Path:
     folder = root / name
     folder.mkdir(parents=True)
@@ -69,24 +75,8 @@ def test_activation_and_enrollment_reach_a_running_worker(
         add_gallery_entries(
             session,
             entries=[
-                NewGalleryEntry(
-                    "P1",
-                    "xray",
-                    "reid-xray-v1",
-                    embedding_bytes(np.array([1.0, 0.0])),
-                    None,
-                    None,
-                    "admin",
-                ),
-                NewGalleryEntry(
-                    "P2",
-                    "xray",
-                    "reid-xray-v2",
-                    embedding_bytes(np.array([0.0, 1.0])),
-                    None,
-                    None,
-                    "admin",
-                ),
+                gallery_entry("P1", "reid-xray-v1", [1.0, 0.0]),
+                gallery_entry("P2", "reid-xray-v2", [0.0, 1.0]),
             ],
         )
     analyser.refresh()
@@ -98,15 +88,7 @@ def test_activation_and_enrollment_reach_a_running_worker(
         add_gallery_entries(
             session,
             entries=[
-                NewGalleryEntry(
-                    "P3",
-                    "xray",
-                    "reid-xray-v1",
-                    embedding_bytes(np.array([0.6, 0.8])),
-                    None,
-                    None,
-                    "admin",
-                ),
+                gallery_entry("P3", "reid-xray-v1", [0.6, 0.8]),
             ],
         )
     analyser.refresh()
@@ -141,17 +123,7 @@ def test_a_modality_left_out_of_identity_serves_no_model_and_keeps_its_modality_
     with database.sessions.begin() as session:
         add_gallery_entries(
             session,
-            entries=[
-                NewGalleryEntry(
-                    "ALICE",
-                    "xray",
-                    "reid-xray-v1",
-                    embedding_bytes(np.array([1.0, 0.0])),
-                    None,
-                    None,
-                    "admin",
-                )
-            ],
+            entries=[gallery_entry("ALICE", "reid-xray-v1", [1.0, 0.0])],
         )
     analyser = Analyser(
         SqlModelRegistry(database.sessions),
