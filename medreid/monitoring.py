@@ -17,7 +17,6 @@ import shutil
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -30,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from medreid.reconcile import READINESS_PROBE_PREFIX
 from scp.status import StoreStatus
 
 if TYPE_CHECKING:
@@ -231,11 +231,13 @@ class Readiness:
             connection.execute(text("SELECT 1"))
 
     def spool(self) -> Check:
-        probe = self.spool_root / f".readyz-{uuid.uuid4().hex}"
         try:
             self.spool_root.mkdir(parents=True, exist_ok=True)
-            probe.write_bytes(b"")
-            probe.unlink()
+            # On Linux the probe has no name (O_TMPFILE), so a kill mid-probe leaves nothing;
+            # elsewhere a named one left behind is cleared by reconcile_spool at the next start.
+            with tempfile.TemporaryFile(dir=self.spool_root, prefix=READINESS_PROBE_PREFIX) as f:
+                f.write(b"\0")
+                f.flush()
             free = shutil.disk_usage(self.spool_root).free
         except OSError as exc:
             return Check("spool", False, f"not writable: {exc.strerror or exc}")

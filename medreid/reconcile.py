@@ -4,7 +4,9 @@ A file whose row exists is kept: its job, if unfinished, is queued again as usua
 ``.part`` file (the service died while writing it) and a placed file with no row (it died
 after the rename, before the commit) were never acknowledged, so the sender still holds them;
 they are moved to ``<spool>/quarantine/<time>/``, keeping their relative path, never deleted.
-Each is logged, counted in the metrics and audited.
+Each is logged, counted in the metrics and audited. A readiness probe (``.readyz-*``, empty,
+named only where the file system has no O_TMPFILE) that a kill left at the root holds no data
+and is removed.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ log = logging.getLogger(__name__)
 
 QUARANTINE = "quarantine"
 PART_SUFFIX = ".part"
+READINESS_PROBE_PREFIX = ".readyz-"
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,10 @@ def reconcile_spool(
             folders[:] = [f for f in folders if f != QUARANTINE]
         for name in files:
             path = here / name
+            if here == root and name.startswith(READINESS_PROBE_PREFIX):
+                path.unlink(missing_ok=True)
+                log.info("spool: removed %s, a readiness probe left by a kill", name)
+                continue
             if name.endswith(PART_SUFFIX):
                 parts.append(path)
             elif name.endswith(".dcm") and (uid := uid_of(name)) is not None:
