@@ -28,7 +28,6 @@ import numpy as np
 from benchmarks.evaluate_models import corpus_other
 from pipeline.models.compa import KNOWN, OTHER, load_compa
 from pipeline.modelstore import discover
-from training.cards import collection
 from training.compa import (
     CompaConfig,
     compa_features,
@@ -125,7 +124,7 @@ def main() -> None:
                 truth = item.modality
                 groups[truth].append(guess == truth)
                 if truth != OTHER:
-                    groups[f"{truth}/{collection(item.patient_id)}"].append(guess == truth)
+                    groups[f"{truth}/{found.collection[n]}"].append(guess == truth)
             for group, hits in groups.items():
                 sink[group].append(float(np.mean(hits)))
                 if name == "cv":  # each real image is held out once; `other` is in every fold

@@ -20,6 +20,7 @@ from pipeline.analysis import (
     analyse,
 )
 from pipeline.gallery import GalleryIndex
+from pipeline.models.artifacts import training_collections
 from pipeline.ports import ModelRegistry, ModelRegistryView
 from pipeline.records import FloatImage, Modality
 
@@ -49,9 +50,9 @@ def discover(models_dir: Path) -> dict[str, Path]:
 
 
 def fitted_on_real_images(description: dict[str, Any]) -> bool:
-    """A re-identification model fitted on a public collection of real images (its card's
-    collections name one), not on generated patients alone."""
-    collections = description.get("data", {}).get("collections") or {}
+    """A re-identification model fitted, network or whitening, on real images (a public
+    collection's or a hospital's own), not on generated patients alone."""
+    collections = training_collections(description)
     return description.get("kind") == "reid" and any(name for name in collections)
 
 

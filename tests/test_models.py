@@ -110,6 +110,8 @@ def test_the_artifact_round_trips_to_identical_embeddings(trained: Path, unseen:
     assert description["kind"] == "reid" and description["modality"] == "dermoscopy"
     assert 0.0 < description["threshold"] <= 1.0
     assert description["data"]["train_patients"] + description["data"]["validation_patients"] == 16
+    # written by the generator, so its patients are generated ones, whatever their IDs
+    assert description["data"]["collections"] == {"": description["data"]["images"]}
     assert (trained / "MODEL_CARD.md").read_text().count("Trained on") == 1
     data = load_set(scan_modality(unseen / "dermoscopy", "dermoscopy")[:8], 96)
     first = ReidModel(trained).embed(data.images)
@@ -406,6 +408,8 @@ def test_compa_tells_the_four_modalities_apart(tiny: Path, tmp_path: Path) -> No
     )
     report = evaluate_compa(trained.folder, tiny)
     assert report["accuracy"] >= 0.95
+    data = read_model(trained.folder)["data"]
+    assert data["collections"] == {"": sum(data["images"].values())}  # a generated hospital
     model = load_compa(trained.folder)
     noise = [np.random.default_rng(0).random((128, 128)).astype(np.float32)]
     prediction = model.predict(noise)[0]

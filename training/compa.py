@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from pipeline.models.compa import (
 from pipeline.runner import PipelineConfig
 from pipeline.vectors import l2_normalise
 from training.cards import collection, compa_card
-from training.datasets.reader import DatasetItem, scan
+from training.datasets.reader import DatasetItem, made_by_the_generator, scan
 from training.reid import load_set
 
 Progress = Callable[[str, int, int], None]
@@ -120,6 +121,7 @@ class CompaFeatures:
     features: npt.NDArray[np.float32]
     modality: npt.NDArray[np.str_]
     source: npt.NDArray[np.int64]  # which of the datasets each image came from
+    collection: npt.NDArray[np.str_]  # and which collection of it (training.cards.collection)
     skipped: list[tuple[Path, str]]
     extractor: FeatureExtractor
     backbone: Any
@@ -137,14 +139,17 @@ def compa_features(
     quiet_tensorflow()
     items: list[DatasetItem] = []
     source_of: dict[Path, int] = {}
+    collection_of: dict[Path, str] = {}
     sources: dict[tuple[int, str], int] = {}
     for number, root in enumerate(datasets):
+        generated = made_by_the_generator(root)
         for item in scan(root):
             if item.modality in (*KNOWN, OTHER):
                 items.append(item)
                 # one source a dataset and, within it, a collection ("kermany_person12" and
                 # "nih_00012" are two): each gets references of its own
-                key = (number, collection(item.patient_id))
+                collection_of[item.path] = collection(item.patient_id, generated=generated)
+                key = (number, collection_of[item.path])
                 source_of[item.path] = sources.setdefault(key, len(sources))
     missing = [m for m in KNOWN if not any(i.modality == m for i in items)]
     if missing:
@@ -162,6 +167,7 @@ def compa_features(
         features=np.concatenate(features),
         modality=np.array([i.modality for i in data.items]),
         source=np.array([source_of[i.path] for i in data.items], dtype=np.int64),
+        collection=np.array([collection_of[i.path] for i in data.items]),
         skipped=data.skipped,
         extractor=extractor,
         backbone=backbone,
@@ -253,10 +259,7 @@ def train_compa(
         "data": {
             "datasets": [str(d) for d in datasets],
             "images": {m: int((modality == m).sum()) for m in (*KNOWN, OTHER)},
-            "collections": {
-                c: sum(collection(i.patient_id) == c for i in found.items)
-                for c in sorted({collection(i.patient_id) for i in found.items})
-            },
+            "collections": dict(sorted(Counter(found.collection.tolist()).items())),
             "skipped": [f"{p.name}: {r}" for p, r in found.skipped[:20]],
         },
         "training_seconds": round(time.monotonic() - started, 1),

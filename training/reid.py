@@ -46,7 +46,12 @@ from pipeline.runner import PipelineConfig
 from pipeline.vectors import l2_normalise
 from training.cards import collections_of, reid_card
 from training.datasets.augment import AugmentParams, augment
-from training.datasets.reader import DatasetItem, iter_images, scan_modality
+from training.datasets.reader import (
+    DatasetItem,
+    iter_images,
+    made_by_the_generator,
+    scan_modality,
+)
 from training.metrics import (
     EnrolledScores,
     cosine_similarity,
@@ -504,7 +509,7 @@ def train_reid(
             "dataset": str(dataset),
             "patients": len(set(data.labels)),
             "images": len(data.images),
-            "collections": collections_of(data.labels),
+            "collections": collections_of(data.labels, generated=made_by_the_generator(dataset)),
             "train_patients": len(set(train.labels)),
             "train_images": len(train.images),
             "validation_patients": len(set(val.labels)),
@@ -628,6 +633,7 @@ def whiten_reid(
             "dataset": str(dataset),
             "patients": len(set(data.labels)),
             "images": len(data.images),
+            "collections": collections_of(data.labels, generated=made_by_the_generator(dataset)),
             "dims": choice.dims,
             "shrinkage": choice.shrinkage,
             "cross_validation": choice.table,

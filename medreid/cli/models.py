@@ -356,7 +356,7 @@ def cmd_models(settings: Settings, args: argparse.Namespace, clock: Clock) -> in
         render(
             rows,
             args.format,
-            ["name", "kind", "modality", "version", "size_mb", "headline"],
+            ["name", "kind", "modality", "version", "trained_on", "size_mb", "headline"],
             max_width=60,
         )
     )

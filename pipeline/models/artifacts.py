@@ -111,6 +111,22 @@ class ModelSummary:
     created: str
     size_mb: float
     headline: str
+    trained_on: str  # the collections of its card: "generated", "own", "kermany, nih", ...
+
+
+def training_collections(description: dict[str, Any]) -> dict[str, int]:
+    """Images per collection of all that was fitted into a model: its network's data and, for
+    a whitened model, the whitening set ("" a generated patient's, "own" a hospital's)."""
+    merged = dict((description.get("data") or {}).get("collections") or {})
+    for name, images in ((description.get("whitening") or {}).get("collections") or {}).items():
+        merged[name] = merged.get(name, 0) + images
+    return dict(sorted(merged.items()))
+
+
+def trained_on(description: dict[str, Any]) -> str:
+    """The collections whose images trained a model, as its card names them ("generated" for
+    the generated hospital's, "own" for a hospital's own); "-" where the card names none."""
+    return ", ".join(name or "generated" for name in training_collections(description)) or "-"
 
 
 def list_models(root: Path) -> list[ModelSummary]:
@@ -140,6 +156,7 @@ def list_models(root: Path) -> list[ModelSummary]:
                 d.get("created", ""),
                 round(size, 2),
                 headline,
+                trained_on(d),
             )
         )
     return summaries
