@@ -5,6 +5,7 @@ medreid what arrives by C-STORE, reached through its REST API."""
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import socket
 import subprocess
@@ -16,8 +17,35 @@ from typing import Any
 ORTHANC = shutil.which("Orthanc")
 
 
+def _ephemeral_ports_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+# Local peers (the demo's PACS, a test's service) listen below the kernel's ephemeral range, so
+# no outgoing connection can take a port between its pick and the peer's bind; drawn at random,
+# so that processes picking at the same moment rarely meet, and never twice in one process.
+_PEER_PORTS = range(max(1024, _ephemeral_ports_start() - 12_000), _ephemeral_ports_start())
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
+    """A port on 127.0.0.1 that nothing holds now and this process has not handed out."""
+    draw = random.SystemRandom()
+    for _ in range(200):
+        port = draw.choice(_PEER_PORTS)
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    with socket.socket() as sock:  # the range is crowded: any port the kernel gives
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
