@@ -29,18 +29,11 @@ from pynetdicom import _config as pynetdicom_config
 
 from benchmarks import attacks
 from benchmarks.procstat import PeakRss, rss_bytes
+from medreid.orthanc import free_port
 from scp.pynetdicom_adapter import guard_requests
 
 CHECKOUT = Path(__file__).resolve().parent.parent
 MB = 1024 * 1024
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Service:
