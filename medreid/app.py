@@ -27,7 +27,7 @@ from medreid.monitoring import (
     scrape_registry,
     start_multiprocess_metrics,
 )
-from medreid.reconcile import reconcile_spool
+from medreid.reconcile import Reconciliation, reconcile_spool
 from medreid.settings import Settings
 from scp.contexts import IMAGE_STORAGE_CLASSES
 from scp.ports import ScpObserver
@@ -195,22 +195,26 @@ def _serve(settings: Settings, config_path: str | None, metrics_dir: Path, start
             released,
             closed,
         )
-    reconciled = reconcile_spool(
-        settings.spool.dir,
-        service.sessions,
-        clock=utcnow,
-        actor_user=os_user(),
-        actor_ae=settings.scp.ae_title,
-    )
-    if reconciled.quarantined:
-        metrics.quarantined.inc(len(reconciled.quarantined))
-        log.warning(
-            "spool: %d file(s) no row records moved to %s (never acknowledged; audited): %s",
-            len(reconciled.quarantined),
-            settings.spool.dir / "quarantine",
-            ", ".join(q.relative_path for q in reconciled.quarantined[:5])
-            + (" ..." if len(reconciled.quarantined) > 5 else ""),
+    settle_s = settings.spool.reconcile_settle_s
+    reconciled = _reconcile(settings, service.sessions, metrics, settle_s=settle_s)
+    deferred_check: threading.Timer | None = None
+    if reconciled.deferred:
+        log.info(
+            "spool: %d file(s) written in the last %g s (spool.reconcile_settle_s) may be "
+            "another service's, not yet recorded; judged again in %g s",
+            len(reconciled.deferred),
+            settle_s,
+            settle_s,
         )
+        deferred_check = threading.Timer(
+            settle_s,
+            _reconcile,
+            (settings, service.sessions, metrics),
+            {"only": reconciled.deferred},
+        )
+        deferred_check.name = "medreid-spool-reconcile"
+        deferred_check.daemon = True
+        deferred_check.start()
     record_audit(
         service.sessions,
         audit.AuditRecord(
@@ -291,6 +295,8 @@ def _serve(settings: Settings, config_path: str | None, metrics_dir: Path, start
         while not stop_requested.wait(1.0):
             pool.restart_dead(service.sessions)
     finally:
+        if deferred_check is not None:
+            deferred_check.cancel()
         service.server.stop()
         if console is not None:
             console.stop()
@@ -314,6 +320,42 @@ def _serve(settings: Settings, config_path: str | None, metrics_dir: Path, start
             log.exception("the stop could not be audited")
         service.engine.dispose()
     return 0
+
+
+def _reconcile(
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    metrics: ServiceMetrics,
+    *,
+    settle_s: float = 0.0,
+    only: list[Path] | None = None,
+) -> Reconciliation:
+    """Reconcile the spool (``only``: just these files), count and log what was quarantined."""
+    try:
+        reconciled = reconcile_spool(
+            settings.spool.dir,
+            sessions,
+            clock=utcnow,
+            actor_user=os_user(),
+            actor_ae=settings.scp.ae_title,
+            settle_s=settle_s,
+            only=only,
+        )
+    except Exception:
+        if only is None:
+            raise  # at start: the service does not start on a spool it cannot reconcile
+        log.exception("spool: the deferred reconciliation failed; the next start does it")
+        return Reconciliation(kept=0, quarantined=[], deferred=[])
+    if reconciled.quarantined:
+        metrics.quarantined.inc(len(reconciled.quarantined))
+        log.warning(
+            "spool: %d file(s) no row records moved to %s (never acknowledged; audited): %s",
+            len(reconciled.quarantined),
+            settings.spool.dir / "quarantine",
+            ", ".join(q.relative_path for q in reconciled.quarantined[:5])
+            + (" ..." if len(reconciled.quarantined) > 5 else ""),
+        )
+    return reconciled
 
 
 def _wait_until_ready(readiness: Readiness, timeout_s: float, stop: threading.Event) -> None:

@@ -7,6 +7,10 @@ they are moved to ``<spool>/quarantine/<time>/``, keeping their relative path, n
 Each is logged, counted in the metrics and audited. A readiness probe (``.readyz-*``, empty,
 named only where the file system has no O_TMPFILE) that a kill left at the root holds no data
 and is removed.
+
+Several services may share one spool. A file written within the last ``settle_s`` seconds may
+be another live service's, between its write and its commit, so it is not judged at start:
+it is returned as deferred and judged again, alone, once it has had that long to get its row.
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +49,7 @@ class Quarantined:
 class Reconciliation:
     kept: int
     quarantined: list[Quarantined]
+    deferred: list[Path]  # written within settle_s: perhaps a live service's, judged later
 
 
 def uid_of(name: str) -> str | None:
@@ -58,6 +64,20 @@ def uid_of(name: str) -> str | None:
     return None
 
 
+def _spool_files(root: Path) -> Iterable[Path]:
+    """Every file of the spool but the quarantine's; a readiness probe a kill left is removed."""
+    for directory, folders, files in os.walk(root):
+        here = Path(directory)
+        if here == root:
+            folders[:] = [f for f in folders if f != QUARANTINE]
+        for name in files:
+            if here == root and name.startswith(READINESS_PROBE_PREFIX):
+                (here / name).unlink(missing_ok=True)
+                log.info("spool: removed %s, a readiness probe left by a kill", name)
+                continue
+            yield here / name
+
+
 def reconcile_spool(
     root: Path,
     sessions: sessionmaker[Session],
@@ -65,25 +85,33 @@ def reconcile_spool(
     clock: Callable[[], dt.datetime],
     actor_user: str,
     actor_ae: str,
+    settle_s: float = 0.0,
+    only: Iterable[Path] | None = None,
 ) -> Reconciliation:
+    """Quarantine what no row records; ``only``: judge just these files (those deferred by an
+    earlier call), not the whole spool."""
     root = root.resolve()
     quarantine_root = root / QUARANTINE
     candidates: dict[str, list[Path]] = defaultdict(list)  # UID -> its placed files
     parts: list[Path] = []
-    for directory, folders, files in os.walk(root):
-        here = Path(directory)
-        if here == root:
-            folders[:] = [f for f in folders if f != QUARANTINE]
-        for name in files:
-            path = here / name
-            if here == root and name.startswith(READINESS_PROBE_PREFIX):
-                path.unlink(missing_ok=True)
-                log.info("spool: removed %s, a readiness probe left by a kill", name)
-                continue
-            if name.endswith(PART_SUFFIX):
-                parts.append(path)
-            elif name.endswith(".dcm") and (uid := uid_of(name)) is not None:
-                candidates[uid].append(path)
+    deferred: list[Path] = []
+    settled_before = time.time() - settle_s
+    for path in _spool_files(root) if only is None else only:
+        name = path.name
+        is_part = name.endswith(PART_SUFFIX)
+        uid = None if is_part or not name.endswith(".dcm") else uid_of(name)
+        if not is_part and uid is None:
+            continue
+        try:
+            written = path.stat().st_mtime
+        except FileNotFoundError:  # placed or discarded since by the service that wrote it
+            continue
+        if settle_s and written > settled_before:
+            deferred.append(path)
+        elif is_part:
+            parts.append(path)
+        elif uid is not None:
+            candidates[uid].append(path)
     with sessions.begin() as session:
         recorded = recorded_spool_paths(session, sop_instance_uids=candidates)
     kept = 0
@@ -95,7 +123,7 @@ def reconcile_spool(
             else:
                 orphans.append((path, "placed, but no row records it"))
     if not orphans:
-        return Reconciliation(kept=kept, quarantined=[])
+        return Reconciliation(kept=kept, quarantined=[], deferred=deferred)
 
     now = clock()
     target = quarantine_root / now.strftime("%Y%m%dT%H%M%SZ")
@@ -130,4 +158,4 @@ def reconcile_spool(
                     },
                 ),
             )
-    return Reconciliation(kept=kept, quarantined=moved)
+    return Reconciliation(kept=kept, quarantined=moved, deferred=deferred)

@@ -39,9 +39,13 @@ class SpoolSettings:
     fsync: bool = True
     # false: what the service writes (spool, SQLite database) is its user's alone (0600 / 0700)
     group_readable: bool = False
+    # a file written this recently may be another service's on a shared spool, between its
+    # write and its commit: start-up reconciliation judges it this long after the start instead
+    reconcile_settle_s: float = 120.0
 
     def validate(self) -> None:
         check_range("spool.min_free_mb", self.min_free_mb, 0, 2**40)
+        check_range("spool.reconcile_settle_s", self.reconcile_settle_s, 0.0, 86_400.0)
 
 
 # the password of a URL: scheme://user:PASSWORD@host

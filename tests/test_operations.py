@@ -5,6 +5,7 @@ SIGKILL matrix of the store path with start-up reconciliation, JSON logs without
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -361,6 +362,9 @@ def test_sigkill_in_the_store_path_then_every_file_accounted_for(
         port,
         MEDREID_METRICS_PORT=str(metrics_port),
         MEDREID_LOGGING_FORMAT="json",
+        # one service alone on its spool: what no row records is judged at once, before it
+        # listens (a shared spool's settling is tested in test_reconcile)
+        MEDREID_SPOOL_RECONCILE_SETTLE_S="0",
         PYTHONPATH=str(REPO),
         **WITHOUT_MODELS,
     )
@@ -417,6 +421,45 @@ def test_sigkill_in_the_store_path_then_every_file_accounted_for(
         assert "moved to" in service.log()
     for line in json_log_lines(service.log()):
         assert PATIENT not in json.dumps(line)
+
+
+def test_a_file_written_just_before_the_start_is_judged_once_it_has_settled(
+    sqlite_database: Database, tmp_path: Path
+) -> None:
+    """On a shared spool a fresh file may be another live service's: the start leaves it, the
+    service listens, and the file is judged spool.reconcile_settle_s later."""
+    port, metrics_port = free_port(), free_port()
+    staged = tmp_path / "spool" / "7a" / ".1.2.826.0.1.3680043.8.498.7.0123abcd.part"
+    staged.parent.mkdir(parents=True)
+    staged.write_bytes(b"DICM")
+    future = time.time() + 3600  # newer than any start: always deferred
+    os.utime(staged, (future, future))
+    service = RunningService(
+        workdir=tmp_path,
+        port=port,
+        env=service_env(
+            tmp_path,
+            sqlite_database.url,
+            port,
+            MEDREID_METRICS_PORT=str(metrics_port),
+            MEDREID_SPOOL_RECONCILE_SETTLE_S="2",
+            **WITHOUT_MODELS,
+        ),
+    )
+    service.start()
+    try:
+        wait_readyz(metrics_port, ready=True)
+        deadline = time.monotonic() + 30
+        while staged.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        samples = scrape(metrics_port)
+    finally:
+        service.stop()
+    assert not staged.exists()
+    (moved,) = [p for p in (tmp_path / "spool" / "quarantine").rglob("*") if p.is_file()]
+    assert moved.name == staged.name and moved.read_bytes() == b"DICM"
+    assert samples[("medreid_spool_quarantined_files_total", ())] == 1
+    assert "judged again in 2 s" in service.log() and "moved to" in service.log()
 
 
 def test_a_worker_starting_while_the_database_is_away_waits_for_it_to_load_its_models(

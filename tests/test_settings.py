@@ -49,6 +49,7 @@ def test_environment_overrides_every_kind_of_value() -> None:
         ({"MEDREID_SCP_PORT": "70000"}, "scp.port"),
         ({"MEDREID_SCP_AE_TITLE": "A_TITLE_LONGER_THAN_16"}, "scp.ae_title"),
         ({"MEDREID_WORKERS_PROCESSES": "-1"}, "workers.processes"),
+        ({"MEDREID_SPOOL_RECONCILE_SETTLE_S": "-5"}, "spool.reconcile_settle_s"),
         ({"MEDREID_DECODE_FRAMES": "some"}, "decode.frames"),
         ({"MEDREID_SCP_REQUIRE_CALLED_AE": "perhaps"}, "scp.require_called_ae"),
         ({"MEDREID_CLAHE_TILE_GRID": "8"}, "clahe.tile_grid"),
