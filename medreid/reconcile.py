@@ -132,7 +132,10 @@ def reconcile_spool(
         relative = path.relative_to(root)
         destination = target / relative
         destination.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(path, destination)
+        try:
+            os.replace(path, destination)
+        except FileNotFoundError:  # renamed or removed meanwhile by the service that wrote it
+            continue
         moved.append(
             Quarantined(
                 relative_path=str(relative),
@@ -141,6 +144,20 @@ def reconcile_spool(
                 sop_instance_uid=uid_of(path.name),
             )
         )
+    # A placed file is named by its UID, version and digest: a resend of that very instance,
+    # received by a running service while the file was judged, is placed and recorded under
+    # the same name. Such a file goes back where its row says it is.
+    placed = {q.sop_instance_uid for q in moved if not q.relative_path.endswith(PART_SUFFIX)}
+    if placed - {None}:
+        with sessions.begin() as session:
+            recorded_now = recorded_spool_paths(
+                session, sop_instance_uids={u for u in placed if u is not None}
+            )
+        for item in [q for q in moved if q.relative_path in recorded_now]:
+            os.replace(root / item.moved_to, root / item.relative_path)
+            moved.remove(item)
+            kept += 1
+            log.warning("spool: %s was recorded while it was judged; kept", item.relative_path)
     with sessions.begin() as session:
         for item in moved:
             append_audit(

@@ -8,6 +8,7 @@ import os
 import time
 from pathlib import Path
 
+import pytest
 from sqlalchemy import select
 
 from medreid.monitoring import Readiness
@@ -114,6 +115,25 @@ def test_on_a_shared_spool_what_was_just_written_is_judged_once_it_has_settled(
     assert second.kept == 1 and second.deferred == []
     assert live_placed.exists() and not dead_placed.exists()
     assert audited_files(database) == sorted([f"00/{old_part.name}", f"00/{dead_placed.name}"])
+
+
+def test_a_file_recorded_while_it_was_judged_goes_back(
+    database: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A resend of the very instance, received by a running service while its orphan was
+    judged, is placed and recorded under the same name: the file returns to its row's place."""
+    from medreid import reconcile as module
+
+    spool = tmp_path / "spool"
+    (spool / "00").mkdir(parents=True)
+    placed = written(spool / "00" / f"{UID}.4.v1.{'d' * 12}.dcm", seconds_ago=300)
+    answers = iter([set(), {f"00/{placed.name}"}])  # no row when judged, a row just after
+    monkeypatch.setattr(module, "recorded_spool_paths", lambda session, **_: next(answers))
+
+    result = reconcile(spool, database)
+    assert moved(result) == [] and result.kept == 1
+    assert placed.read_bytes() == b"DICM"
+    assert audited_files(database) == []
 
 
 def test_without_settling_everything_is_judged_at_once(database: Database, tmp_path: Path) -> None:
