@@ -8,9 +8,10 @@ Each is logged, counted in the metrics and audited. A readiness probe (``.readyz
 named only where the file system has no O_TMPFILE) that a kill left at the root holds no data
 and is removed.
 
-Several services may share one spool. A file written within the last ``settle_s`` seconds may
-be another live service's, between its write and its commit, so it is not judged at start:
-it is returned as deferred and judged again, alone, once it has had that long to get its row.
+Several services may share one spool. A file no row records that was written within the last
+``settle_s`` seconds may be another live service's, between its write and its commit, so it is
+not quarantined at start: it is returned as deferred and judged again, alone, once it has had
+that long to get its row. Only such files are looked at for their age.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class Quarantined:
 class Reconciliation:
     kept: int
     quarantined: list[Quarantined]
-    deferred: list[Path]  # written within settle_s: perhaps a live service's, judged later
+    deferred: list[Path]  # unrecorded, written within settle_s: perhaps a live service's
 
 
 def uid_of(name: str) -> str | None:
@@ -78,6 +79,26 @@ def _spool_files(root: Path) -> Iterable[Path]:
             yield here / name
 
 
+def _settled(
+    files: list[tuple[Path, str]], settle_s: float
+) -> tuple[list[tuple[Path, str]], list[Path]]:
+    """The files written more than ``settle_s`` ago, and the others (gone ones are neither:
+    placed or discarded since by the service that wrote them)."""
+    settled_before = time.time() - settle_s
+    settled: list[tuple[Path, str]] = []
+    recent: list[Path] = []
+    for path, reason in files:
+        try:
+            written = path.stat().st_mtime
+        except FileNotFoundError:
+            continue
+        if written > settled_before:
+            recent.append(path)
+        else:
+            settled.append((path, reason))
+    return settled, recent
+
+
 def reconcile_spool(
     root: Path,
     sessions: sessionmaker[Session],
@@ -94,34 +115,23 @@ def reconcile_spool(
     quarantine_root = root / QUARANTINE
     candidates: dict[str, list[Path]] = defaultdict(list)  # UID -> its placed files
     parts: list[Path] = []
-    deferred: list[Path] = []
-    settled_before = time.time() - settle_s
     for path in _spool_files(root) if only is None else only:
-        name = path.name
-        is_part = name.endswith(PART_SUFFIX)
-        uid = None if is_part or not name.endswith(".dcm") else uid_of(name)
-        if not is_part and uid is None:
-            continue
-        try:
-            written = path.stat().st_mtime
-        except FileNotFoundError:  # placed or discarded since by the service that wrote it
-            continue
-        if settle_s and written > settled_before:
-            deferred.append(path)
-        elif is_part:
+        if path.name.endswith(PART_SUFFIX):
             parts.append(path)
-        elif uid is not None:
+        elif path.name.endswith(".dcm") and (uid := uid_of(path.name)) is not None:
             candidates[uid].append(path)
     with sessions.begin() as session:
         recorded = recorded_spool_paths(session, sop_instance_uids=candidates)
     kept = 0
-    orphans: list[tuple[Path, str]] = [(p, "staged, never placed (.part)") for p in parts]
+    unrecorded: list[tuple[Path, str]] = [(p, "staged, never placed (.part)") for p in parts]
     for paths in candidates.values():
         for path in paths:
             if str(path.relative_to(root)) in recorded:
                 kept += 1
             else:
-                orphans.append((path, "placed, but no row records it"))
+                unrecorded.append((path, "placed, but no row records it"))
+    # only a file no row records is looked at again: whether it was written too recently
+    orphans, deferred = _settled(unrecorded, settle_s) if settle_s else (unrecorded, [])
     if not orphans:
         return Reconciliation(kept=kept, quarantined=[], deferred=deferred)
 
@@ -147,12 +157,14 @@ def reconcile_spool(
     # A placed file is named by its UID, version and digest: a resend of that very instance,
     # received by a running service while the file was judged, is placed and recorded under
     # the same name. Such a file goes back where its row says it is.
-    placed = {q.sop_instance_uid for q in moved if not q.relative_path.endswith(PART_SUFFIX)}
-    if placed - {None}:
+    placed = {
+        q.sop_instance_uid
+        for q in moved
+        if q.sop_instance_uid is not None and not q.relative_path.endswith(PART_SUFFIX)
+    }
+    if placed:
         with sessions.begin() as session:
-            recorded_now = recorded_spool_paths(
-                session, sop_instance_uids={u for u in placed if u is not None}
-            )
+            recorded_now = recorded_spool_paths(session, sop_instance_uids=placed)
         for item in [q for q in moved if q.relative_path in recorded_now]:
             os.replace(root / item.moved_to, root / item.relative_path)
             moved.remove(item)

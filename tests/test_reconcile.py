@@ -95,9 +95,18 @@ def test_on_a_shared_spool_what_was_just_written_is_judged_once_it_has_settled(
     live_part = written(spool / "00" / f".{UID}.2.bbbb.part")  # being written
     live_placed = written(spool / "00" / f"{UID}.3.v1.{'c' * 12}.dcm")  # its commit under way
     dead_placed = written(spool / "00" / f"{UID}.4.v1.{'d' * 12}.dcm")  # its service killed
+    recorded = written(spool / "00" / f"{UID}.5.v1.{'e' * 12}.dcm")  # fresh, its row committed
+    with database.sessions.begin() as session:
+        record_instance(
+            session,
+            new=new_instance(f"{UID}.5"),
+            version=1,
+            spool_path=str(recorded.relative_to(spool)),
+        )
 
     first = reconcile(spool, database, settle_s=60.0)
     assert moved(first) == [f"00/{old_part.name}"]
+    assert first.kept == 1  # a recorded file is kept whatever its age
     assert sorted(first.deferred) == sorted([live_part, live_placed, dead_placed])
     assert live_part.exists() and live_placed.exists() and dead_placed.exists()
 
