@@ -27,7 +27,8 @@ def _ephemeral_ports_start() -> int:
 # Local peers (the demo's PACS, a test's service) listen below the kernel's ephemeral range, so
 # no outgoing connection can take a port between its pick and the peer's bind; drawn at random,
 # so that processes picking at the same moment rarely meet, and never twice in one process.
-_PEER_PORTS = range(max(1024, _ephemeral_ports_start() - 12_000), _ephemeral_ports_start())
+_EPHEMERAL_START = _ephemeral_ports_start()
+_PEER_PORTS = range(max(1024, _EPHEMERAL_START - 12_000), _EPHEMERAL_START)
 _handed_out: set[int] = set()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 from pipeline.models.artifacts import training_collections
@@ -205,11 +206,7 @@ def collection(patient_id: str, *, generated: bool) -> str:
 
 def collections_of(patient_ids: list[str], *, generated: bool) -> dict[str, int]:
     """Images per collection, one patient ID per image."""
-    found: dict[str, int] = {}
-    for patient_id in patient_ids:
-        name = collection(patient_id, generated=generated)
-        found[name] = found.get(name, 0) + 1
-    return dict(sorted(found.items()))
+    return dict(sorted(Counter(collection(p, generated=generated) for p in patient_ids).items()))
 
 
 def data_section(collections: dict[str, int]) -> str:

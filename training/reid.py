@@ -509,7 +509,7 @@ def train_reid(
             "dataset": str(dataset),
             "patients": len(set(data.labels)),
             "images": len(data.images),
-            "collections": collections_of(data.labels, generated=made_by_the_generator(dataset)),
+            "collections": _collections(data.labels, dataset),
             "train_patients": len(set(train.labels)),
             "train_images": len(train.images),
             "validation_patients": len(set(val.labels)),
@@ -527,6 +527,11 @@ def _save(out: Path, description: dict[str, Any], embedder: Any) -> TrainedReid:
     artifacts.write_model(folder, description, reid_card(description))
     artifacts.save_weights(folder, embedder.get_weights())
     return TrainedReid(folder, description)
+
+
+def _collections(labels: list[str], dataset: Path) -> dict[str, int]:
+    """Images per collection of a training or whitening set (training.cards.collection)."""
+    return collections_of(labels, generated=made_by_the_generator(dataset))
 
 
 def _network_and_record(model: ReidModel, config: ReidConfig) -> tuple[Any, dict[str, Any]]:
@@ -633,7 +638,7 @@ def whiten_reid(
             "dataset": str(dataset),
             "patients": len(set(data.labels)),
             "images": len(data.images),
-            "collections": collections_of(data.labels, generated=made_by_the_generator(dataset)),
+            "collections": _collections(data.labels, dataset),
             "dims": choice.dims,
             "shrinkage": choice.shrinkage,
             "cross_validation": choice.table,
